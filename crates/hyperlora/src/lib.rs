@@ -1,0 +1,13 @@
+//! hyperlora engine: SDXL, face analysis and the HyperLoRA identity hypernetwork on candle.
+//!
+//! No Node.js in here: `crates/hyperlora-node` wraps this crate for JavaScript.
+
+pub mod error;
+pub mod task;
+pub mod weights;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use error::{Error, ErrorCode, Result};
+pub use task::{CancelToken, Progress};

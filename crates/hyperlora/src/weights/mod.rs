@@ -1,0 +1,1 @@
+//! Weight files: safetensors inspection and loading of real checkpoint layouts.
