@@ -1,1 +1,73 @@
+//! Node.js bindings for the hyperlora engine. Bindings only: types, async tasks, progress
+//! callbacks and error mapping; all work happens in the `hyperlora` crate.
+//!
+//! Every engine call follows one pattern: an [`napi::bindgen_prelude::AsyncTask`] runs the work
+//! on a libuv worker thread, a [`CancelHandle`] (wired to an `AbortSignal` by the TypeScript
+//! layer) stops it at the next step, progress flows back through a thread-safe function, and any
+//! error or panic becomes a rejected promise whose message starts with `[CODE]`.
 
+mod errors;
+mod inspect;
+mod progress;
+
+use hyperlora::CancelToken;
+use napi_derive::napi;
+
+/// A cancellation flag shared with a running task. The TypeScript layer calls `cancel()` from an
+/// `AbortSignal`'s abort event.
+#[napi]
+#[derive(Default)]
+pub struct CancelHandle {
+    token: CancelToken,
+}
+
+#[napi]
+impl CancelHandle {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    #[napi]
+    pub fn cancel(&self) {
+        self.token.cancel();
+    }
+
+    #[napi(getter)]
+    pub fn cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+impl CancelHandle {
+    pub(crate) fn token(&self) -> CancelToken {
+        self.token.clone()
+    }
+}
+
+/// What this native binary can run on.
+#[napi(object)]
+pub struct BackendInfo {
+    /// Crate version of the native engine.
+    pub version: String,
+    /// Compiled-in accelerators besides the CPU: `cuda`, `metal`.
+    pub features: Vec<String>,
+    /// Threads the CPU backend uses.
+    pub cpu_threads: u32,
+}
+
+#[napi]
+pub fn backend_info() -> BackendInfo {
+    let mut features = Vec::new();
+    if cfg!(feature = "cuda") {
+        features.push("cuda".to_string());
+    }
+    if cfg!(feature = "metal") {
+        features.push("metal".to_string());
+    }
+    BackendInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        features,
+        cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    }
+}

@@ -39,7 +39,10 @@ pub struct Error {
 
 impl Error {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
     pub fn bad_weights(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadWeights, message)
@@ -58,7 +61,10 @@ impl Error {
     }
     /// Prefixes the message with context (a file name, a tensor name, a stage).
     pub fn context(self, context: impl fmt::Display) -> Self {
-        Self { code: self.code, message: format!("{context}: {}", self.message) }
+        Self {
+            code: self.code,
+            message: format!("{context}: {}", self.message),
+        }
     }
 }
 

@@ -11,7 +11,10 @@ pub fn repo_root() -> PathBuf {
 
 /// `crates/hyperlora/tests/fixtures/<stage>/<name>`.
 pub fn fixture(stage: &str, name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(stage).join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(stage)
+        .join(name)
 }
 
 /// `models/tiny/<name>`: the small random-weight models in real layouts.
@@ -29,8 +32,20 @@ pub fn load_fixture(stage: &str, name: &str) -> std::collections::HashMap<String
 /// Largest absolute difference, with its flat index and both values.
 pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> (f32, usize, f32, f32) {
     assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
-    let a = actual.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let e = expected.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = actual
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let e = expected
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let mut worst = (0f32, 0usize, 0f32, 0f32);
     for (i, (x, y)) in a.iter().zip(e.iter()).enumerate() {
         let d = (x - y).abs();

@@ -1,1 +1,3 @@
 //! Weight files: safetensors inspection and loading of real checkpoint layouts.
+
+pub mod inspect;

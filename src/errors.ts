@@ -1,0 +1,42 @@
+/** Stable error codes. Programs branch on `error.code`; messages are for people. */
+export const ERROR_CODES = [
+  'BAD_WEIGHTS',
+  'MODEL_NOT_FOUND',
+  'INVALID_ARGUMENT',
+  'NO_FACE',
+  'OUT_OF_MEMORY',
+  'ABORTED',
+  'IO',
+  'INTERNAL',
+] as const
+
+export type ErrorCode = (typeof ERROR_CODES)[number]
+
+/**
+ * Every failure of the engine surfaces as a `HyperLoraError`. An aborted call rejects with one
+ * whose `code` is `'ABORTED'` and whose `name` is `'AbortError'`, as `fetch` and Node's own APIs
+ * do, so `err.name === 'AbortError'` checks keep working.
+ */
+export class HyperLoraError extends Error {
+  readonly code: ErrorCode
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.code = code
+    this.name = code === 'ABORTED' ? 'AbortError' : 'HyperLoraError'
+  }
+}
+
+const NATIVE_MESSAGE = /^\[([A-Z_]+)\] ([\s\S]*)$/
+
+/** Turns an error thrown by the native binding (`[CODE] message`) into a `HyperLoraError`. */
+export function fromNativeError(error: unknown): HyperLoraError {
+  if (error instanceof HyperLoraError) return error
+  const message = error instanceof Error ? error.message : String(error)
+  const match = NATIVE_MESSAGE.exec(message)
+  const code = match?.[1]
+  if (match && code && (ERROR_CODES as readonly string[]).includes(code)) {
+    return new HyperLoraError(code as ErrorCode, match[2] ?? '', { cause: error })
+  }
+  return new HyperLoraError('INTERNAL', message, { cause: error })
+}

@@ -1,0 +1,3 @@
+// ES module entry: the same implementation as the CommonJS one, so `instanceof HyperLoraError`
+// holds whichever way a program imports the package.
+export * from './index.js'

@@ -1,0 +1,9 @@
+/**
+ * hyperlora — HyperLoRA zero-shot identity portraits for Node.js.
+ *
+ * @packageDocumentation
+ */
+export { HyperLoraError, ERROR_CODES, type ErrorCode } from './errors.js'
+export { inspectWeights, type InspectWeightsOptions, type TensorEntry, type WeightsIndex } from './weights.js'
+export { info, type Backend, type RuntimeInfo } from './info.js'
+export type { CallOptions, ProgressEvent } from './native.js'
