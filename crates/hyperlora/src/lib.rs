@@ -2,7 +2,10 @@
 //!
 //! No Node.js in here: `crates/hyperlora-node` wraps this crate for JavaScript.
 
+pub mod clip_vision;
 pub mod error;
+pub mod hypernet;
+pub mod lora;
 pub mod sdxl;
 pub mod task;
 pub mod weights;
