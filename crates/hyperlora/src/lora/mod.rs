@@ -1,0 +1,14 @@
+//! LoRA files: the kohya format HyperLoRA produces ([`KohyaLora`], read and written), and
+//! reading other LoRA layouts (kohya diffusers/SGM names, text-encoder LoRAs, PEFT, old
+//! diffusers) into one representation for application ([`read_lora_file`] → [`ParsedLora`]).
+//!
+//! The SGM ↔ diffusers block table for SDXL lives in [`names::sgm_to_diffusers`].
+
+pub mod format;
+pub mod names;
+
+pub use format::{KohyaLora, LoraWeights};
+pub use names::{
+    kohya_to_module, module_to_kohya, parse_lora, read_lora_file, sgm_to_diffusers, LoraComponent,
+    LoraLayer, LoraNaming, ParsedLora, SkippedKey,
+};

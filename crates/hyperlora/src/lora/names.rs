@@ -1,0 +1,1006 @@
+//! Reading LoRA files of every common layout into one representation for application:
+//! a target component (UNet, CLIP-L text encoder, bigG text encoder), the module path in
+//! diffusers / transformers naming, `down`, `up` and an optional alpha.
+//!
+//! Layouts understood (the names diffusers 0.42's `load_lora_weights` accepts for SDXL):
+//! - kohya, diffusers module names: `lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`
+//!   `.lora_down.weight` / `.lora_up.weight` / `.alpha`;
+//! - kohya, original SGM (LDM) module names: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+//!   `lora_unet_middle_block_1_…`, `lora_unet_output_blocks_…`, `lora_unet_time_embed_0`, … mapped with
+//!   [`sgm_to_diffusers`] (SDXL's layout: 2 layers per block);
+//! - kohya text encoders: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (also `lora_te_`),
+//!   `lora_te2_…`;
+//! - diffusers / PEFT: `unet.{path}.lora_A.weight` / `.lora_B.weight` (optionally `lora_A.{adapter}.weight`,
+//!   `base_model.model.` prefixes, `text_encoder.` / `text_encoder_2.` components), alphas from the
+//!   `lora_adapter_metadata` JSON (`{component}.lora_alpha`, `{component}.alpha_pattern`) or
+//!   `{path}.alpha` tensors;
+//! - old diffusers: `{path}.lora.down.weight` / `.lora.up.weight`, `{path}.lora_linear_layer.down.weight`,
+//!   attention processors `{attn}.processor.to_q_lora.down.weight` (`to_out_lora` = `to_out.0`; for the
+//!   text encoders `to_q_lora` = `q_proj`, `to_out_lora` = `out_proj`).
+//!
+//! Anything else (LoHa, LoKr, DoRA scales, full `diff` weights, …) is listed in
+//! [`ParsedLora::skipped`] with the reason rather than silently dropped.
+//!
+//! Text-encoder module paths are transformers' classic names
+//! (`text_model.encoder.layers.0.self_attn.q_proj`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::format::{read_safetensors, scalar, KohyaLora};
+use crate::{Error, Result};
+
+/// Which model a LoRA layer targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LoraComponent {
+    /// The SDXL UNet (diffusers module paths).
+    Unet,
+    /// `text_encoder` (CLIP ViT-L/14 text).
+    TextEncoder,
+    /// `text_encoder_2` (OpenCLIP ViT-bigG/14 text).
+    TextEncoder2,
+}
+
+impl LoraComponent {
+    /// The diffusers pipeline attribute name (`unet`, `text_encoder`, `text_encoder_2`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unet => "unet",
+            Self::TextEncoder => "text_encoder",
+            Self::TextEncoder2 => "text_encoder_2",
+        }
+    }
+
+    /// The kohya prefix (`lora_unet_`, `lora_te1_`, `lora_te2_`).
+    pub fn kohya_prefix(self) -> &'static str {
+        match self {
+            Self::Unet => "lora_unet_",
+            Self::TextEncoder => "lora_te1_",
+            Self::TextEncoder2 => "lora_te2_",
+        }
+    }
+}
+
+/// One low-rank update: `W' = W + weight · scale · (up @ down)`.
+#[derive(Debug, Clone)]
+pub struct LoraLayer {
+    pub component: LoraComponent,
+    /// Module path in diffusers (UNet) / transformers (text encoders) naming, e.g.
+    /// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0`.
+    pub module: String,
+    /// `[rank, in]`, or `[rank, in, kh, kw]` for a convolution.
+    pub down: Tensor,
+    /// `[out, rank]`, or `[out, rank, 1, 1]`.
+    pub up: Tensor,
+    /// `None`: the file gives no alpha, which means `alpha = rank` (scale 1).
+    pub alpha: Option<f32>,
+    /// The key prefix in the file this came from (for messages).
+    pub source: String,
+}
+
+impl LoraLayer {
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// `alpha / rank` (1 without an alpha).
+    pub fn scale(&self) -> f32 {
+        match self.alpha {
+            Some(a) => a / self.rank() as f32,
+            None => 1.0,
+        }
+    }
+}
+
+/// Which naming a file used (informative).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraNaming {
+    Kohya,
+    KohyaSgm,
+    Diffusers,
+    Mixed,
+}
+
+/// A key (or key prefix) that was not turned into a layer, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedKey {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Every layer of a LoRA file, in file order.
+#[derive(Debug, Clone)]
+pub struct ParsedLora {
+    pub layers: Vec<LoraLayer>,
+    pub skipped: Vec<SkippedKey>,
+    pub naming: LoraNaming,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ParsedLora {
+    pub fn component(&self, c: LoraComponent) -> impl Iterator<Item = &LoraLayer> {
+        self.layers.iter().filter(move |l| l.component == c)
+    }
+}
+
+/// Reads any supported LoRA `.safetensors` file (see the module docs).
+pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<ParsedLora> {
+    let path = path.as_ref();
+    let (tensors, metadata) = read_safetensors(path, device)?;
+    parse_lora(tensors, metadata).map_err(|e| e.context(path.display()))
+}
+
+impl KohyaLora {
+    /// This LoRA's modules as [`LoraLayer`]s (kohya names resolved to diffusers paths).
+    pub fn to_layers(&self) -> Result<Vec<LoraLayer>> {
+        let mut skipped = Vec::new();
+        let mut layers = Vec::with_capacity(self.len());
+        for (name, w) in self.iter() {
+            match kohya_to_module(name) {
+                Some((component, module)) => layers.push(LoraLayer {
+                    component,
+                    module,
+                    down: w.down.clone(),
+                    up: w.up.clone(),
+                    alpha: Some(w.alpha),
+                    source: name.to_string(),
+                }),
+                None => skipped.push(name.to_string()),
+            }
+        }
+        if !skipped.is_empty() {
+            return Err(Error::bad_weights(format!(
+                "LoRA module names not understood: {}",
+                skipped.join(", ")
+            )));
+        }
+        Ok(layers)
+    }
+}
+
+#[derive(Default)]
+struct Parts {
+    down: Option<(String, Tensor)>,
+    up: Option<(String, Tensor)>,
+    alpha: Option<(String, Tensor)>,
+}
+
+/// The role of a key: (module prefix, 0 = down / 1 = up / 2 = alpha).
+fn split_key(key: &str) -> Option<(String, usize)> {
+    const SUFFIXES: [(&str, usize); 8] = [
+        (".lora_down.weight", 0),
+        (".lora_up.weight", 1),
+        (".lora_A.weight", 0),
+        (".lora_B.weight", 1),
+        (".lora.down.weight", 0),
+        (".lora.up.weight", 1),
+        (".lora_linear_layer.down.weight", 0),
+        (".lora_linear_layer.up.weight", 1),
+    ];
+    for (suffix, role) in SUFFIXES {
+        if let Some(p) = key.strip_suffix(suffix) {
+            return Some((p.to_string(), role));
+        }
+    }
+    // Old attention processors: `….processor.to_q_lora.down.weight`.
+    for (suffix, role) in [("_lora.down.weight", 0), ("_lora.up.weight", 1)] {
+        if let Some(p) = key.strip_suffix(suffix) {
+            return Some((p.to_string(), role));
+        }
+    }
+    // PEFT with an adapter name: `….lora_A.default.weight`.
+    for (marker, role) in [(".lora_A.", 0), (".lora_B.", 1)] {
+        if let Some(i) = key.find(marker) {
+            let rest = &key[i + marker.len()..];
+            if rest.ends_with(".weight") && !rest[..rest.len() - 7].contains('.') {
+                return Some((key[..i].to_string(), role));
+            }
+        }
+    }
+    key.strip_suffix(".alpha").map(|p| (p.to_string(), 2))
+}
+
+/// Parses LoRA tensors (see the module docs). `metadata` is the file's `__metadata__`.
+pub fn parse_lora(
+    tensors: Vec<(String, Tensor)>,
+    metadata: BTreeMap<String, String>,
+) -> Result<ParsedLora> {
+    let mut order: Vec<String> = Vec::new();
+    let mut parts: HashMap<String, Parts> = HashMap::new();
+    let mut skipped = Vec::new();
+    for (key, t) in tensors {
+        let Some((prefix, role)) = split_key(&key) else {
+            skipped.push(SkippedKey {
+                reason: "not a LoRA down/up/alpha tensor (LoHa, LoKr, DoRA and full weights are not supported)".into(),
+                key,
+            });
+            continue;
+        };
+        let entry = parts.entry(prefix.clone()).or_insert_with(|| {
+            order.push(prefix.clone());
+            Parts::default()
+        });
+        let slot = match role {
+            0 => &mut entry.down,
+            1 => &mut entry.up,
+            _ => &mut entry.alpha,
+        };
+        if slot.is_some() {
+            return Err(Error::bad_weights(format!(
+                "two tensors give the same LoRA part of {prefix} (second: {key})"
+            )));
+        }
+        *slot = Some((key, t));
+    }
+
+    let peft_alphas = PeftAlphas::from_metadata(&metadata);
+    let mut resolved: Vec<(LoraLayer, bool)> = Vec::new();
+    let (mut kohya, mut kohya_sgm, mut dotted) = (false, false, false);
+    for prefix in order {
+        let p = parts.remove(&prefix).expect("recorded");
+        let (down, up) = match (p.down, p.up) {
+            (Some(d), Some(u)) => (d, u),
+            (None, None) => {
+                // A stray alpha (e.g. of a module whose weights were not LoRA).
+                if let Some((key, _)) = p.alpha {
+                    skipped.push(SkippedKey {
+                        key,
+                        reason: "alpha without lora_down/lora_up".into(),
+                    });
+                }
+                continue;
+            }
+            (Some((key, _)), None) | (None, Some((key, _))) => {
+                return Err(Error::bad_weights(format!(
+                    "LoRA tensor {key} has no matching {} tensor",
+                    if key.contains("down") || key.contains("lora_A") {
+                        "up"
+                    } else {
+                        "down"
+                    }
+                )));
+            }
+        };
+        let (target, is_sgm) = if let Some(t) = kohya_target(&prefix) {
+            kohya = true;
+            t
+        } else if let Some(t) = dotted_target(&prefix) {
+            dotted = true;
+            t
+        } else {
+            skipped.push(SkippedKey {
+                key: down.0,
+                reason: format!("module name {prefix} is not understood"),
+            });
+            continue;
+        };
+        kohya_sgm |= is_sgm;
+        let Some((component, module)) = target else {
+            skipped.push(SkippedKey {
+                key: down.0,
+                reason: format!("module name {prefix} is not understood"),
+            });
+            continue;
+        };
+        let (down_key, down) = down;
+        let (up_key, up) = up;
+        let d = down.dims();
+        let u = up.dims();
+        let ok = match (d.len(), u.len()) {
+            (2, 2) => u[1] == d[0],
+            (4, 4) => u[1] == d[0] && u[2] == 1 && u[3] == 1,
+            _ => false,
+        };
+        if !ok || d[0] == 0 {
+            return Err(Error::bad_weights(format!(
+                "{down_key} {d:?} and {up_key} {u:?} are not a [rank, in] / [out, rank] pair"
+            )));
+        }
+        let alpha = match p.alpha {
+            Some((key, t)) => Some(scalar(&t).map_err(|e| e.context(&key))?),
+            None => peft_alphas.alpha(component, &module, d[0]),
+        };
+        resolved.push((
+            LoraLayer {
+                component,
+                module,
+                down,
+                up,
+                alpha,
+                source: prefix,
+            },
+            is_sgm,
+        ));
+    }
+    // As diffusers does: when a kohya file mixes SGM and diffusers UNet names, the SGM ones
+    // are dropped.
+    let mixed_unet = resolved
+        .iter()
+        .any(|(l, sgm)| *sgm && l.component == LoraComponent::Unet)
+        && resolved
+            .iter()
+            .any(|(l, sgm)| !*sgm && l.component == LoraComponent::Unet);
+    let mut layers = Vec::with_capacity(resolved.len());
+    for (layer, sgm) in resolved {
+        if mixed_unet && sgm {
+            skipped.push(SkippedKey {
+                key: layer.source,
+                reason: "SGM-named module in a file that also has diffusers-named UNet modules (diffusers ignores these too)".into(),
+            });
+        } else {
+            layers.push(layer);
+        }
+    }
+    // Two entries for one module would apply twice.
+    let mut seen = HashMap::new();
+    for l in &layers {
+        if let Some(prev) = seen.insert((l.component, l.module.clone()), l.source.clone()) {
+            return Err(Error::bad_weights(format!(
+                "LoRA modules {prev} and {} both target {} {}",
+                l.source,
+                l.component.as_str(),
+                l.module
+            )));
+        }
+    }
+    let naming = match (kohya, kohya_sgm, dotted) {
+        (true, false, false) => LoraNaming::Kohya,
+        (true, true, false) => LoraNaming::KohyaSgm,
+        (false, _, true) => LoraNaming::Diffusers,
+        _ => LoraNaming::Mixed,
+    };
+    Ok(ParsedLora {
+        layers,
+        skipped,
+        naming,
+        metadata,
+    })
+}
+
+/// A kohya prefix's target: `Some((Some((component, path)), is_sgm))` when the prefix is a
+/// kohya name, the inner `None` when its module path is not understood.
+#[allow(clippy::type_complexity)]
+fn kohya_target(prefix: &str) -> Option<(Option<(LoraComponent, String)>, bool)> {
+    let (component, rest) = if let Some(r) = prefix.strip_prefix("lora_unet_") {
+        (LoraComponent::Unet, r)
+    } else if let Some(r) = prefix.strip_prefix("lora_te1_") {
+        (LoraComponent::TextEncoder, r)
+    } else if let Some(r) = prefix.strip_prefix("lora_te2_") {
+        (LoraComponent::TextEncoder2, r)
+    } else if let Some(r) = prefix.strip_prefix("lora_te_") {
+        (LoraComponent::TextEncoder, r)
+    } else {
+        return None;
+    };
+    if prefix.contains('.') {
+        return Some((None, false));
+    }
+    let Some(dotted) = underscores_to_path(rest) else {
+        return Some((None, false));
+    };
+    if component == LoraComponent::Unet && is_sgm_path(&dotted) {
+        return Some((sgm_to_diffusers(&dotted).map(|p| (component, p)), true));
+    }
+    Some((Some((component, dotted)), false))
+}
+
+/// Resolves a kohya module name (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`, SGM names
+/// included) to its component and diffusers / transformers module path.
+pub fn kohya_to_module(name: &str) -> Option<(LoraComponent, String)> {
+    kohya_target(name).and_then(|(t, _)| t)
+}
+
+/// The kohya name of a module (diffusers naming): `lora_unet_` + path with `_` for `.`.
+pub fn module_to_kohya(component: LoraComponent, module: &str) -> String {
+    format!("{}{}", component.kohya_prefix(), module.replace('.', "_"))
+}
+
+#[allow(clippy::type_complexity)]
+fn dotted_target(prefix: &str) -> Option<(Option<(LoraComponent, String)>, bool)> {
+    let mut p = prefix;
+    for strip in ["base_model.model.", "model."] {
+        if let Some(r) = p.strip_prefix(strip) {
+            p = r;
+        }
+    }
+    let (component, path) = if let Some(r) = p.strip_prefix("unet.") {
+        (LoraComponent::Unet, r)
+    } else if let Some(r) = p.strip_prefix("text_encoder_2.") {
+        (LoraComponent::TextEncoder2, r)
+    } else if let Some(r) = p.strip_prefix("text_encoder.") {
+        (LoraComponent::TextEncoder, r)
+    } else if let Some(r) = p.strip_prefix("diffusion_model.") {
+        (LoraComponent::Unet, r)
+    } else if p.starts_with("text_model.") {
+        (LoraComponent::TextEncoder, p)
+    } else {
+        (LoraComponent::Unet, p)
+    };
+    if path.is_empty() || path.contains("..") || !path.contains('.') && !is_top_level_unet(path) {
+        return None;
+    }
+    let mut path = path.to_string();
+    // Old attention-processor names.
+    let te = component != LoraComponent::Unet;
+    for (old, unet_new, te_new) in [
+        (".processor.to_q", ".to_q", ".q_proj"),
+        (".processor.to_k", ".to_k", ".k_proj"),
+        (".processor.to_v", ".to_v", ".v_proj"),
+        (".processor.to_out", ".to_out.0", ".out_proj"),
+        (".to_q", ".to_q", ".q_proj"),
+        (".to_k", ".to_k", ".k_proj"),
+        (".to_v", ".to_v", ".v_proj"),
+        (".to_out", ".to_out.0", ".out_proj"),
+    ] {
+        if let Some(base) = path.strip_suffix(old) {
+            // `….to_out` alone is the old processor spelling; `….to_out.0` is already a module.
+            if old.starts_with(".processor") || te || old == ".to_out" {
+                path = format!("{base}{}", if te { te_new } else { unet_new });
+            }
+            break;
+        }
+    }
+    if component == LoraComponent::Unet && is_sgm_path(&path) {
+        return Some((sgm_to_diffusers(&path).map(|p| (component, p)), true));
+    }
+    Some((Some((component, path)), false))
+}
+
+fn is_top_level_unet(path: &str) -> bool {
+    matches!(path, "conv_in" | "conv_out")
+}
+
+fn is_sgm_path(path: &str) -> bool {
+    let first = path.split('.').next().unwrap_or("");
+    matches!(
+        first,
+        "input_blocks" | "middle_block" | "output_blocks" | "time_embed" | "label_emb" | "out"
+    )
+}
+
+/// Identifiers that contain underscores (or are needed to split a kohya name), longest match
+/// first. Digits-only segments are indices.
+const WORDS: &[&str] = &[
+    // diffusers UNet
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "attentions",
+    "resnets",
+    "transformer_blocks",
+    "attn1",
+    "attn2",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "ff",
+    "net",
+    "proj",
+    "proj_in",
+    "proj_out",
+    "norm",
+    "norm1",
+    "norm2",
+    "norm3",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers",
+    "upsamplers",
+    "conv",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding",
+    "add_embedding",
+    "linear_1",
+    "linear_2",
+    // SGM (LDM) UNet
+    "input_blocks",
+    "middle_block",
+    "output_blocks",
+    "in_layers",
+    "out_layers",
+    "emb_layers",
+    "skip_connection",
+    "op",
+    "time_embed",
+    "label_emb",
+    "out",
+    // CLIP text (transformers)
+    "text_model",
+    "encoder",
+    "layers",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "mlp",
+    "fc1",
+    "fc2",
+    "text_projection",
+    "embeddings",
+    "token_embedding",
+    "position_embedding",
+    "final_layer_norm",
+    "layer_norm1",
+    "layer_norm2",
+];
+
+/// `down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q` →
+/// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, by longest known identifier
+/// (or digit run) at each `_` boundary. `None` when a segment is not a known identifier.
+pub fn underscores_to_path(name: &str) -> Option<String> {
+    let mut out: Vec<&str> = Vec::new();
+    let mut rest = name;
+    while !rest.is_empty() {
+        let boundary = |len: usize| len == rest.len() || rest.as_bytes()[len] == b'_';
+        let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+        let len = if digits > 0 && boundary(digits) {
+            digits
+        } else {
+            WORDS
+                .iter()
+                .filter(|w| rest.starts_with(*w) && boundary(w.len()))
+                .map(|w| w.len())
+                .max()?
+        };
+        out.push(&rest[..len]);
+        rest = rest[len..].strip_prefix('_').unwrap_or(&rest[len..]);
+        if rest.is_empty() && name.ends_with('_') {
+            return None;
+        }
+    }
+    if out.is_empty() {
+        None
+    } else {
+        Some(out.join("."))
+    }
+}
+
+/// Layers per block of SDXL's (and the tiny test model's) UNet; SGM numbers its
+/// `input_blocks` / `output_blocks` with it.
+const SGM_LAYERS_PER_BLOCK: usize = 2;
+
+/// Maps an SGM (original LDM) UNet module path to diffusers naming for SDXL's layout
+/// (spec §5; `layers_per_block = 2`, as diffusers' `_maybe_map_sgm_blocks_to_diffusers`):
+/// `input_blocks.{k}.{0|1}` = `down_blocks.{(k-1)/3}.{resnets|attentions}.{(k-1)%3}`
+/// (`….0.op` = `downsamplers.0.conv`, `input_blocks.0.0` = `conv_in`);
+/// `middle_block.{0,1,2}` = `mid_block.{resnets.0, attentions.0, resnets.1}`;
+/// `output_blocks.{k}.{0|1|2}` = `up_blocks.{k/3}.{resnets.{k%3} | attentions.{k%3} | upsamplers.0}`;
+/// `time_embed.{0,2}` = `time_embedding.linear_{1,2}`; `label_emb.0.{0,2}` =
+/// `add_embedding.linear_{1,2}`; `out.{0,2}` = `conv_norm_out` / `conv_out`. Inside resnets:
+/// `in_layers.{0,2}` = `norm1` / `conv1`, `emb_layers.1` = `time_emb_proj`,
+/// `out_layers.{0,3}` = `norm2` / `conv2`, `skip_connection` = `conv_shortcut`.
+pub fn sgm_to_diffusers(path: &str) -> Option<String> {
+    let seg: Vec<&str> = path.split('.').collect();
+    let num = |i: usize| seg.get(i).and_then(|s| s.parse::<usize>().ok());
+    let tail = |i: usize| seg.get(i..).map(|s| s.join(".")).unwrap_or_default();
+    let join = |head: String, rest: String| {
+        if rest.is_empty() {
+            head
+        } else {
+            format!("{head}.{rest}")
+        }
+    };
+    let per = SGM_LAYERS_PER_BLOCK + 1;
+    let out = match seg[0] {
+        "input_blocks" => {
+            let (k, sub) = (num(1)?, num(2)?);
+            if k == 0 {
+                (sub == 0).then(|| join("conv_in".into(), tail(3)))?
+            } else {
+                let (block, j) = ((k - 1) / per, (k - 1) % per);
+                if seg.get(3) == Some(&"op") {
+                    join(format!("down_blocks.{block}.downsamplers.0.conv"), tail(4))
+                } else {
+                    match sub {
+                        0 => join(
+                            format!("down_blocks.{block}.resnets.{j}"),
+                            resnet(&tail(3))?,
+                        ),
+                        1 => join(format!("down_blocks.{block}.attentions.{j}"), tail(3)),
+                        _ => return None,
+                    }
+                }
+            }
+        }
+        "middle_block" => match num(1)? {
+            0 => join("mid_block.resnets.0".into(), resnet(&tail(2))?),
+            1 => join("mid_block.attentions.0".into(), tail(2)),
+            2 => join("mid_block.resnets.1".into(), resnet(&tail(2))?),
+            _ => return None,
+        },
+        "output_blocks" => {
+            let (k, sub) = (num(1)?, num(2)?);
+            let (block, j) = (k / per, k % per);
+            match sub {
+                0 => join(format!("up_blocks.{block}.resnets.{j}"), resnet(&tail(3))?),
+                1 => join(format!("up_blocks.{block}.attentions.{j}"), tail(3)),
+                2 => join(format!("up_blocks.{block}.upsamplers.0"), tail(3)),
+                _ => return None,
+            }
+        }
+        "time_embed" => match (num(1)?, seg.len()) {
+            (0, 2) => "time_embedding.linear_1".into(),
+            (2, 2) => "time_embedding.linear_2".into(),
+            _ => return None,
+        },
+        "label_emb" => match (num(1)?, num(2)?, seg.len()) {
+            (0, 0, 3) => "add_embedding.linear_1".into(),
+            (0, 2, 3) => "add_embedding.linear_2".into(),
+            _ => return None,
+        },
+        "out" => match (num(1)?, seg.len()) {
+            (0, 2) => "conv_norm_out".into(),
+            (2, 2) => "conv_out".into(),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(out)
+}
+
+/// A resnet's inner SGM path in diffusers naming (empty stays empty).
+fn resnet(inner: &str) -> Option<String> {
+    Some(
+        match inner {
+            "" => "",
+            "in_layers.0" => "norm1",
+            "in_layers.2" => "conv1",
+            "emb_layers.1" => "time_emb_proj",
+            "out_layers.0" => "norm2",
+            "out_layers.3" => "conv2",
+            "skip_connection" => "conv_shortcut",
+            _ => return None,
+        }
+        .to_string(),
+    )
+}
+
+/// Alphas of a diffusers/PEFT file from its `lora_adapter_metadata` (`{component}.lora_alpha`,
+/// `{component}.alpha_pattern`, `{component}.use_rslora`).
+#[derive(Default)]
+struct PeftAlphas {
+    by_component: HashMap<&'static str, (Option<f64>, Vec<(String, f64)>, bool)>,
+}
+
+impl PeftAlphas {
+    fn from_metadata(metadata: &BTreeMap<String, String>) -> Self {
+        let mut out = Self::default();
+        let Some(raw) = metadata.get("lora_adapter_metadata") else {
+            return out;
+        };
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(raw)
+        else {
+            return out;
+        };
+        for c in [
+            LoraComponent::Unet,
+            LoraComponent::TextEncoder,
+            LoraComponent::TextEncoder2,
+        ] {
+            let name = c.as_str();
+            let get = |k: &str| map.get(&format!("{name}.{k}"));
+            let alpha = get("lora_alpha").and_then(|v| v.as_f64());
+            let pattern = match get("alpha_pattern") {
+                Some(serde_json::Value::Object(p)) => p
+                    .iter()
+                    .filter_map(|(k, v)| v.as_f64().map(|a| (k.clone(), a)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let rslora = get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+            if alpha.is_some() || !pattern.is_empty() {
+                out.by_component.insert(name, (alpha, pattern, rslora));
+            }
+        }
+        out
+    }
+
+    /// The alpha to store so that `alpha / rank` is PEFT's scale for this module.
+    fn alpha(&self, component: LoraComponent, module: &str, rank: usize) -> Option<f32> {
+        let (alpha, pattern, rslora) = self.by_component.get(component.as_str())?;
+        let a = pattern
+            .iter()
+            .find(|(k, _)| module == k || module.ends_with(&format!(".{k}")))
+            .map(|(_, a)| *a)
+            .or(*alpha)?;
+        // rsLoRA scales by alpha / sqrt(rank).
+        let a = if *rslora { a * (rank as f64).sqrt() } else { a };
+        Some(a as f32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixture;
+    use candle_core::DType;
+
+    fn pair(prefix: &str, down_suffix: &str, up_suffix: &str) -> Vec<(String, Tensor)> {
+        let dev = Device::Cpu;
+        vec![
+            (
+                format!("{prefix}{down_suffix}"),
+                Tensor::ones((2, 8), DType::F32, &dev).unwrap(),
+            ),
+            (
+                format!("{prefix}{up_suffix}"),
+                Tensor::ones((6, 2), DType::F32, &dev).unwrap(),
+            ),
+        ]
+    }
+
+    fn one(tensors: Vec<(String, Tensor)>, meta: BTreeMap<String, String>) -> LoraLayer {
+        let p = parse_lora(tensors, meta).unwrap();
+        assert!(p.skipped.is_empty(), "{:?}", p.skipped);
+        assert_eq!(p.layers.len(), 1);
+        p.layers.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn kohya_names_match_diffusers() {
+        // Table written by the generator from diffusers 0.42's own conversion of each key.
+        let text = std::fs::read_to_string(fixture("hyperlora", "lora_names.json")).unwrap();
+        let table: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+        assert!(table.len() > 40);
+        for (kohya, v) in &table {
+            let (component, module) =
+                kohya_to_module(kohya).unwrap_or_else(|| panic!("{kohya} not understood"));
+            assert_eq!(
+                component.as_str(),
+                v["component"].as_str().unwrap(),
+                "{kohya}"
+            );
+            assert_eq!(module, v["module"].as_str().unwrap(), "{kohya}");
+            let sgm = v["style"] == "sgm";
+            if !sgm {
+                // Diffusers-style kohya names round-trip.
+                assert_eq!(&module_to_kohya(component, &module), kohya);
+            }
+        }
+    }
+
+    #[test]
+    fn kohya_file_with_alpha() {
+        let mut t = pair(
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            ".lora_down.weight",
+            ".lora_up.weight",
+        );
+        t.push((
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha".into(),
+            Tensor::new(1f32, &Device::Cpu).unwrap(),
+        ));
+        let p = parse_lora(t, BTreeMap::new()).unwrap();
+        assert_eq!(p.naming, LoraNaming::KohyaSgm);
+        let l = &p.layers[0];
+        assert_eq!(l.component, LoraComponent::Unet);
+        assert_eq!(
+            l.module,
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+        );
+        assert_eq!((l.rank(), l.alpha, l.scale()), (2, Some(1.0), 0.5));
+    }
+
+    #[test]
+    fn peft_and_old_diffusers_names() {
+        let m = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0";
+        for (prefix, down, up) in [
+            (format!("unet.{m}"), ".lora_A.weight", ".lora_B.weight"),
+            (
+                format!("base_model.model.{m}"),
+                ".lora_A.default.weight",
+                ".lora_B.default.weight",
+            ),
+            (format!("unet.{m}"), ".lora.down.weight", ".lora.up.weight"),
+            (
+                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_out"
+                    .into(),
+                "_lora.down.weight",
+                "_lora.up.weight",
+            ),
+            (
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_out".into(),
+                "_lora.down.weight",
+                "_lora.up.weight",
+            ),
+        ] {
+            let l = one(pair(&prefix, down, up), BTreeMap::new());
+            assert_eq!(
+                (l.component, l.module.as_str()),
+                (LoraComponent::Unet, m),
+                "{prefix}{down}"
+            );
+            assert_eq!(l.alpha, None);
+            assert_eq!(l.scale(), 1.0);
+        }
+        let te = "text_model.encoder.layers.3.self_attn.q_proj";
+        for (prefix, down, up, c) in [
+            (
+                format!("text_encoder.{te}"),
+                ".lora_A.weight",
+                ".lora_B.weight",
+                LoraComponent::TextEncoder,
+            ),
+            (
+                format!("text_encoder_2.{te}"),
+                ".lora_A.weight",
+                ".lora_B.weight",
+                LoraComponent::TextEncoder2,
+            ),
+            (
+                "text_encoder.text_model.encoder.layers.3.self_attn.to_q".into(),
+                "_lora.down.weight",
+                "_lora.up.weight",
+                LoraComponent::TextEncoder,
+            ),
+            (
+                "lora_te1_text_model_encoder_layers_3_self_attn_q_proj".into(),
+                ".lora_down.weight",
+                ".lora_up.weight",
+                LoraComponent::TextEncoder,
+            ),
+            (
+                "lora_te_text_model_encoder_layers_3_self_attn_q_proj".into(),
+                ".lora_down.weight",
+                ".lora_up.weight",
+                LoraComponent::TextEncoder,
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_3_self_attn_q_proj".into(),
+                ".lora_down.weight",
+                ".lora_up.weight",
+                LoraComponent::TextEncoder2,
+            ),
+        ] {
+            let l = one(pair(&prefix, down, up), BTreeMap::new());
+            assert_eq!((l.component, l.module.as_str()), (c, te), "{prefix}{down}");
+        }
+        let mlp = one(
+            pair(
+                "text_encoder.text_model.encoder.layers.0.mlp.fc1",
+                ".lora_linear_layer.down.weight",
+                ".lora_linear_layer.up.weight",
+            ),
+            BTreeMap::new(),
+        );
+        assert_eq!(mlp.module, "text_model.encoder.layers.0.mlp.fc1");
+        // SGM dotted names (ComfyUI-style PEFT keys).
+        let sgm = one(
+            pair(
+                "diffusion_model.output_blocks.2.1.transformer_blocks.9.attn2.to_k",
+                ".lora_A.weight",
+                ".lora_B.weight",
+            ),
+            BTreeMap::new(),
+        );
+        assert_eq!(
+            sgm.module,
+            "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_k"
+        );
+    }
+
+    #[test]
+    fn peft_alphas_from_metadata() {
+        let mut meta = BTreeMap::new();
+        meta.insert(
+            "lora_adapter_metadata".to_string(),
+            r#"{"unet.lora_alpha": 8, "unet.r": 2, "unet.alpha_pattern": {"attn2.to_k": 4},
+               "text_encoder.lora_alpha": 1}"#
+                .to_string(),
+        );
+        let mut t = pair(
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+            ".lora_A.weight",
+            ".lora_B.weight",
+        );
+        t.extend(pair(
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+            ".lora_A.weight",
+            ".lora_B.weight",
+        ));
+        t.extend(pair(
+            "text_encoder.text_model.encoder.layers.0.self_attn.k_proj",
+            ".lora_A.weight",
+            ".lora_B.weight",
+        ));
+        let p = parse_lora(t, meta).unwrap();
+        let alphas: Vec<_> = p.layers.iter().map(|l| l.alpha).collect();
+        assert_eq!(alphas, [Some(8.0), Some(4.0), Some(1.0)]);
+        assert_eq!(p.naming, LoraNaming::Diffusers);
+    }
+
+    #[test]
+    fn unknown_and_broken_entries() {
+        let mut t = pair(
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+            ".lora_down.weight",
+            ".lora_up.weight",
+        );
+        t.push((
+            "lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a".into(),
+            Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap(),
+        ));
+        t.extend(pair(
+            "lora_unet_frobnicator_7",
+            ".lora_down.weight",
+            ".lora_up.weight",
+        ));
+        let p = parse_lora(t, BTreeMap::new()).unwrap();
+        assert_eq!(p.layers.len(), 1);
+        assert_eq!(p.skipped.len(), 2, "{:?}", p.skipped);
+        // Mixed SGM + diffusers UNet names: the SGM ones are dropped, as diffusers does.
+        let mut t = pair(
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+            ".lora_down.weight",
+            ".lora_up.weight",
+        );
+        t.extend(pair(
+            "lora_unet_input_blocks_5_1_proj_in",
+            ".lora_down.weight",
+            ".lora_up.weight",
+        ));
+        let p = parse_lora(t, BTreeMap::new()).unwrap();
+        assert_eq!(p.layers.len(), 1);
+        assert_eq!(p.skipped[0].key, "lora_unet_input_blocks_5_1_proj_in");
+        // Rank mismatch and a lone down are BAD_WEIGHTS naming the key.
+        let dev = Device::Cpu;
+        let bad = vec![
+            (
+                "proj_in.lora_down.weight".to_string(),
+                Tensor::ones((2, 8), DType::F32, &dev).unwrap(),
+            ),
+            (
+                "proj_in.lora_up.weight".to_string(),
+                Tensor::ones((6, 3), DType::F32, &dev).unwrap(),
+            ),
+        ];
+        let bad: Vec<_> = bad
+            .into_iter()
+            .map(|(k, v)| (format!("lora_unet_mid_block_attentions_0_{k}"), v))
+            .collect();
+        let err = parse_lora(bad, BTreeMap::new()).unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::BadWeights);
+        assert!(err.message.contains("lora_up.weight"), "{err}");
+        let lone = vec![(
+            "lora_unet_conv_in.lora_down.weight".to_string(),
+            Tensor::ones((2, 8), DType::F32, &dev).unwrap(),
+        )];
+        assert!(parse_lora(lone, BTreeMap::new())
+            .unwrap_err()
+            .message
+            .contains("lora_unet_conv_in.lora_down.weight"));
+    }
+
+    #[test]
+    fn underscore_paths() {
+        assert_eq!(
+            underscores_to_path("up_blocks_0_attentions_1_transformer_blocks_3_ff_net_0_proj")
+                .unwrap(),
+            "up_blocks.0.attentions.1.transformer_blocks.3.ff.net.0.proj"
+        );
+        assert_eq!(
+            underscores_to_path("time_embedding_linear_1").unwrap(),
+            "time_embedding.linear_1"
+        );
+        assert_eq!(
+            underscores_to_path("mid_block_attentions_0_to_out_0").unwrap(),
+            "mid_block.attentions.0.to_out.0"
+        );
+        assert!(underscores_to_path("mid_blocks_0").is_none());
+        assert!(underscores_to_path("").is_none());
+        assert_eq!(
+            sgm_to_diffusers("input_blocks.9.0.op"),
+            Some("down_blocks.2.downsamplers.0.conv".into())
+        );
+        assert_eq!(sgm_to_diffusers("middle_block.3.proj_in"), None);
+        assert_eq!(sgm_to_diffusers("input_blocks.1.0.in_layers.1"), None);
+    }
+}
