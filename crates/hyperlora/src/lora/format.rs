@@ -424,12 +424,12 @@ pub(crate) fn serialize_safetensors(
     Ok(out)
 }
 
+/// A file's tensors in file order, and its `__metadata__`.
+pub(crate) type SafetensorsContents = (Vec<(String, Tensor)>, BTreeMap<String, String>);
+
 /// Reads every tensor of a `.safetensors` file in file (offset) order, plus its metadata.
 /// A missing file is `MODEL_NOT_FOUND`; an unreadable or malformed one is `BAD_WEIGHTS`.
-pub(crate) fn read_safetensors(
-    path: &Path,
-    device: &Device,
-) -> Result<(Vec<(String, Tensor)>, BTreeMap<String, String>)> {
+pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<SafetensorsContents> {
     use candle_core::safetensors::Load;
 
     let name = path.display();

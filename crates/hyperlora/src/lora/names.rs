@@ -667,8 +667,11 @@ fn resnet(inner: &str) -> Option<String> {
 /// `{component}.alpha_pattern`, `{component}.use_rslora`).
 #[derive(Default)]
 struct PeftAlphas {
-    by_component: HashMap<&'static str, (Option<f64>, Vec<(String, f64)>, bool)>,
+    by_component: HashMap<&'static str, ComponentAlphas>,
 }
+
+/// `lora_alpha`, `alpha_pattern` entries, `use_rslora`.
+type ComponentAlphas = (Option<f64>, Vec<(String, f64)>, bool);
 
 impl PeftAlphas {
     fn from_metadata(metadata: &BTreeMap<String, String>) -> Self {
