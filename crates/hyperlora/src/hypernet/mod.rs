@@ -434,6 +434,34 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Writes LoRAs generated and saved by our code for the generator's diffusers check:
+    /// `HYPERLORA_LORA_OUT=/tmp/x cargo test -p hyperlora --lib write_loras_for_diffusers -- --ignored`
+    /// then `python3 scripts/fixtures/hyperlora.py --check-lora /tmp/x/identity_f16.safetensors`.
+    #[test]
+    #[ignore = "writes files for a manual check with Python"]
+    fn write_loras_for_diffusers_check() {
+        let dir = PathBuf::from(std::env::var("HYPERLORA_LORA_OUT").expect("HYPERLORA_LORA_OUT"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = inputs();
+        for (dtype, name) in [(DType::F32, "identity_f32"), (DType::F16, "identity_f16")] {
+            let h = tiny(dtype);
+            let out = h
+                .create_lora(
+                    Some(&f["id_embeds"]),
+                    Some(&f["clip_penultimate"]),
+                    Some(&f["base_clip_penultimate"]),
+                )
+                .unwrap();
+            out.id
+                .save(dir.join(format!("{name}.safetensors")))
+                .unwrap();
+            out.base
+                .unwrap()
+                .save(dir.join(format!("{name}_base.safetensors")))
+                .unwrap();
+        }
+    }
+
     #[test]
     fn interpolating_loras_equals_interpolating_coefficients() {
         let h = tiny(DType::F32);
