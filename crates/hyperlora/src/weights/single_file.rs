@@ -169,7 +169,7 @@ impl SingleFileCheckpoint {
     pub fn shape(&self, component: Component, name: &str) -> Option<Vec<usize>> {
         let m = self.table(component)?.to_sgm(name)?;
         let view = self.file.st.get(&m.key).ok()?;
-        transformed_shape(m.transform, view.shape()).ok()
+        m.transform.shape(view.shape())
     }
 
     /// A builder serving the component's tensors under their diffusers/transformers names,
@@ -200,26 +200,6 @@ impl SingleFileCheckpoint {
     }
 }
 
-fn transformed_shape(transform: Transform, shape: &[usize]) -> candle_core::Result<Vec<usize>> {
-    Ok(match transform {
-        Transform::Identity => shape.to_vec(),
-        Transform::ConvToLinear => match shape {
-            [o, i, 1, 1] | [o, i, 1] => vec![*o, *i],
-            _ => shape.to_vec(),
-        },
-        Transform::Transpose => match shape {
-            [a, b] => vec![*b, *a],
-            _ => candle_core::bail!("expected a matrix to transpose, found shape {shape:?}"),
-        },
-        Transform::Third(_) => match shape {
-            [n, rest @ ..] if n % 3 == 0 => [&[n / 3], rest].concat(),
-            _ => candle_core::bail!(
-                "expected a fused q/k/v tensor with 3·n rows, found shape {shape:?}"
-            ),
-        },
-    })
-}
-
 struct SgmBackend {
     file: Arc<Mapped>,
     table: Arc<NameTable>,
@@ -246,8 +226,14 @@ impl SgmBackend {
     fn load(&self, m: &SgmTensor, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let view = self.file.st.get(&m.key)?;
         let stored = DType::try_from(view.dtype())?;
-        let shape = transformed_shape(m.transform, view.shape())
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", m.key)))?;
+        let shape = m.transform.shape(view.shape()).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: stored shape {:?} does not allow {:?}",
+                m.key,
+                view.shape(),
+                m.transform
+            ))
+        })?;
         let data = view.data();
         let tensor = match m.transform {
             Transform::Third(k) => {
