@@ -240,7 +240,7 @@ impl TorchGenerator {
         for block in data.chunks_exact_mut(16) {
             fill(block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = uniform(self);
