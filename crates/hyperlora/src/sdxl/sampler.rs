@@ -1359,11 +1359,16 @@ mod tests {
     fn tables_match_diffusers() {
         let m = meta("tables.json");
         let t = load_fixture("sdxl_sampler", "tables.safetensors");
-        let cfg = config();
         let mut n = 0;
         for case in m["params"]["cases"].as_array().unwrap() {
             let (sampler, schedule, steps) = case_ids(case);
-            let key = format!("{}.{}.{steps}", sampler.as_str(), schedule.as_str());
+            let variant = case["variant"].as_str().unwrap();
+            let key = format!(
+                "{variant}/{}.{}.{steps}",
+                sampler.as_str(),
+                schedule.as_str()
+            );
+            let cfg = SchedulerConfig::from_json_str(&case["config"].to_string()).unwrap();
             let s = Scheduler::new(&cfg, sampler, schedule, steps).unwrap();
             // Timesteps: 1e-5 relative. Euler's Karras/exponential timesteps are fractional f32
             // values interpolated between numpy's float32 log-sigmas, which numpy's SIMD log
@@ -1395,7 +1400,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 13 * 4);
+        assert_eq!(n, 13 * (4 + 3 + 3 + 2 + 1));
     }
 
     /// Latents after each step of a run, from the same seeded generator diffusers used.
