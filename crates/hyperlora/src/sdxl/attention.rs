@@ -294,6 +294,46 @@ impl Transformer2DModel {
         })
     }
 
+    /// Every Linear of this transformer, named as diffusers names its weights under `prefix`
+    /// (e.g. `down_blocks.1.attentions.0`): `proj_in`/`proj_out` when linear and, per block,
+    /// `attn1|attn2.to_q|to_k|to_v|to_out.0`, `ff.net.0.proj`, `ff.net.2` — the layers UNet
+    /// LoRAs target, so one can be merged by replacing the Linear.
+    pub fn linears_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        let Self {
+            proj_in,
+            transformer_blocks,
+            proj_out,
+            ..
+        } = self;
+        if let Projection::Linear(l) = proj_in {
+            out.push((format!("{prefix}.proj_in"), l));
+        }
+        for (i, block) in transformer_blocks.iter_mut().enumerate() {
+            let p = format!("{prefix}.transformer_blocks.{i}");
+            let BasicTransformerBlock {
+                attn1, attn2, ff, ..
+            } = block;
+            for (name, attn) in [("attn1", attn1), ("attn2", attn2)] {
+                let Attention {
+                    to_q,
+                    to_k,
+                    to_v,
+                    to_out,
+                    ..
+                } = attn;
+                out.push((format!("{p}.{name}.to_q"), to_q));
+                out.push((format!("{p}.{name}.to_k"), to_k));
+                out.push((format!("{p}.{name}.to_v"), to_v));
+                out.push((format!("{p}.{name}.to_out.0"), to_out));
+            }
+            out.push((format!("{p}.ff.net.0.proj"), &mut ff.proj));
+            out.push((format!("{p}.ff.net.2"), &mut ff.out));
+        }
+        if let Projection::Linear(l) = proj_out {
+            out.push((format!("{prefix}.proj_out"), l));
+        }
+    }
+
     /// `x`: [B, C, H, W]; `context`: [B, T, cross_dim]. Returns [B, C, H, W].
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;

@@ -652,6 +652,30 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
+    /// Every Linear inside the UNet's transformers with its diffusers name (without
+    /// `.weight`), e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`; see
+    /// [`Transformer2DModel::linears_mut`]. Replacing one (e.g. with LoRA-merged weights)
+    /// changes what [`forward`](Self::forward) computes.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                t.linears_mut(&format!("down_blocks.{i}.attentions.{j}"), &mut out);
+            }
+        }
+        if let Some(mid) = &mut self.mid_block {
+            for (j, t) in mid.attentions.iter_mut().enumerate() {
+                t.linears_mut(&format!("mid_block.attentions.{j}"), &mut out);
+            }
+        }
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                t.linears_mut(&format!("up_blocks.{i}.attentions.{j}"), &mut out);
+            }
+        }
+        out
+    }
+
     /// One denoiser evaluation, as diffusers' `unet(sample, timestep, encoder_hidden_states,
     /// added_cond_kwargs={"text_embeds", "time_ids"}).sample`.
     ///
@@ -882,6 +906,53 @@ mod tests {
             )
             .unwrap();
         assert_close("unet 10x6", &out, &f["out"], 1e-4);
+    }
+
+    #[test]
+    fn linears_are_named_as_diffusers_names_them() {
+        let mut unet = tiny(DType::F32);
+        let weights = tiny_model("sdxl/unet/diffusion_pytorch_model.safetensors");
+        let file = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+        let linears = unet.linears_mut();
+        // Per transformer layer: 2 attentions x 4 + 2 feed-forward; per transformer: proj_in/out.
+        // Tiny: down 2 transformers of depth 1 and 2 of depth 2, mid 1 of depth 2, up 3 of
+        // depth 2 and 3 of depth 1.
+        let layers = 2 + 2 * 2 + 2 + 3 * 2 + 3;
+        let transformers = 2 + 2 + 1 + 3 + 3;
+        assert_eq!(linears.len(), layers * 10 + transformers * 2);
+        for (name, linear) in &linears {
+            let w = file
+                .get(&format!("{name}.weight"))
+                .unwrap_or_else(|| panic!("{name} not in file"));
+            assert_close(name, linear.weight(), w, 0.0);
+        }
+        let names: Vec<&str> = linears.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"));
+        assert!(names.contains(&"mid_block.attentions.0.transformer_blocks.1.attn2.to_out.0"));
+        assert!(names.contains(&"up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj"));
+    }
+
+    #[test]
+    fn a_replaced_linear_changes_the_output() {
+        let f = load_fixture(STAGE, "forward.safetensors");
+        let mut unet = tiny(DType::F32);
+        let run = |unet: &UNet2DConditionModel| {
+            unet.forward(
+                &f["sample"],
+                421.0,
+                &f["encoder_hidden_states"],
+                &f["text_embeds"],
+                &f["time_ids"],
+            )
+            .unwrap()
+        };
+        for (name, linear) in unet.linears_mut() {
+            if name == "mid_block.attentions.0.transformer_blocks.0.attn1.to_q" {
+                *linear = Linear::new((linear.weight() * 3.0).unwrap(), None);
+            }
+        }
+        let (diff, ..) = crate::testing::max_abs_diff(&run(&unet), &f["out_t421"]);
+        assert!(diff > 1e-3, "output unchanged ({diff})");
     }
 
     /// f16 weights: same values (the tiny model is f16-exact), half-precision arithmetic.
