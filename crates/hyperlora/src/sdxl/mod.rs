@@ -1,5 +1,9 @@
 //! SDXL text-to-image: models, samplers and seeded noise, numerically faithful to diffusers.
 
+pub mod attention;
 pub mod noise;
+pub mod resnet;
 pub mod sampler;
 pub mod text_encoder;
+pub mod unet;
+pub mod vae;
