@@ -3,6 +3,7 @@
 //! No Node.js in here: `crates/hyperlora-node` wraps this crate for JavaScript.
 
 pub mod error;
+pub mod sdxl;
 pub mod task;
 pub mod weights;
 
