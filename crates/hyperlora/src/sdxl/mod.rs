@@ -2,8 +2,10 @@
 
 pub mod attention;
 pub mod noise;
+pub mod prompt;
 pub mod resnet;
 pub mod sampler;
 pub mod text_encoder;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
