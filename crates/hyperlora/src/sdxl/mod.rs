@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod noise;
+pub mod pipeline;
 pub mod prompt;
 pub mod resnet;
 pub mod sampler;
