@@ -232,7 +232,11 @@ impl SdxlPipeline {
 
     fn validate(&self, p: &GenerateParams) -> Result<()> {
         let f = self.vae_scale_factor();
-        if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
+        if p.width == 0
+            || p.height == 0
+            || !p.width.is_multiple_of(f)
+            || !p.height.is_multiple_of(f)
+        {
             return Err(Error::invalid_argument(format!(
                 "width and height must be positive multiples of {f}, got {}x{}",
                 p.width, p.height
