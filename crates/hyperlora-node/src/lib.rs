@@ -12,6 +12,7 @@
 
 mod errors;
 mod inspect;
+mod pipeline;
 mod progress;
 
 use hyperlora::CancelToken;

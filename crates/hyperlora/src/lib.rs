@@ -2,6 +2,7 @@
 //!
 //! No Node.js in here: `crates/hyperlora-node` wraps this crate for JavaScript.
 
+pub mod device;
 pub mod error;
 pub mod sdxl;
 pub mod task;
