@@ -152,17 +152,14 @@ fn engine_params(r: &GenerateRequest) -> hyperlora::Result<GenerateParams> {
             "seed must be an integer in [0, 2^64)",
         ));
     }
-    let init_image = match &r.init_image {
-        None => None,
-        Some(image) => Some(InitImage {
-            image: RgbImage {
-                width: image.width as usize,
-                height: image.height as usize,
-                data: image.data.to_vec(),
-            },
-            strength: r.strength.unwrap_or(0.75),
-        }),
-    };
+    let init_image = r.init_image.as_ref().map(|image| InitImage {
+        image: RgbImage {
+            width: image.width as usize,
+            height: image.height as usize,
+            data: image.data.to_vec(),
+        },
+        strength: r.strength.unwrap_or(0.75),
+    });
     Ok(GenerateParams {
         prompt: r.prompt.clone(),
         negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
