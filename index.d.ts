@@ -19,6 +19,14 @@ export declare class CancelHandle {
   get cancelled(): boolean
 }
 
+/** A loaded SDXL model. Weights stay resident until the object is garbage-collected. */
+export declare class Pipeline {
+  /** `cpu`, `cuda` or `metal`: where the model runs. */
+  get device(): string
+  /** Generates images; resolves to raw RGB8 pixels, one entry per image. */
+  generate(params: GenerateRequest, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
+}
+
 /** Test hook: panics inside a worker task so tests can prove panics never cross into Node. */
 export declare function __panicForTests(): Promise<void>
 
@@ -34,6 +42,24 @@ export interface BackendInfo {
   cpuThreads: number
 }
 
+export interface GenerateRequest {
+  prompt: string
+  negativePrompt?: string
+  width: number
+  height: number
+  steps: number
+  cfg: number
+  /** `euler`, `euler_ancestral`, `dpmpp_2m`, `dpmpp_2m_sde`, `ddim`. */
+  sampler: string
+  /** `normal`, `karras`, `exponential`. */
+  scheduler: string
+  /** Seeds above 2^53 cannot be represented exactly in JavaScript; pass them as a bigint. */
+  seed: bigint
+  batchSize: number
+  initImage?: RawImage
+  strength?: number
+}
+
 /** Reads the tensor index of a `.safetensors` file (memory-mapped; data is not loaded). */
 export declare function inspectWeights(path: string, options?: InspectWeightsOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<WeightsIndexResult>
 
@@ -42,11 +68,33 @@ export interface InspectWeightsOptions {
   sha256?: boolean
 }
 
+/** Loads an SDXL model: a diffusers folder, a Hugging Face cache entry or a single-file checkpoint. */
+export declare function loadPipeline(path: string, options?: LoadPipelineOptions | undefined | null): Promise<Pipeline>
+
+export interface LoadPipelineOptions {
+  /** `auto` (default), `cpu`, `cuda` or `metal`. */
+  device?: string
+  /** `auto` (default: f16 on GPUs, f32 on CPU), `f32`, `f16` or `bf16`. */
+  dtype?: string
+  /** A diffusers folder with the configs/tokenizers a single-file checkpoint lacks. */
+  configDir?: string
+  /** CLIP merges for single-file checkpoints without `configDir`. */
+  mergesFile?: string
+}
+
 /** One progress report, as the JavaScript callback receives it. */
 export interface ProgressEvent {
   stage: string
   step: number
   total: number
+}
+
+/** An RGB8 picture handed in or out of the engine. */
+export interface RawImage {
+  width: number
+  height: number
+  /** width × height × 3 bytes, rows top to bottom. */
+  data: Buffer
 }
 
 export interface TensorEntry {

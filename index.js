@@ -836,6 +836,8 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.CancelHandle = nativeBinding.CancelHandle
+module.exports.Pipeline = nativeBinding.Pipeline
 module.exports.__panicForTests = nativeBinding.__panicForTests
 module.exports.backendInfo = nativeBinding.backendInfo
 module.exports.inspectWeights = nativeBinding.inspectWeights
+module.exports.loadPipeline = nativeBinding.loadPipeline

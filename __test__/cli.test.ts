@@ -1,7 +1,10 @@
 import { execFileSync, spawnSync } from 'node:child_process'
+import * as fs from 'node:fs'
 import * as path from 'node:path'
 
 import { describe, expect, it } from 'vitest'
+
+import { tempDir } from './helpers.js'
 
 const cli = path.resolve(__dirname, '..', 'bin', 'hyperlora.js')
 
@@ -15,6 +18,15 @@ describe('hyperlora CLI', () => {
     const out = JSON.parse(execFileSync('node', [cli, 'info', '--json'], { encoding: 'utf8', env: { ...process.env, HYPERLORA_HOME: '/tmp/hl-models' } }))
     expect(out).toMatchObject({ version: '0.1.0', modelDir: '/tmp/hl-models' })
     expect(out.backends).toContain('cpu')
+  })
+
+  it('demo runs the whole pipeline on the bundled model and writes a PNG', () => {
+    const out = path.join(tempDir('demo'), 'demo.png')
+    const r = hyperlora('demo', '--json', '--out', out)
+    expect(r.code, r.stderr).toBe(0)
+    const report = JSON.parse(r.stdout)
+    expect(report).toMatchObject({ device: 'cpu', steps: 20, output: out })
+    expect(fs.readFileSync(out).subarray(1, 4).toString()).toBe('PNG')
   })
 
   it('has --help for every command, with examples', () => {

@@ -4,11 +4,14 @@
  * printed), 2 bad usage.
  */
 import * as fs from 'node:fs'
+import * as os from 'node:os'
 import * as path from 'node:path'
 import { parseArgs } from 'node:util'
 
 import { HyperLoraError } from './errors.js'
 import { info, type RuntimeInfo } from './info.js'
+import type { ProgressEvent } from './native.js'
+import { loadPipeline, TINY_SDXL } from './pipeline.js'
 import { inspectWeights, type WeightsIndex } from './weights.js'
 
 const packageRoot = path.resolve(__dirname, '..')
@@ -36,10 +39,12 @@ Examples:
 
 Prints the package version, the native backends in this binary, CPU threads and the model
 directories (HYPERLORA_HOME, the Hugging Face cache).`,
-  demo: `Usage: hyperlora demo [--json] [--quiet]
+  demo: `Usage: hyperlora demo [--out file.png] [--json] [--quiet]
 
-Runs on the small bundled model (random weights, in models/tiny): checks the runtime and reads
-every bundled weight file with the native engine.`,
+Runs the whole SDXL pipeline (tokenizers, both text encoders, UNet with DPM++ 2M Karras, VAE)
+on the small bundled model in models/tiny/sdxl. Its weights are random, so the picture is noise:
+the demo shows the install works end to end. Writes the PNG to --out (default: the system's
+temp folder).`,
   inspect: `Usage: hyperlora inspect <file.safetensors> [--sha256] [--json] [--quiet]
 
 Lists the tensors of a safetensors file (name, dtype, shape) without loading it.
@@ -61,42 +66,53 @@ function printInfo(runtime: RuntimeInfo): void {
   console.log(`hf cache:    ${runtime.huggingFaceCache}`)
 }
 
-function progressLine(flags: Flags, label: string): ((e: { step: number; total: number }) => void) | undefined {
+function progressLine(flags: Flags, label: string, stage?: string): ((e: ProgressEvent) => void) | undefined {
   if (flags.quiet || flags.json || !process.stderr.isTTY) return undefined
   return (e) => {
+    if (stage && e.stage !== stage) return
     const pct = e.total > 0 ? Math.floor((100 * e.step) / e.total) : 100
     process.stderr.write(`\r${label} ${pct}%${e.step >= e.total ? '\n' : ''}`)
   }
 }
 
-function bundledWeights(): string[] {
-  const root = path.join(packageRoot, 'models', 'tiny')
-  if (!fs.existsSync(root)) return []
-  return (fs.readdirSync(root, { recursive: true, withFileTypes: false }) as string[])
-    .filter((f) => f.endsWith('.safetensors'))
-    .map((f) => path.join(root, f))
-    .sort()
-}
-
 function summary(index: WeightsIndex): string {
   const mib = (index.fileSize / (1 << 20)).toFixed(2)
-  return `${path.relative(packageRoot, index.path)}: ${index.tensors.length} tensors, ${mib} MiB, sha256 ${index.sha256?.slice(0, 16) ?? '-'}…`
+  return `${index.path}: ${index.tensors.length} tensors, ${mib} MiB, sha256 ${index.sha256?.slice(0, 16) ?? '-'}…`
 }
 
-async function demo(flags: Flags): Promise<void> {
+/** Writes next to the target, then renames: a reader never sees a half-written file. */
+function writeAtomic(file: string, data: Buffer): void {
+  const temp = `${file}.${process.pid}.tmp`
+  fs.writeFileSync(temp, data)
+  fs.renameSync(temp, file)
+}
+
+async function demo(flags: Flags, out: string | undefined): Promise<void> {
   const runtime = info()
-  const files = bundledWeights()
-  if (files.length === 0) throw new HyperLoraError('MODEL_NOT_FOUND', `no bundled model under ${path.join(packageRoot, 'models', 'tiny')}`)
-  const indexes: WeightsIndex[] = []
   if (!flags.json) printInfo(runtime)
-  for (const file of files) {
-    const index = await inspectWeights(file, { sha256: true, onProgress: progressLine(flags, path.basename(file)) })
-    indexes.push(index)
-    if (!flags.json) console.log(summary(index))
-  }
+  const started = performance.now()
+  const pipeline = await loadPipeline(TINY_SDXL)
+  const loadedMs = performance.now() - started
+  const steps = 20
+  const [image] = await pipeline.generate({
+    prompt: 'fcsks fxhks fhyks, a portrait photo of an astronaut, (studio lighting:1.2)',
+    negativePrompt: 'blurry, low quality',
+    width: 128,
+    height: 128,
+    steps,
+    seed: 42,
+    onProgress: progressLine(flags, 'denoise', 'denoise'),
+  })
+  const file = path.resolve(out ?? path.join(os.tmpdir(), 'hyperlora-demo.png'))
+  writeAtomic(file, image!.data)
+  const totalMs = performance.now() - started
   if (flags.json) {
-    console.log(JSON.stringify({ info: runtime, weights: indexes.map(({ tensors, ...rest }) => ({ ...rest, tensors: tensors.length })) }, null, 2))
+    console.log(JSON.stringify({ info: runtime, model: TINY_SDXL, device: pipeline.device, steps, loadMs: loadedMs, totalMs, output: file }, null, 2))
+    return
   }
+  console.log(`model:       ${path.relative(process.cwd(), TINY_SDXL) || TINY_SDXL} (tiny random-weight SDXL: expect noise, not a portrait)`)
+  console.log(`generated:   128x128, ${steps} steps DPM++ 2M Karras on ${pipeline.device} in ${(totalMs / 1000).toFixed(2)} s (load ${(loadedMs / 1000).toFixed(2)} s)`)
+  console.log(`wrote:       ${file}`)
 }
 
 async function inspect(file: string | undefined, sha256: boolean, flags: Flags): Promise<void> {
@@ -121,6 +137,7 @@ export async function main(argv: string[]): Promise<number> {
         json: { type: 'boolean' },
         quiet: { type: 'boolean', short: 'q' },
         sha256: { type: 'boolean' },
+        out: { type: 'string', short: 'o' },
         version: { type: 'boolean', short: 'v' },
       },
     })
@@ -148,7 +165,7 @@ export async function main(argv: string[]): Promise<number> {
         return 0
       }
       case 'demo':
-        await demo(flags)
+        await demo(flags, values.out)
         return 0
       case 'inspect':
         await inspect(rest[0], values.sha256 ?? false, flags)

@@ -7,3 +7,16 @@ export { HyperLoraError, ERROR_CODES, type ErrorCode } from './errors.js'
 export { inspectWeights, type InspectWeightsOptions, type TensorEntry, type WeightsIndex } from './weights.js'
 export { info, type Backend, type RuntimeInfo } from './info.js'
 export type { CallOptions, ProgressEvent } from './native.js'
+export {
+  loadPipeline,
+  Pipeline,
+  TINY_SDXL,
+  type DeviceName,
+  type GenerateOptions,
+  type GeneratedImage,
+  type LoadPipelineOptions,
+  type Precision,
+  type Sampler,
+  type SigmaScheduler,
+} from './pipeline.js'
+export type { ImageFormat, ImageInput } from './images.js'

@@ -6,8 +6,13 @@
 //! layer) stops it at the next step, progress flows back through a thread-safe function, and any
 //! error or panic becomes a rejected promise whose message starts with `[CODE]`.
 
+// napi-derive registers exports only outside `cfg(test)`, so under test everything looks unused;
+// the bindings are tested from JavaScript (vitest).
+#![cfg_attr(test, allow(dead_code))]
+
 mod errors;
 mod inspect;
+mod pipeline;
 mod progress;
 
 use hyperlora::CancelToken;

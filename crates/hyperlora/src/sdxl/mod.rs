@@ -1,3 +1,12 @@
-//! SDXL: text encoders, UNet, VAE, samplers and the pipeline.
+//! SDXL text-to-image: models, samplers and seeded noise, numerically faithful to diffusers.
 
+pub mod attention;
+pub mod noise;
+pub mod pipeline;
+pub mod prompt;
+pub mod resnet;
+pub mod sampler;
 pub mod text_encoder;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;

@@ -1,3 +1,11 @@
 //! Weight files: safetensors inspection and loading of real checkpoint layouts.
 
 pub mod inspect;
+
+// Real checkpoint layouts (diffusers folders, single-file SGM checkpoints) and their name table.
+pub mod diffusers;
+pub mod sgm_names;
+pub mod single_file;
+
+pub use diffusers::{Component, ComponentFiles, DiffusersModel};
+pub use single_file::{ModelSource, SingleFileCheckpoint};

@@ -1,0 +1,103 @@
+import * as path from 'node:path'
+
+import sharp from 'sharp'
+import { beforeAll, describe, expect, it } from 'vitest'
+
+import { HyperLoraError, loadPipeline, TINY_SDXL, type Pipeline, type ProgressEvent } from '../src/index.js'
+
+let pipeline: Pipeline
+
+beforeAll(async () => {
+  pipeline = await loadPipeline(TINY_SDXL, { device: 'cpu' })
+})
+
+const base = { prompt: 'a photo of an astronaut riding a horse', width: 64, height: 64, steps: 4, seed: 42 }
+
+async function rejection(promise: Promise<unknown>): Promise<HyperLoraError> {
+  const error = await promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  )
+  expect(error).toBeInstanceOf(HyperLoraError)
+  return error as HyperLoraError
+}
+
+describe('SDXL pipeline from TypeScript', () => {
+  it('generates a valid PNG and reports every stage and step', async () => {
+    const events: ProgressEvent[] = []
+    const [image, ...rest] = await pipeline.generate({ ...base, onProgress: (e) => events.push(e) })
+    expect(rest).toHaveLength(0)
+    expect(pipeline.device).toBe('cpu')
+    expect(image).toMatchObject({ format: 'png', width: 64, height: 64, seed: 42n, index: 0 })
+    const meta = await sharp(image!.data).metadata()
+    expect(meta).toMatchObject({ format: 'png', width: 64, height: 64, channels: 3 })
+    const denoise = events.filter((e) => e.stage === 'denoise').map((e) => [e.step, e.total])
+    expect(denoise).toEqual([
+      [1, 4],
+      [2, 4],
+      [3, 4],
+      [4, 4],
+    ])
+    expect(events[0]?.stage).toBe('text')
+    expect(events.at(-1)).toMatchObject({ stage: 'decode', step: 1, total: 1 })
+  })
+
+  it('is deterministic per seed and differs across seeds; batches, JPEG and WebP work', async () => {
+    const [a] = await pipeline.generate(base)
+    const [b] = await pipeline.generate(base)
+    const [c] = await pipeline.generate({ ...base, seed: 43 })
+    expect(a!.data.equals(b!.data)).toBe(true)
+    expect(a!.data.equals(c!.data)).toBe(false)
+    const batch = await pipeline.generate({ ...base, batchSize: 2, format: 'jpeg' })
+    expect(batch.map((i) => i.index)).toEqual([0, 1])
+    expect((await sharp(batch[1]!.data).metadata()).format).toBe('jpeg')
+    const [webp] = await pipeline.generate({ ...base, format: 'webp', sampler: 'euler_ancestral', scheduler: 'normal' })
+    expect((await sharp(webp!.data).metadata()).format).toBe('webp')
+  })
+
+  it('runs image-to-image from any format sharp reads', async () => {
+    const init = await sharp({ create: { width: 100, height: 80, channels: 4, background: { r: 200, g: 30, b: 90, alpha: 0.5 } } })
+      .jpeg()
+      .toBuffer()
+    const [image] = await pipeline.generate({ ...base, initImage: init, strength: 0.5, steps: 6 })
+    expect((await sharp(image!.data).metadata()).width).toBe(64)
+  })
+
+  it('stops within one step of an abort and rejects with AbortError', async () => {
+    const controller = new AbortController()
+    const steps: number[] = []
+    const error = await rejection(
+      pipeline.generate({
+        ...base,
+        steps: 500,
+        signal: controller.signal,
+        onProgress: (e) => {
+          if (e.stage !== 'denoise') return
+          steps.push(e.step)
+          if (e.step === 2) controller.abort()
+        },
+      }),
+    )
+    expect(error.name).toBe('AbortError')
+    expect(error.code).toBe('ABORTED')
+    expect(Math.max(...steps)).toBeLessThanOrEqual(3)
+  })
+
+  it('rejects bad requests with INVALID_ARGUMENT and missing models with MODEL_NOT_FOUND', async () => {
+    expect((await rejection(pipeline.generate({ ...base, width: 60 }))).code).toBe('INVALID_ARGUMENT')
+    expect((await rejection(pipeline.generate({ ...base, steps: -1 }))).code).toBe('INVALID_ARGUMENT')
+    // @ts-expect-error an unknown sampler is a type error, and a runtime one for JavaScript callers
+    expect((await rejection(pipeline.generate({ ...base, sampler: 'plms' }))).message).toMatch(/unknown sampler/)
+    expect((await rejection(pipeline.generate({ ...base, initImage: Buffer.from('not an image') }))).code).toBe('INVALID_ARGUMENT')
+    const missing = await rejection(loadPipeline(path.join(TINY_SDXL, 'nope')))
+    expect(missing.code).toBe('MODEL_NOT_FOUND')
+    expect(missing.message).toContain('nope')
+  })
+
+  it('loads the single-file checkpoint and gives the same picture as the diffusers folder', async () => {
+    const single = await loadPipeline(path.join(TINY_SDXL, '..', 'sdxl-single-file.safetensors'), { device: 'cpu', configDir: TINY_SDXL })
+    const [a] = await pipeline.generate(base)
+    const [b] = await single.generate(base)
+    expect(b!.data.equals(a!.data)).toBe(true)
+  })
+})

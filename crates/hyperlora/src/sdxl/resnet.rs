@@ -1,0 +1,184 @@
+//! Convolutional building blocks shared by the SDXL UNet and VAE, as diffusers 0.42 defines them:
+//! `ResnetBlock2D`, `Downsample2D` and `Upsample2D` (diffusers `models/resnet.py`,
+//! `models/downsampling.py`, `models/upsampling.py`), loaded by their diffusers weight names.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use crate::Result;
+
+/// A `kernel x kernel` convolution with bias and "same" padding (odd kernels), stride 1.
+pub(crate) fn conv2d_same(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: kernel / 2,
+        ..Default::default()
+    };
+    Ok(candle_nn::conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        cfg,
+        vb,
+    )?)
+}
+
+/// Shape and normalisation parameters of one [`ResnetBlock2D`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding; `None` for the VAE, whose blocks take no embedding.
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    /// 1e-5 in the SDXL UNet (`norm_eps`), 1e-6 in the VAE.
+    pub eps: f64,
+    /// The output is divided by this (diffusers' `output_scale_factor`, 1 for SDXL).
+    pub output_scale_factor: f64,
+}
+
+impl ResnetConfig {
+    /// A block with SDXL's defaults: no time embedding, scale 1.
+    pub fn new(in_channels: usize, out_channels: usize, groups: usize, eps: f64) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            temb_channels: None,
+            groups,
+            eps,
+            output_scale_factor: 1.0,
+        }
+    }
+}
+
+/// diffusers `ResnetBlock2D` with `time_embedding_norm="default"` (the embedding is added
+/// after `conv1`) and a 1x1 `conv_shortcut` when the channel count changes.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(vb: VarBuilder, cfg: &ResnetConfig) -> Result<Self> {
+        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
+        let norm1 = candle_nn::group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?;
+        let conv1 = conv2d_same(cin, cout, 3, vb.pp("conv1"))?;
+        let time_emb_proj = match cfg.temb_channels {
+            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        let norm2 = candle_nn::group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?;
+        let conv2 = conv2d_same(cout, cout, 3, vb.pp("conv2"))?;
+        let conv_shortcut = if cin != cout {
+            Some(conv2d_same(cin, cout, 1, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `x`: [B, Cin, H, W]; `temb`: [B, T] (ignored by blocks built without `temb_channels`).
+    /// Returns [B, Cout, H, W].
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?.silu()?;
+        let mut h = self.conv1.forward(&h)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            // [B, T] -> [B, Cout, 1, 1], broadcast over the pixels.
+            let temb = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&temb)?;
+        }
+        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.conv2.forward(&h)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            Ok((out / self.output_scale_factor)?)
+        }
+    }
+}
+
+/// diffusers `Downsample2D` with a convolution: 3x3, stride 2. The UNet pads by 1 on every
+/// side; the VAE (`padding=0`) pads only right and bottom, as the original LDM code did.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_bottom_right: bool,
+}
+
+impl Downsample2D {
+    /// `vb` points at the block's `downsamplers.0`.
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding,
+            stride: 2,
+            ..Default::default()
+        };
+        let conv = candle_nn::conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?;
+        Ok(Self {
+            conv,
+            pad_bottom_right: padding == 0,
+        })
+    }
+
+    /// [B, C, H, W] -> [B, Cout, ceil(H/2), ceil(W/2)] (UNet) or [.., floor(H/2), floor(W/2)] (VAE).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pad_bottom_right {
+            let x = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+            Ok(self.conv.forward(&x)?)
+        } else {
+            Ok(self.conv.forward(x)?)
+        }
+    }
+}
+
+/// diffusers `Upsample2D` with a convolution: nearest-neighbour resize, then a 3x3 conv.
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    /// `vb` points at the block's `upsamplers.0`.
+    pub fn new(vb: VarBuilder, channels: usize, out_channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d_same(channels, out_channels, 3, vb.pp("conv"))?,
+        })
+    }
+
+    /// [B, C, H, W] -> [B, Cout, 2H, 2W], or to `size` (h, w) when given: the UNet passes the
+    /// skip connection's size so latents not divisible by the total downscale still line up.
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let x = x.upsample_nearest2d(th, tw)?;
+        Ok(self.conv.forward(&x)?)
+    }
+}

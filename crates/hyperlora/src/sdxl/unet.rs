@@ -1,0 +1,976 @@
+//! The SDXL denoiser: diffusers 0.42 `UNet2DConditionModel` with `addition_embed_type="text_time"`,
+//! loaded by its diffusers weight names (`conv_in`, `time_embedding.linear_1`,
+//! `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, ...).
+//!
+//! Supported block types are the ones SDXL (and SD 1.x/2.x) use: `DownBlock2D`,
+//! `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D`, `UpBlock2D`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+
+use super::attention::{Transformer2DModel, TransformerConfig};
+use super::resnet::{conv2d_same, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::{Error, Result};
+
+/// A diffusers `unet/config.json`, restricted to the fields that change this architecture.
+///
+/// Per-block fields (`layers_per_block`, `attention_head_dim`, ...) hold one value per down
+/// block, or a single value that applies to every block (diffusers accepts an int there).
+/// Beware diffusers' naming: `attention_head_dim` is the number of heads per block (SDXL: 5,
+/// 10, 20 heads of 64 channels).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub sample_size: Option<usize>,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub center_input_sample: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    #[serde(deserialize_with = "one_or_many")]
+    pub layers_per_block: Vec<usize>,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    #[serde(deserialize_with = "one_or_many")]
+    pub cross_attention_dim: Vec<usize>,
+    #[serde(deserialize_with = "one_or_many")]
+    pub transformer_layers_per_block: Vec<usize>,
+    #[serde(deserialize_with = "one_or_many")]
+    pub attention_head_dim: Vec<usize>,
+    pub use_linear_projection: bool,
+    #[serde(deserialize_with = "null_as_default")]
+    pub upcast_attention: bool,
+    pub addition_embed_type: Option<String>,
+    pub addition_time_embed_dim: Option<usize>,
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    pub time_embedding_dim: Option<usize>,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+}
+
+/// diffusers' `UNet2DConditionModel.__init__` defaults, so a sparse config.json reads as
+/// diffusers would read it.
+impl Default for Config {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        Self {
+            sample_size: None,
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: s(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: s(&[
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: vec![2],
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            cross_attention_dim: vec![1280],
+            transformer_layers_per_block: vec![1],
+            attention_head_dim: vec![8],
+            use_linear_projection: false,
+            upcast_attention: false,
+            addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
+            time_embedding_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<usize>, D::Error> {
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(x) => vec![x],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Config keys whose other values select an architecture we do not implement; a config that
+/// uses one is refused instead of silently computing something else.
+fn unsupported_settings() -> Vec<(&'static str, Vec<Value>)> {
+    let null = || vec![Value::Null];
+    vec![
+        ("act_fn", vec![json!("silu")]),
+        ("num_attention_heads", null()),
+        ("class_embed_type", null()),
+        ("num_class_embeds", null()),
+        ("encoder_hid_dim", null()),
+        ("encoder_hid_dim_type", null()),
+        ("time_cond_proj_dim", null()),
+        ("time_embedding_act_fn", null()),
+        ("timestep_post_act", null()),
+        ("cross_attention_norm", null()),
+        ("reverse_transformer_layers_per_block", null()),
+        (
+            "mid_block_only_cross_attention",
+            vec![Value::Null, json!(false)],
+        ),
+        ("dual_cross_attention", vec![json!(false)]),
+        ("class_embeddings_concat", vec![json!(false)]),
+        ("resnet_time_scale_shift", vec![json!("default")]),
+        ("time_embedding_type", vec![json!("positional")]),
+        ("attention_type", vec![json!("default")]),
+        ("addition_embed_type", vec![Value::Null, json!("text_time")]),
+    ]
+}
+
+impl Config {
+    /// stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json`.
+    pub fn sdxl_base() -> Self {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        Self {
+            sample_size: Some(128),
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: s(&[
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+            ]),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: s(&["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+            block_out_channels: vec![320, 640, 1280],
+            layers_per_block: vec![2],
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            cross_attention_dim: vec![2048],
+            transformer_layers_per_block: vec![1, 2, 10],
+            attention_head_dim: vec![5, 10, 20],
+            use_linear_projection: true,
+            upcast_attention: false,
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            time_embedding_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+        }
+    }
+
+    /// Reads a diffusers `unet/config.json` file.
+    pub fn from_json(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::from(e).context(path.display()))?;
+        Self::from_json_str(&text).map_err(|e| e.context(path.display()))
+    }
+
+    /// Parses the text of a diffusers `unet/config.json`; unknown keys are ignored, settings
+    /// that select an unimplemented architecture are refused (`BAD_WEIGHTS`).
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::bad_weights(format!("unet config is not JSON: {e}")))?;
+        for (key, allowed) in unsupported_settings() {
+            if let Some(v) = value.get(key) {
+                if !allowed.contains(v) {
+                    return Err(Error::bad_weights(format!(
+                        "unet config: unsupported {key} = {v}"
+                    )));
+                }
+            }
+        }
+        // diffusers accepts a per-block list here; all-false is the only value we implement.
+        match value.get("only_cross_attention") {
+            None | Some(Value::Bool(false)) => {}
+            Some(Value::Array(a)) if a.iter().all(|v| v == &json!(false)) => {}
+            Some(v) => {
+                return Err(Error::bad_weights(format!(
+                    "unet config: unsupported only_cross_attention = {v}"
+                )))
+            }
+        }
+        let config: Self = serde_json::from_value(value)
+            .map_err(|e| Error::bad_weights(format!("unet config: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::bad_weights(format!(
+                "unet config: {} block_out_channels, {} down blocks, {} up blocks",
+                n,
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )));
+        }
+        for (name, v) in [
+            ("layers_per_block", &self.layers_per_block),
+            ("cross_attention_dim", &self.cross_attention_dim),
+            (
+                "transformer_layers_per_block",
+                &self.transformer_layers_per_block,
+            ),
+            ("attention_head_dim", &self.attention_head_dim),
+        ] {
+            per_block(v, n, name)?;
+        }
+        for t in &self.down_block_types {
+            if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
+                return Err(Error::bad_weights(format!(
+                    "unet config: unsupported down block {t}"
+                )));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "UpBlock2D" && t != "CrossAttnUpBlock2D" {
+                return Err(Error::bad_weights(format!(
+                    "unet config: unsupported up block {t}"
+                )));
+            }
+        }
+        if let Some(t) = &self.mid_block_type {
+            if t != "UNetMidBlock2DCrossAttn" {
+                return Err(Error::bad_weights(format!(
+                    "unet config: unsupported mid block {t}"
+                )));
+            }
+        }
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time")
+                if self.addition_time_embed_dim.is_none()
+                    || self.projection_class_embeddings_input_dim.is_none() =>
+            {
+                return Err(Error::bad_weights(
+                    "unet config: text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim",
+                ));
+            }
+            Some("text_time") => {}
+            Some(t) => {
+                return Err(Error::bad_weights(format!(
+                    "unet config: unsupported addition_embed_type {t}"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Width of the time embedding fed to every ResNet (SDXL: 1280).
+    pub fn time_embed_dim(&self) -> usize {
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels[0] * 4)
+    }
+}
+
+/// Expands a one-or-per-block field to one value per block.
+fn per_block(values: &[usize], n: usize, name: &str) -> Result<Vec<usize>> {
+    match values.len() {
+        1 => Ok(vec![values[0]; n]),
+        len if len == n => Ok(values.to_vec()),
+        len => Err(Error::bad_weights(format!(
+            "unet config: {name} has {len} values for {n} blocks"
+        ))),
+    }
+}
+
+/// diffusers `get_timestep_embedding` with `max_period=10000`, `scale=1`, computed in f32 in the
+/// same order as PyTorch so large timesteps (999) round alike. Returns [values.len(), dim] f32.
+pub fn timestep_embedding(
+    values: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-(10000f64.ln()) as f32) * i as f32 / (half as f64 - shift) as f32).exp())
+        .collect();
+    let mut data = Vec::with_capacity(values.len() * dim);
+    for &t in values {
+        let args = freqs.iter().map(|f| t * f);
+        let (sin, cos): (Vec<f32>, Vec<f32>) = args.map(|a| (a.sin(), a.cos())).unzip();
+        let (first, second) = if flip_sin_to_cos {
+            (cos, sin)
+        } else {
+            (sin, cos)
+        };
+        data.extend(first);
+        data.extend(second);
+        if dim % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Ok(Tensor::from_vec(data, (values.len(), dim), device)?)
+}
+
+/// diffusers `TimestepEmbedding`: linear_1, SiLU, linear_2.
+#[derive(Debug, Clone)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: candle_nn::linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(out_dim, out_dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)?)
+    }
+}
+
+/// `DownBlock2D` (no `attentions`) or `CrossAttnDownBlock2D`.
+#[derive(Debug, Clone)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Downsample2D>,
+}
+
+impl DownBlock {
+    /// Appends every intermediate output to `skips` (one per resnet, one after downsampling),
+    /// as the up blocks consume them.
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(&x, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                x = attn.forward(&x, context)?;
+            }
+            skips.push(x.clone());
+        }
+        if let Some(down) = &self.downsampler {
+            x = down.forward(&x)?;
+            skips.push(x.clone());
+        }
+        Ok(x)
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
+#[derive(Debug, Clone)]
+pub struct MidBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+}
+
+impl MidBlock {
+    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let mut x = self.resnets[0].forward(x, Some(temb))?;
+        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            x = attn.forward(&x, context)?;
+            x = resnet.forward(&x, Some(temb))?;
+        }
+        Ok(x)
+    }
+}
+
+/// `UpBlock2D` (no `attentions`) or `CrossAttnUpBlock2D`.
+#[derive(Debug, Clone)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Upsample2D>,
+}
+
+impl UpBlock {
+    /// `skips`: this block's skip connections in the order they were produced; the last is
+    /// consumed first.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mut skips: Vec<Tensor>,
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips
+                .pop()
+                .ok_or_else(|| Error::internal("up block ran out of skip connections"))?;
+            x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                x = attn.forward(&x, context)?;
+            }
+        }
+        if let Some(up) = &self.upsampler {
+            x = up.forward(&x, upsample_size)?;
+        }
+        Ok(x)
+    }
+}
+
+/// The SDXL UNet. Weights stay in the dtype of the `VarBuilder` they were loaded with;
+/// inputs of any float dtype are converted to it.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    add_embedding: Option<TimestepEmbedding>,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    config: Config,
+    dtype: DType,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, config: &Config) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let n = c.block_out_channels.len();
+        let layers = per_block(&c.layers_per_block, n, "layers_per_block")?;
+        let cross = per_block(&c.cross_attention_dim, n, "cross_attention_dim")?;
+        let depth = per_block(
+            &c.transformer_layers_per_block,
+            n,
+            "transformer_layers_per_block",
+        )?;
+        let heads = per_block(&c.attention_head_dim, n, "attention_head_dim")?;
+        let temb_dim = c.time_embed_dim();
+        let groups = c.norm_num_groups;
+        let resnet_cfg = |cin: usize, cout: usize| ResnetConfig {
+            temb_channels: Some(temb_dim),
+            ..ResnetConfig::new(cin, cout, groups, c.norm_eps)
+        };
+        let transformer_cfg =
+            |channels: usize, heads: usize, layers: usize, cross_dim: usize| TransformerConfig {
+                channels,
+                heads,
+                dim_head: channels / heads,
+                layers,
+                cross_dim,
+                groups,
+                use_linear_projection: c.use_linear_projection,
+                upcast_attention: c.upcast_attention,
+            };
+
+        let conv_in = conv2d_same(
+            c.in_channels,
+            c.block_out_channels[0],
+            c.conv_in_kernel,
+            vb.pp("conv_in"),
+        )?;
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), c.block_out_channels[0], temb_dim)?;
+        let add_embedding = match c.addition_embed_type.as_deref() {
+            Some("text_time") => {
+                let in_dim = c.projection_class_embeddings_input_dim.unwrap_or_default();
+                Some(TimestepEmbedding::new(
+                    vb.pp("add_embedding"),
+                    in_dim,
+                    temb_dim,
+                )?)
+            }
+            _ => None,
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut cout = c.block_out_channels[0];
+        for (i, kind) in c.down_block_types.iter().enumerate() {
+            let vb = vb.pp("down_blocks").pp(i);
+            let cin = cout;
+            cout = c.block_out_channels[i];
+            let resnets = (0..layers[i])
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        vb.pp("resnets").pp(j),
+                        &resnet_cfg(if j == 0 { cin } else { cout }, cout),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = if kind == "CrossAttnDownBlock2D" {
+                let tc = transformer_cfg(cout, heads[i], depth[i], cross[i]);
+                (0..layers[i])
+                    .map(|j| Transformer2DModel::new(vb.pp("attentions").pp(j), &tc))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::new(
+                    vb.pp("downsamplers").pp(0),
+                    cout,
+                    cout,
+                    c.downsample_padding,
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
+        }
+
+        let mid_block = match c.mid_block_type {
+            Some(_) => {
+                let vb = vb.pp("mid_block");
+                let ch = c.block_out_channels[n - 1];
+                let rc = ResnetConfig {
+                    output_scale_factor: c.mid_block_scale_factor,
+                    ..resnet_cfg(ch, ch)
+                };
+                let tc = transformer_cfg(ch, heads[n - 1], depth[n - 1], cross[n - 1]);
+                Some(MidBlock {
+                    resnets: (0..2)
+                        .map(|j| ResnetBlock2D::new(vb.pp("resnets").pp(j), &rc))
+                        .collect::<Result<_>>()?,
+                    attentions: vec![Transformer2DModel::new(vb.pp("attentions").pp(0), &tc)?],
+                })
+            }
+            None => None,
+        };
+
+        let rev = |v: &[usize]| v.iter().rev().copied().collect::<Vec<_>>();
+        let (rch, rlayers, rcross, rdepth, rheads) = (
+            rev(&c.block_out_channels),
+            rev(&layers),
+            rev(&cross),
+            rev(&depth),
+            rev(&heads),
+        );
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut cout = rch[0];
+        for (i, kind) in c.up_block_types.iter().enumerate() {
+            let vb = vb.pp("up_blocks").pp(i);
+            let prev = cout;
+            cout = rch[i];
+            // Channels of the down-path output this block starts from (its last skip).
+            let cin = rch[(i + 1).min(n - 1)];
+            let count = rlayers[i] + 1;
+            let resnets = (0..count)
+                .map(|j| {
+                    let skip = if j == count - 1 { cin } else { cout };
+                    let input = if j == 0 { prev } else { cout };
+                    ResnetBlock2D::new(vb.pp("resnets").pp(j), &resnet_cfg(input + skip, cout))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = if kind == "CrossAttnUpBlock2D" {
+                let tc = transformer_cfg(cout, rheads[i], rdepth[i], rcross[i]);
+                (0..count)
+                    .map(|j| Transformer2DModel::new(vb.pp("attentions").pp(j), &tc))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
+            let upsampler = if i + 1 < n {
+                Some(Upsample2D::new(vb.pp("upsamplers").pp(0), cout, cout)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
+        }
+
+        let c0 = c.block_out_channels[0];
+        let conv_norm_out = candle_nn::group_norm(groups, c0, c.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = candle_nn::conv2d(
+            c0,
+            c.out_channels,
+            c.conv_out_kernel,
+            Conv2dConfig {
+                padding: c.conv_out_kernel / 2,
+                ..Default::default()
+            },
+            vb.pp("conv_out"),
+        )?;
+        Ok(Self {
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            config: config.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The dtype of the weights (and of the output).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every Linear inside the UNet's transformers with its diffusers name (without
+    /// `.weight`), e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`; see
+    /// [`Transformer2DModel::linears_mut`]. Replacing one (e.g. with LoRA-merged weights)
+    /// changes what [`forward`](Self::forward) computes.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                t.linears_mut(&format!("down_blocks.{i}.attentions.{j}"), &mut out);
+            }
+        }
+        if let Some(mid) = &mut self.mid_block {
+            for (j, t) in mid.attentions.iter_mut().enumerate() {
+                t.linears_mut(&format!("mid_block.attentions.{j}"), &mut out);
+            }
+        }
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                t.linears_mut(&format!("up_blocks.{i}.attentions.{j}"), &mut out);
+            }
+        }
+        out
+    }
+
+    /// One denoiser evaluation, as diffusers' `unet(sample, timestep, encoder_hidden_states,
+    /// added_cond_kwargs={"text_embeds", "time_ids"}).sample`.
+    ///
+    /// - `sample`: [B, in_channels, h, w] noisy latents (already scaled by the scheduler);
+    /// - `timestep`: the same (possibly fractional) timestep for the whole batch;
+    /// - `encoder_hidden_states`: [B, S, cross_attention_dim] (SDXL: both encoders' penultimate
+    ///   states, 768 + 1280 = 2048);
+    /// - `text_embeds`: [B, pooled] (SDXL: the projected bigG pooled output, 1280);
+    /// - `time_ids`: [B, 6] (original h, w, crop top, left, target h, w).
+    ///
+    /// `text_embeds` and `time_ids` are unused by configs without `text_time`.
+    /// Returns [B, out_channels, h, w] in the weights' dtype.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, _, h, w) = sample.dims4()?;
+        let device = sample.device();
+        let mut x = sample.to_dtype(self.dtype)?;
+        if c.center_input_sample {
+            x = ((x * 2.0)? - 1.0)?;
+        }
+        let context = encoder_hidden_states.to_dtype(self.dtype)?;
+
+        // Time embedding [B, temb]: sinusoidal features in f32 (PyTorch casts the timestep to
+        // float32 first), then the MLP in the model dtype.
+        let t = vec![timestep as f32; b];
+        let t_emb = timestep_embedding(
+            &t,
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            device,
+        )?;
+        let mut temb = self.time_embedding.forward(&t_emb.to_dtype(self.dtype)?)?;
+        if let (Some(add), Some(add_dim)) = (&self.add_embedding, c.addition_time_embed_dim) {
+            // text_time: [pooled text, sinusoid of each of the 6 ids] -> MLP, added to temb.
+            let ids = time_ids
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if ids.len() % b != 0 {
+                return Err(Error::invalid_argument(format!(
+                    "time_ids {:?} do not match batch {b}",
+                    time_ids.dims()
+                )));
+            }
+            let time_embeds =
+                timestep_embedding(&ids, add_dim, c.flip_sin_to_cos, c.freq_shift, device)?
+                    .reshape((b, ()))?;
+            let add_in = Tensor::cat(
+                &[
+                    text_embeds.to_dtype(self.dtype)?,
+                    time_embeds.to_dtype(self.dtype)?,
+                ],
+                1,
+            )?;
+            temb = (temb + add.forward(&add_in)?)?;
+        }
+
+        x = self.conv_in.forward(&x)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            x = block.forward(&x, &temb, &context, &mut skips)?;
+        }
+        if let Some(mid) = &self.mid_block {
+            x = mid.forward(&x, &temb, &context)?;
+        }
+        for block in &self.up_blocks {
+            let n = block.resnets.len();
+            if skips.len() < n {
+                return Err(Error::internal(
+                    "unet: fewer skip connections than up-block resnets",
+                ));
+            }
+            let own = skips.split_off(skips.len() - n);
+            // diffusers forwards the next skip's size to the upsampler when the latent is not
+            // divisible by the total downscale; otherwise it is exactly 2x, the same thing.
+            let size = skips
+                .last()
+                .map(|s| s.dims4())
+                .transpose()?
+                .map(|(_, _, sh, sw)| (sh, sw));
+            x = block.forward(&x, own, &temb, &context, size)?;
+        }
+        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_out.forward(&x)?;
+        debug_assert_eq!(x.dims4()?, (b, c.out_channels, h, w));
+        Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, load_fixture, tiny_model};
+
+    const STAGE: &str = "sdxl_unet";
+
+    fn tiny(dtype: DType) -> UNet2DConditionModel {
+        let config = Config::from_json(tiny_model("sdxl/unet/config.json")).unwrap();
+        let weights = tiny_model("sdxl/unet/diffusion_pytorch_model.safetensors");
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu).unwrap()
+        };
+        UNet2DConditionModel::new(vb, &config).unwrap()
+    }
+
+    #[test]
+    fn tiny_config_reads_as_diffusers_wrote_it() {
+        let c = Config::from_json(tiny_model("sdxl/unet/config.json")).unwrap();
+        assert_eq!(c.block_out_channels, vec![16, 32, 32]);
+        assert_eq!(
+            c.down_block_types,
+            vec![
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D"
+            ]
+        );
+        assert_eq!(
+            c.up_block_types,
+            vec!["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+        );
+        assert_eq!(c.layers_per_block, vec![2]);
+        assert_eq!(c.attention_head_dim, vec![1, 2, 2]);
+        assert_eq!(c.transformer_layers_per_block, vec![1, 1, 2]);
+        assert_eq!(c.cross_attention_dim, vec![32]);
+        assert_eq!(c.norm_num_groups, 8);
+        assert_eq!(c.addition_embed_type.as_deref(), Some("text_time"));
+        assert_eq!(c.addition_time_embed_dim, Some(8));
+        assert_eq!(c.projection_class_embeddings_input_dim, Some(64));
+        assert!(c.use_linear_projection && c.flip_sin_to_cos && !c.upcast_attention);
+        assert_eq!(c.time_embed_dim(), 64);
+    }
+
+    #[test]
+    fn sdxl_base_has_the_published_values() {
+        let c = Config::sdxl_base();
+        assert_eq!(c.block_out_channels, vec![320, 640, 1280]);
+        assert_eq!(c.transformer_layers_per_block, vec![1, 2, 10]);
+        assert_eq!(c.attention_head_dim, vec![5, 10, 20]);
+        assert_eq!(c.cross_attention_dim, vec![2048]);
+        assert_eq!(c.addition_time_embed_dim, Some(256));
+        assert_eq!(c.projection_class_embeddings_input_dim, Some(2816));
+        assert_eq!(c.norm_num_groups, 32);
+        assert_eq!(c.norm_eps, 1e-5);
+        assert_eq!(c.layers_per_block, vec![2]);
+        assert_eq!(c.time_embed_dim(), 1280);
+        assert!(c.use_linear_projection);
+        // The SDXL config as published reads back to the same values.
+        let published = r#"{
+          "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
+          "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+          "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+          "block_out_channels": [320, 640, 1280], "center_input_sample": false,
+          "class_embed_type": null, "class_embeddings_concat": false, "conv_in_kernel": 3,
+          "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": null,
+          "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+          "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+          "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+          "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+          "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+          "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+          "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+          "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": false,
+          "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": null,
+          "time_embedding_act_fn": null, "time_embedding_dim": null,
+          "time_embedding_type": "positional", "timestep_post_act": null,
+          "transformer_layers_per_block": [1, 2, 10],
+          "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+          "upcast_attention": null, "use_linear_projection": true
+        }"#;
+        assert_eq!(Config::from_json_str(published).unwrap(), c);
+    }
+
+    #[test]
+    fn unsupported_configs_are_refused() {
+        for bad in [
+            r#"{"class_embed_type": "timestep"}"#,
+            r#"{"addition_embed_type": "text"}"#,
+            r#"{"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#,
+            r#"{"only_cross_attention": [false, true, false, false]}"#,
+            r#"{"layers_per_block": [2, 2]}"#,
+        ] {
+            let err = Config::from_json_str(bad).unwrap_err();
+            assert_eq!(err.code, crate::ErrorCode::BadWeights, "{bad}: {err}");
+        }
+        // Defaults are diffusers' (SD 1.x layout), and an int applies to every block.
+        let c = Config::from_json_str(r#"{"attention_head_dim": 8}"#).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn forward_matches_diffusers() {
+        let unet = tiny(DType::F32);
+        let f = load_fixture(STAGE, "forward.safetensors");
+        for t in [999.0, 421.0] {
+            let out = unet
+                .forward(
+                    &f["sample"],
+                    t,
+                    &f["encoder_hidden_states"],
+                    &f["text_embeds"],
+                    &f["time_ids"],
+                )
+                .unwrap();
+            assert_close(&format!("unet t={t}"), &out, &f[&format!("out_t{t}")], 1e-4);
+        }
+    }
+
+    #[test]
+    fn forward_on_latents_not_divisible_by_four_matches_diffusers() {
+        let unet = tiny(DType::F32);
+        let f = load_fixture(STAGE, "forward_odd.safetensors");
+        let out = unet
+            .forward(
+                &f["sample"],
+                37.5,
+                &f["encoder_hidden_states"],
+                &f["text_embeds"],
+                &f["time_ids"],
+            )
+            .unwrap();
+        assert_close("unet 10x6", &out, &f["out"], 1e-4);
+    }
+
+    #[test]
+    fn linears_are_named_as_diffusers_names_them() {
+        let mut unet = tiny(DType::F32);
+        let weights = tiny_model("sdxl/unet/diffusion_pytorch_model.safetensors");
+        let file = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+        let linears = unet.linears_mut();
+        // Per transformer layer: 2 attentions x 4 + 2 feed-forward; per transformer: proj_in/out.
+        // Tiny: down 2 transformers of depth 1 and 2 of depth 2, mid 1 of depth 2, up 3 of
+        // depth 2 and 3 of depth 1.
+        let layers = 2 + 2 * 2 + 2 + 3 * 2 + 3;
+        let transformers = 2 + 2 + 1 + 3 + 3;
+        assert_eq!(linears.len(), layers * 10 + transformers * 2);
+        for (name, linear) in &linears {
+            let w = file
+                .get(&format!("{name}.weight"))
+                .unwrap_or_else(|| panic!("{name} not in file"));
+            assert_close(name, linear.weight(), w, 0.0);
+        }
+        let names: Vec<&str> = linears.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"));
+        assert!(names.contains(&"mid_block.attentions.0.transformer_blocks.1.attn2.to_out.0"));
+        assert!(names.contains(&"up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj"));
+    }
+
+    #[test]
+    fn a_replaced_linear_changes_the_output() {
+        let f = load_fixture(STAGE, "forward.safetensors");
+        let mut unet = tiny(DType::F32);
+        let run = |unet: &UNet2DConditionModel| {
+            unet.forward(
+                &f["sample"],
+                421.0,
+                &f["encoder_hidden_states"],
+                &f["text_embeds"],
+                &f["time_ids"],
+            )
+            .unwrap()
+        };
+        for (name, linear) in unet.linears_mut() {
+            if name == "mid_block.attentions.0.transformer_blocks.0.attn1.to_q" {
+                *linear = Linear::new((linear.weight() * 3.0).unwrap(), None);
+            }
+        }
+        let (diff, ..) = crate::testing::max_abs_diff(&run(&unet), &f["out_t421"]);
+        assert!(diff > 1e-3, "output unchanged ({diff})");
+    }
+
+    /// f16 weights: same values (the tiny model is f16-exact), half-precision arithmetic.
+    /// (candle's CPU backend has no bf16 matmul, so bf16 can only be checked on a GPU.)
+    #[test]
+    fn f16_weights_give_close_results() {
+        let f = load_fixture(STAGE, "forward.safetensors");
+        let unet = tiny(DType::F16);
+        let out = unet
+            .forward(
+                &f["sample"],
+                999.0,
+                &f["encoder_hidden_states"],
+                &f["text_embeds"],
+                &f["time_ids"],
+            )
+            .unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+        assert_close("unet f16", &out, &f["out_t999"], 2e-2);
+    }
+}

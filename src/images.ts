@@ -1,0 +1,52 @@
+/** Image IO with sharp: decoding user pictures to RGB8 for the engine, encoding its output. */
+import sharp from 'sharp'
+
+import { HyperLoraError } from './errors.js'
+
+/** An image as a file path or encoded bytes in any format sharp reads (JPEG, PNG, WebP, AVIF, TIFF, …). */
+export type ImageInput = string | Buffer | Uint8Array
+
+export type ImageFormat = 'png' | 'jpeg' | 'webp'
+
+export interface Rgb8 {
+  width: number
+  height: number
+  /** width × height × 3 bytes. */
+  data: Buffer
+}
+
+/** Photos larger than this many pixels are refused rather than decoded (decompression bombs). */
+export const MAX_INPUT_PIXELS = 100_000_000
+
+/**
+ * Decodes to packed RGB8: EXIF orientation applied, alpha flattened onto white, greyscale/CMYK
+ * converted to sRGB. With `size`, centre-cropped and resized to exactly that size.
+ */
+export async function decodeRgb8(input: ImageInput, size?: { width: number; height: number }): Promise<Rgb8> {
+  try {
+    let image = sharp(input, { limitInputPixels: MAX_INPUT_PIXELS }).rotate().flatten({ background: '#ffffff' }).toColourspace('srgb')
+    if (size) image = image.resize(size.width, size.height, { fit: 'cover', kernel: 'lanczos3' })
+    const { data, info } = await image.removeAlpha().raw().toBuffer({ resolveWithObject: true })
+    if (info.channels !== 3) throw new Error(`decoded to ${info.channels} channels`)
+    return { width: info.width, height: info.height, data }
+  } catch (error) {
+    const what = typeof input === 'string' ? input : `${input.byteLength}-byte buffer`
+    const missing = (error as NodeJS.ErrnoException).code === 'ENOENT' || /Input file is missing/.test(String(error))
+    throw new HyperLoraError(missing ? 'MODEL_NOT_FOUND' : 'INVALID_ARGUMENT', `cannot read image ${what}: ${(error as Error).message}`, {
+      cause: error,
+    })
+  }
+}
+
+/** Encodes RGB8 pixels. */
+export async function encodeRgb8(image: Rgb8, format: ImageFormat): Promise<Buffer> {
+  const pipeline = sharp(image.data, { raw: { width: image.width, height: image.height, channels: 3 } })
+  switch (format) {
+    case 'png':
+      return pipeline.png().toBuffer()
+    case 'jpeg':
+      return pipeline.jpeg({ quality: 95 }).toBuffer()
+    case 'webp':
+      return pipeline.webp({ quality: 95 }).toBuffer()
+  }
+}
