@@ -2,7 +2,8 @@
 //! reading other LoRA layouts (kohya diffusers/SGM names, text-encoder LoRAs, PEFT, old
 //! diffusers) into one representation for application ([`read_lora_file`] → [`ParsedLora`]).
 //!
-//! The SGM ↔ diffusers block table for SDXL lives in [`names::sgm_to_diffusers`].
+//! SGM-named LoRA modules are mapped with the single-file checkpoint table
+//! ([`crate::weights::sgm_names`]) through [`names::sgm_to_diffusers`].
 
 pub mod format;
 pub mod names;

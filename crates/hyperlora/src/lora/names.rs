@@ -7,7 +7,7 @@
 //!   `.lora_down.weight` / `.lora_up.weight` / `.alpha`;
 //! - kohya, original SGM (LDM) module names: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
 //!   `lora_unet_middle_block_1_…`, `lora_unet_output_blocks_…`, `lora_unet_time_embed_0`, … mapped with
-//!   [`sgm_to_diffusers`] (SDXL's layout: 2 layers per block);
+//!   [`sgm_to_diffusers`] (the single-file checkpoint table of `weights::sgm_names`, SDXL layout);
 //! - kohya text encoders: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (also `lora_te_`),
 //!   `lora_te2_…`;
 //! - diffusers / PEFT: `unet.{path}.lora_A.weight` / `.lora_B.weight` (optionally `lora_A.{adapter}.weight`,
@@ -563,104 +563,21 @@ pub fn underscores_to_path(name: &str) -> Option<String> {
     }
 }
 
-/// Layers per block of SDXL's (and the tiny test model's) UNet; SGM numbers its
-/// `input_blocks` / `output_blocks` with it.
-const SGM_LAYERS_PER_BLOCK: usize = 2;
-
-/// Maps an SGM (original LDM) UNet module path to diffusers naming for SDXL's layout
-/// (spec §5; `layers_per_block = 2`, as diffusers' `_maybe_map_sgm_blocks_to_diffusers`):
-/// `input_blocks.{k}.{0|1}` = `down_blocks.{(k-1)/3}.{resnets|attentions}.{(k-1)%3}`
-/// (`….0.op` = `downsamplers.0.conv`, `input_blocks.0.0` = `conv_in`);
-/// `middle_block.{0,1,2}` = `mid_block.{resnets.0, attentions.0, resnets.1}`;
-/// `output_blocks.{k}.{0|1|2}` = `up_blocks.{k/3}.{resnets.{k%3} | attentions.{k%3} | upsamplers.0}`;
-/// `time_embed.{0,2}` = `time_embedding.linear_{1,2}`; `label_emb.0.{0,2}` =
-/// `add_embedding.linear_{1,2}`; `out.{0,2}` = `conv_norm_out` / `conv_out`. Inside resnets:
-/// `in_layers.{0,2}` = `norm1` / `conv1`, `emb_layers.1` = `time_emb_proj`,
-/// `out_layers.{0,3}` = `norm2` / `conv2`, `skip_connection` = `conv_shortcut`.
+/// Maps an SGM (original LDM) UNet module path (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
+/// `middle_block.0.emb_layers.1`, `output_blocks.2.2.conv`, `time_embed.0`, `out.2`, …) to
+/// diffusers naming, with the single-file checkpoint table
+/// ([`crate::weights::sgm_names::NameTable::unet`]) for SDXL base's layout (spec §5: input_blocks
+/// 4,5 / 7,8 = down_blocks.1 / 2 attentions, middle_block.1 = mid_block.attentions.0,
+/// output_blocks 0-2 / 3-5 = up_blocks.0 / 1 attentions). `None` when no rule covers the path.
 pub fn sgm_to_diffusers(path: &str) -> Option<String> {
-    let seg: Vec<&str> = path.split('.').collect();
-    let num = |i: usize| seg.get(i).and_then(|s| s.parse::<usize>().ok());
-    let tail = |i: usize| seg.get(i..).map(|s| s.join(".")).unwrap_or_default();
-    let join = |head: String, rest: String| {
-        if rest.is_empty() {
-            head
-        } else {
-            format!("{head}.{rest}")
-        }
-    };
-    let per = SGM_LAYERS_PER_BLOCK + 1;
-    let out = match seg[0] {
-        "input_blocks" => {
-            let (k, sub) = (num(1)?, num(2)?);
-            if k == 0 {
-                (sub == 0).then(|| join("conv_in".into(), tail(3)))?
-            } else {
-                let (block, j) = ((k - 1) / per, (k - 1) % per);
-                if seg.get(3) == Some(&"op") {
-                    join(format!("down_blocks.{block}.downsamplers.0.conv"), tail(4))
-                } else {
-                    match sub {
-                        0 => join(
-                            format!("down_blocks.{block}.resnets.{j}"),
-                            resnet(&tail(3))?,
-                        ),
-                        1 => join(format!("down_blocks.{block}.attentions.{j}"), tail(3)),
-                        _ => return None,
-                    }
-                }
-            }
-        }
-        "middle_block" => match num(1)? {
-            0 => join("mid_block.resnets.0".into(), resnet(&tail(2))?),
-            1 => join("mid_block.attentions.0".into(), tail(2)),
-            2 => join("mid_block.resnets.1".into(), resnet(&tail(2))?),
-            _ => return None,
-        },
-        "output_blocks" => {
-            let (k, sub) = (num(1)?, num(2)?);
-            let (block, j) = (k / per, k % per);
-            match sub {
-                0 => join(format!("up_blocks.{block}.resnets.{j}"), resnet(&tail(3))?),
-                1 => join(format!("up_blocks.{block}.attentions.{j}"), tail(3)),
-                2 => join(format!("up_blocks.{block}.upsamplers.0"), tail(3)),
-                _ => return None,
-            }
-        }
-        "time_embed" => match (num(1)?, seg.len()) {
-            (0, 2) => "time_embedding.linear_1".into(),
-            (2, 2) => "time_embedding.linear_2".into(),
-            _ => return None,
-        },
-        "label_emb" => match (num(1)?, num(2)?, seg.len()) {
-            (0, 0, 3) => "add_embedding.linear_1".into(),
-            (0, 2, 3) => "add_embedding.linear_2".into(),
-            _ => return None,
-        },
-        "out" => match (num(1)?, seg.len()) {
-            (0, 2) => "conv_norm_out".into(),
-            (2, 2) => "conv_out".into(),
-            _ => return None,
-        },
-        _ => return None,
-    };
-    Some(out)
-}
-
-/// A resnet's inner SGM path in diffusers naming (empty stays empty).
-fn resnet(inner: &str) -> Option<String> {
-    Some(
-        match inner {
-            "" => "",
-            "in_layers.0" => "norm1",
-            "in_layers.2" => "conv1",
-            "emb_layers.1" => "time_emb_proj",
-            "out_layers.0" => "norm2",
-            "out_layers.3" => "conv2",
-            "skip_connection" => "conv_shortcut",
-            _ => return None,
-        }
-        .to_string(),
-    )
+    use crate::weights::sgm_names::{NameTable, Transform, UnetLayout};
+    static TABLE: std::sync::OnceLock<NameTable> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| NameTable::unet(&UnetLayout::sdxl_base()));
+    let mut names = table.to_diffusers(&format!("{}{path}", table.prefix()));
+    match (names.len(), names.pop()) {
+        (1, Some((name, Transform::Identity))) => Some(name),
+        _ => None,
+    }
 }
 
 /// Alphas of a diffusers/PEFT file from its `lora_adapter_metadata` (`{component}.lora_alpha`,
@@ -1000,10 +917,11 @@ mod tests {
         assert!(underscores_to_path("mid_blocks_0").is_none());
         assert!(underscores_to_path("").is_none());
         assert_eq!(
-            sgm_to_diffusers("input_blocks.9.0.op"),
-            Some("down_blocks.2.downsamplers.0.conv".into())
+            sgm_to_diffusers("input_blocks.6.0.op"),
+            Some("down_blocks.1.downsamplers.0.conv".into())
         );
+        // SDXL's last level has no downsampler, and the middle block three parts.
+        assert_eq!(sgm_to_diffusers("input_blocks.9.0.op"), None);
         assert_eq!(sgm_to_diffusers("middle_block.3.proj_in"), None);
-        assert_eq!(sgm_to_diffusers("input_blocks.1.0.in_layers.1"), None);
     }
 }
