@@ -10,13 +10,16 @@
 //! out = proj_out(latents) → mean over the N photos → x / sqrt(Σx² + 1e-8) per token   → [1, Q, out]
 //! ```
 //! Attention is diffusers' `Attention(query_dim=dim, cross_attention_dim=dim, heads, dim_head,
-//! out_bias=False)`: bias-free `to_q/to_k/to_v/to_out.0`, scale `1/sqrt(dim_head)`.
+//! out_bias=False)`: bias-free `to_q/to_k/to_v/to_out.0` (so not [`crate::sdxl::attention::Attention`],
+//! whose `to_out.0` has a bias), scale `1/sqrt(dim_head)`, via the UNet's
+//! [`scaled_dot_product_attention`]. The feed-forward is GELU, not the UNet's GEGLU.
 //! LayerNorms have eps 1e-5 and compute their statistics in f32; softmax runs in f32.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use super::folder::ResamplerShape;
+use crate::sdxl::attention::scaled_dot_product_attention;
 use crate::sdxl::text_encoder::LayerNorm;
 use crate::{Error, Result};
 
@@ -46,26 +49,25 @@ impl PerceiverAttention {
         })
     }
 
-    /// `x`: `[N, Lq, dim]` queries; `context`: `[N, Lk, dim]`.
+    /// `x`: `[N, Lq, dim]` queries; `context`: `[N, Lk, dim]`. Scores and softmax in f32.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (n, lq, _) = x.dims3()?;
-        let lk = context.dim(1)?;
-        let split = |t: Tensor, l: usize| -> candle_core::Result<Tensor> {
-            t.reshape((n, l, self.heads, self.dim_head))?
+        let (h, dh) = (self.heads, self.dim_head);
+        // [N, L, H·D] → [N·H, L, D]: heads become batch entries.
+        let split = |t: Tensor| -> Result<Tensor> {
+            let l = t.dim(1)?;
+            Ok(t.reshape((n, l, h, dh))?
                 .transpose(1, 2)?
-                .contiguous()
+                .reshape((n * h, l, dh))?)
         };
-        let q = split(self.to_q.forward(x)?, lq)?;
-        let k = split(self.to_k.forward(context)?, lk)?;
-        let v = split(self.to_v.forward(context)?, lk)?;
-        let scale = 1.0 / (self.dim_head as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
-        let out =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((n, lq, self.heads * self.dim_head))?;
+        let q = split(self.to_q.forward(x)?)?;
+        let k = split(self.to_k.forward(context)?)?;
+        let v = split(self.to_v.forward(context)?)?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let out = scaled_dot_product_attention(&q, &k, &v, scale, true)?
+            .reshape((n, h, lq, dh))?
+            .transpose(1, 2)?
+            .reshape((n, lq, h * dh))?;
         Ok(self.to_out.forward(&out)?)
     }
 }
