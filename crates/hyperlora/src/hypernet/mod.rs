@@ -462,6 +462,120 @@ mod tests {
         }
     }
 
+    /// CPU timing at the released sizes with random weights (resampler dim 1024, depth 4,
+    /// 12 × 64 heads, 1120 latents, 16 ID tokens, 257 CLIP tokens; bank hyper_dim 128, rank 8
+    /// over SDXL's 140 attention modules, timed on a 14-module slice and scaled).
+    /// `cargo test -p hyperlora --lib bench_released_dimensions -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark"]
+    fn bench_released_dimensions() {
+        use std::time::Instant;
+        let dev = Device::Cpu;
+        let dtype = DType::F32;
+        let shape = folder::ResamplerShape {
+            dim: 1024,
+            depth: 4,
+            heads: 12,
+            dim_head: 64,
+            ff_inner: 4096,
+            num_queries: 1120,
+            embedding_dim: 1024,
+            output_dim: 128,
+            two_conditions: true,
+        };
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &dev);
+        let resampler = Resampler::load(&shape, vb.pp("resampler")).unwrap();
+        let projector = IdProjector::load(vb.pp("id_projector"), 512, 16, 1024).unwrap();
+        // SDXL's attention modules: (hidden, count of attn1/attn2 pairs).
+        let mut modules = Vec::new();
+        for (hidden, pairs) in [
+            (640usize, 4usize),
+            (1280, 20),
+            (1280, 30),
+            (640, 6),
+            (1280, 10),
+        ] {
+            for _ in 0..pairs {
+                for cross in [None, Some(2048)] {
+                    let name = format!("m{}", modules.len());
+                    modules.push(ModuleInfo {
+                        name,
+                        hidden_size: hidden,
+                        cross_attention_dim: cross,
+                    });
+                }
+            }
+        }
+        assert_eq!(modules.len(), 140);
+        let total_params: usize = modules
+            .iter()
+            .map(|m| {
+                Proj::ALL
+                    .iter()
+                    .map(|&p| {
+                        let (i, o) = m.in_out(p);
+                        128 * 8 * (i + o)
+                    })
+                    .sum::<usize>()
+            })
+            .sum();
+        // A representative slice: every 10th module.
+        let slice: Vec<ModuleInfo> = modules.iter().step_by(10).cloned().collect();
+        let slice_params: usize = slice
+            .iter()
+            .map(|m| {
+                Proj::ALL
+                    .iter()
+                    .map(|&p| {
+                        let (i, o) = m.in_out(p);
+                        128 * 8 * (i + o)
+                    })
+                    .sum::<usize>()
+            })
+            .sum();
+        let mut bases = HashMap::new();
+        for (i, m) in slice.iter().enumerate() {
+            for p in Proj::ALL {
+                let (inp, out) = m.in_out(p);
+                let k = |d: &str| format!("{i}.{}.id_{d}_basis", p.file_name());
+                bases.insert(
+                    k("down"),
+                    Tensor::randn(0f32, 0.02, (128, inp, 8), &dev).unwrap(),
+                );
+                bases.insert(
+                    k("up"),
+                    Tensor::randn(0f32, 0.02, (128, 8, out), &dev).unwrap(),
+                );
+            }
+        }
+        let bank = LoraBank::new(slice.clone(), &bases, 128, false, dtype).unwrap();
+        for n in [1usize, 4] {
+            let id = Tensor::randn(0f32, 1.0, (n, 1, 512), &dev).unwrap();
+            let clip = Tensor::randn(0f32, 1.0, (n, 257, 1024), &dev).unwrap();
+            let t0 = Instant::now();
+            let x = projector.forward(&id).unwrap();
+            let tokens = resampler.forward(&x, Some(&clip)).unwrap();
+            let t_res = t0.elapsed();
+            let t1 = Instant::now();
+            let lora = bank
+                .lora(&tokens.narrow(1, 0, 8 * slice.len()).unwrap(), LoraKind::Id)
+                .unwrap();
+            let t_bank = t1.elapsed();
+            let scaled = t_bank.as_secs_f64() * total_params as f64 / slice_params as f64;
+            eprintln!(
+                "N={n}: projector+resampler {:.3} s; bank {:.3} s for {} of 140 modules ({:.0}M of {:.0}M basis params) → ≈{:.2} s for all; LoRA slice {} params",
+                t_res.as_secs_f64(),
+                t_bank.as_secs_f64(),
+                slice.len(),
+                slice_params as f64 / 1e6,
+                total_params as f64 / 1e6,
+                scaled,
+                lora.num_parameters()
+            );
+        }
+    }
+
     #[test]
     fn interpolating_loras_equals_interpolating_coefficients() {
         let h = tiny(DType::F32);
