@@ -728,6 +728,44 @@ mod tests {
     }
 
     #[test]
+    fn f32_and_bf16_files_load() {
+        let f = inputs();
+        for (file_dtype, tol) in [(DType::F32, TOL), (DType::BF16, 5e-2)] {
+            let d = TmpFolder::copy(&format!("{file_dtype:?}"));
+            for name in [
+                folder::MODULES_FILE,
+                folder::RESAMPLER_FILE,
+                folder::BASE_RESAMPLER_FILE,
+                folder::ID_PROJECTOR_FILE,
+            ] {
+                d.edit(name, |t| {
+                    for (_, v) in t.iter_mut() {
+                        *v = v.to_dtype(file_dtype).unwrap();
+                    }
+                });
+            }
+            let h = HyperLora::load(&d.0, DType::F32, &Device::Cpu).unwrap();
+            let out = h
+                .create_lora(
+                    Some(&f["id_embeds"]),
+                    Some(&f["clip_penultimate"]),
+                    Some(&f["base_clip_penultimate"]),
+                )
+                .unwrap();
+            let what = format!("{file_dtype:?} files");
+            check_lora(&what, &out.id, "id_lora_n3.safetensors", tol);
+            check_lora(&what, &out.base.unwrap(), "base_lora_n3.safetensors", tol);
+        }
+        // bf16 compute on the fp16 folder.
+        let h = tiny(DType::BF16);
+        let lora = h
+            .id_lora(Some(&f["id_embeds"]), Some(&f["clip_penultimate"]))
+            .unwrap();
+        assert_eq!(lora.iter().next().unwrap().1.up.dtype(), DType::BF16);
+        check_lora("bf16 compute", &lora, "id_lora_n3.safetensors", 5e-2);
+    }
+
+    #[test]
     fn wrong_shapes_name_file_and_tensor() {
         let d = TmpFolder::copy("shape");
         d.edit(folder::MODULES_FILE, |t| {
