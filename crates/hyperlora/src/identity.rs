@@ -1,0 +1,249 @@
+//! Photos' conditions → an identity LoRA: the CLIP vision tower and the HyperLoRA hypernetwork
+//! together (spec §3 steps 3–5 from the crop onwards, and §4).
+//!
+//! Face detection and cropping produce the inputs ([`FaceConditions`]); this module starts from
+//! them, so it is testable without a face detector.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::clip_vision::ClipVisionModel;
+use crate::error::{Error, Result};
+use crate::hypernet::{HyperLora, HyperLoraOutput};
+use crate::sdxl::pipeline::RgbImage;
+use crate::task::{CancelToken, Progress, ProgressFn};
+
+/// openai/clip-vit-large-patch14's preprocessing constants.
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// What one photo contributes: its ArcFace embedding and its face crop for CLIP.
+#[derive(Clone, Debug)]
+pub struct FaceConditions {
+    /// L2-normalised ArcFace embedding (512 values for antelopev2's glintr100).
+    pub arcface: Vec<f32>,
+    /// The face crop, already at the CLIP model's input size (224² for ViT-L/14).
+    pub clip_crop: RgbImage,
+}
+
+pub struct IdentityEncoder {
+    clip: ClipVisionModel,
+    hyper: HyperLora,
+    device: Device,
+}
+
+impl IdentityEncoder {
+    /// `hyperlora_dir`: a released HyperLoRA folder; `clip_dir`: a transformers CLIP vision folder.
+    pub fn load(
+        hyperlora_dir: &Path,
+        clip_dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let clip = ClipVisionModel::load_dir(clip_dir, dtype, device)?;
+        let hyper = HyperLora::load(hyperlora_dir, dtype, device)?;
+        if hyper.uses_clip() && hyper.clip_hidden_size() != clip.config().hidden_size {
+            return Err(Error::bad_weights(format!(
+                "{}: the hypernetwork expects CLIP features of width {}, but {} has {}",
+                hyperlora_dir.display(),
+                hyper.clip_hidden_size(),
+                clip_dir.display(),
+                clip.config().hidden_size
+            )));
+        }
+        Ok(Self {
+            clip,
+            hyper,
+            device: device.clone(),
+        })
+    }
+
+    /// The side of the square face crop the CLIP tower takes.
+    pub fn clip_image_size(&self) -> usize {
+        self.clip.config().image_size
+    }
+
+    pub fn hypernet(&self) -> &HyperLora {
+        &self.hyper
+    }
+
+    /// CLIP pixel values [N, 3, S, S] from RGB8 crops: scale to [0, 1], normalise per channel.
+    fn clip_pixels(&self, crops: &[&RgbImage]) -> Result<Tensor> {
+        let s = self.clip_image_size();
+        let mean = Tensor::new(&CLIP_MEAN, &self.device)?.reshape((1, 3, 1, 1))?;
+        let std = Tensor::new(&CLIP_STD, &self.device)?.reshape((1, 3, 1, 1))?;
+        let images = crops
+            .iter()
+            .map(|c| {
+                if c.width != s || c.height != s || c.data.len() != s * s * 3 {
+                    return Err(Error::invalid_argument(format!(
+                        "CLIP face crop must be {s}x{s} RGB8, got {}x{} ({} bytes)",
+                        c.width,
+                        c.height,
+                        c.data.len()
+                    )));
+                }
+                Ok(Tensor::from_slice(&c.data, (s, s, 3), &self.device)?.permute((2, 0, 1))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let x = (Tensor::stack(&images, 0)?.to_dtype(DType::F32)? / 255.0)?;
+        Ok(x.broadcast_sub(&mean)?.broadcast_div(&std)?)
+    }
+
+    /// The identity of 1..N photos of one person: the resampler output is averaged over them.
+    /// Progress: `clip` (one step per photo), then `hypernet`.
+    pub fn create(
+        &self,
+        photos: &[FaceConditions],
+        cancel: &CancelToken,
+        progress: ProgressFn<'_>,
+    ) -> Result<HyperLoraOutput> {
+        if photos.is_empty() {
+            return Err(Error::invalid_argument(
+                "an identity needs at least one photo",
+            ));
+        }
+        let n = photos.len();
+        let mut penultimate = Vec::with_capacity(n);
+        for (i, photo) in photos.iter().enumerate() {
+            cancel.check()?;
+            let pixels = self
+                .clip_pixels(&[&photo.clip_crop])?
+                .to_dtype(self.clip.dtype())?;
+            penultimate.push(self.clip.penultimate(&pixels)?);
+            progress(Progress {
+                stage: "clip",
+                step: i as u64 + 1,
+                total: n as u64,
+            });
+        }
+        let clip = Tensor::cat(&penultimate, 0)?;
+        let embeds = photos
+            .iter()
+            .map(|p| Tensor::new(p.arcface.as_slice(), &self.device)?.unsqueeze(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let id = Tensor::stack(&embeds, 0)?; // [N, 1, 512]
+        cancel.check()?;
+        progress(Progress {
+            stage: "hypernet",
+            step: 0,
+            total: 1,
+        });
+        // The Base-LoRA wants the whole photo's CLIP features, which needs the uncropped photo
+        // (face-analysis issue); until then only the ID-LoRA is produced.
+        let out = self.hyper.create_lora(
+            self.hyper.uses_id_embeds().then_some(&id),
+            self.hyper.uses_clip().then_some(&clip),
+            None,
+        )?;
+        progress(Progress {
+            stage: "hypernet",
+            step: 1,
+            total: 1,
+        });
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::testing::tiny_model;
+
+    fn encoder() -> IdentityEncoder {
+        IdentityEncoder::load(
+            &tiny_model("hyperlora"),
+            &tiny_model("clip-vision"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn photo(seed: u8, size: usize) -> FaceConditions {
+        let data = (0..size * size * 3)
+            .map(|i| (i as u8).wrapping_mul(seed))
+            .collect();
+        let mut arcface: Vec<f32> = (0..512)
+            .map(|i| ((i * seed as usize) % 7) as f32 - 3.0)
+            .collect();
+        let norm = arcface.iter().map(|x| x * x).sum::<f32>().sqrt();
+        arcface.iter_mut().for_each(|x| *x /= norm);
+        FaceConditions {
+            arcface,
+            clip_crop: RgbImage {
+                width: size,
+                height: size,
+                data,
+            },
+        }
+    }
+
+    #[test]
+    fn photos_become_an_id_lora_averaged_over_photos() {
+        let enc = encoder();
+        let s = enc.clip_image_size();
+        let mut stages = Vec::new();
+        let one = enc
+            .create(&[photo(3, s)], &CancelToken::new(), &mut |p| {
+                stages.push(p.stage)
+            })
+            .unwrap();
+        assert_eq!(stages, ["clip", "hypernet", "hypernet"]);
+        assert_eq!(one.id.len(), enc.hypernet().modules().len() * 4);
+        let two = enc
+            .create(
+                &[photo(3, s), photo(5, s)],
+                &CancelToken::new(),
+                &mut |_| {},
+            )
+            .unwrap();
+        let same = enc
+            .create(
+                &[photo(3, s), photo(3, s)],
+                &CancelToken::new(),
+                &mut |_| {},
+            )
+            .unwrap();
+        let (name, a) = one.id.iter().next().unwrap();
+        let b = same.id.get(name).unwrap();
+        let c = two.id.get(name).unwrap();
+        let diff = |x: &Tensor, y: &Tensor| {
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // The mean of two identical photos is that photo; a different second photo moves it.
+        assert!(diff(&a.down, &b.down) < 1e-5);
+        assert!(diff(&a.down, &c.down) > 1e-4);
+    }
+
+    #[test]
+    fn rejects_wrong_inputs() {
+        let enc = encoder();
+        let err = enc
+            .create(&[], &CancelToken::new(), &mut |_| {})
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        let s = enc.clip_image_size();
+        let err = enc
+            .create(&[photo(3, s + 1)], &CancelToken::new(), &mut |_| {})
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+        let cancel = CancelToken::new();
+        cancel.cancel();
+        assert_eq!(
+            enc.create(&[photo(3, s)], &cancel, &mut |_| {})
+                .unwrap_err()
+                .code,
+            ErrorCode::Aborted
+        );
+    }
+}
