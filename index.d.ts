@@ -10,13 +10,32 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 /**
- * A cancellation flag shared with a running task. The TypeScript layer calls `cancel()` from an
- * `AbortSignal`'s abort event.
+ * A call's cancellation flag and progress counter, shared with its task. The TypeScript layer
+ * calls `cancel()` from an `AbortSignal`'s abort event and reads `progressSent` at the end.
  */
 export declare class CancelHandle {
   constructor()
   cancel(): void
   get cancelled(): boolean
+  /** Progress reports the task has sent so far. */
+  get progressSent(): number
+}
+
+/** A person's identity: the LoRA the hypernetwork wrote for them. */
+export declare class Identity {
+  /** Number of LoRA modules (UNet attention layers × projections). */
+  get modules(): number
+  get rank(): number
+  /** Writes the identity as a kohya-format `.safetensors` LoRA (temp file, then rename). */
+  save(path: string): Promise<void>
+}
+
+/** CLIP vision tower + HyperLoRA hypernetwork. */
+export declare class IdentityEncoder {
+  /** Side of the square face crop the CLIP tower takes (224 for ViT-L/14). */
+  get clipImageSize(): number
+  /** Creates the identity of 1..N photos of one person. */
+  create(photos: Array<FaceConditionsInput>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Identity>
 }
 
 /** A loaded SDXL model. Weights stay resident until the object is garbage-collected. */
@@ -40,6 +59,12 @@ export interface BackendInfo {
   features: Array<string>
   /** Threads the CPU backend uses. */
   cpuThreads: number
+}
+
+/** One photo's conditions: its ArcFace embedding and its CLIP-sized face crop. */
+export interface FaceConditionsInput {
+  arcface: Float32Array
+  clipCrop: RawImage
 }
 
 export interface GenerateRequest {
@@ -67,6 +92,18 @@ export interface InspectWeightsOptions {
   /** Also compute the SHA-256 of the whole file (reads every byte). */
   sha256?: boolean
 }
+
+/**
+ * `(1 − t)·a + t·b` of the LoRA tensors (down and up separately). Both are linear in the
+ * hypernetwork's output tokens, so this is the identity of the interpolated tokens.
+ */
+export declare function interpolateIdentities(a: Identity, b: Identity, t: number): Promise<Identity>
+
+/** Loads an identity saved with `Identity.save` (any kohya LoRA in the same layout works). */
+export declare function loadIdentity(path: string): Promise<Identity>
+
+/** Loads a HyperLoRA release folder and a CLIP ViT-L/14 vision folder (transformers layout). */
+export declare function loadIdentityEncoder(hyperlora: string, clipVision: string, options?: LoadPipelineOptions | undefined | null): Promise<IdentityEncoder>
 
 /** Loads an SDXL model: a diffusers folder, a Hugging Face cache entry or a single-file checkpoint. */
 export declare function loadPipeline(path: string, options?: LoadPipelineOptions | undefined | null): Promise<Pipeline>

@@ -836,8 +836,13 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.CancelHandle = nativeBinding.CancelHandle
+module.exports.Identity = nativeBinding.Identity
+module.exports.IdentityEncoder = nativeBinding.IdentityEncoder
 module.exports.Pipeline = nativeBinding.Pipeline
 module.exports.__panicForTests = nativeBinding.__panicForTests
 module.exports.backendInfo = nativeBinding.backendInfo
 module.exports.inspectWeights = nativeBinding.inspectWeights
+module.exports.interpolateIdentities = nativeBinding.interpolateIdentities
+module.exports.loadIdentity = nativeBinding.loadIdentity
+module.exports.loadIdentityEncoder = nativeBinding.loadIdentityEncoder
 module.exports.loadPipeline = nativeBinding.loadPipeline

@@ -20,3 +20,13 @@ export {
   type SigmaScheduler,
 } from './pipeline.js'
 export type { ImageFormat, ImageInput } from './images.js'
+export {
+  Identity,
+  IdentityEncoder,
+  loadIdentity,
+  loadIdentityEncoder,
+  TINY_CLIP_VISION,
+  TINY_HYPERLORA,
+  type FaceConditions,
+  type LoadIdentityEncoderOptions,
+} from './identity.js'

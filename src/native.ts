@@ -59,8 +59,10 @@ export async function callNative<T>(
   const onAbort = (): void => cancel.cancel()
   signal?.addEventListener('abort', onAbort, { once: true })
   // A throwing progress callback must not take the process down from inside a native callback.
+  let received = 0
   const progress = onProgress
     ? (event: ProgressEvent): void => {
+        received++
         try {
           onProgress(event)
         } catch (error) {
@@ -71,11 +73,23 @@ export async function callNative<T>(
       }
     : null
   try {
-    return await run(cancel, progress)
+    const result = await run(cancel, progress)
+    await progressDelivered(() => received >= cancel.progressSent)
+    return result
   } catch (error) {
     throw fromNativeError(error)
   } finally {
     signal?.removeEventListener('abort', onAbort)
+  }
+}
+
+/**
+ * Progress reports travel on their own queue and can arrive after the promise settles; give the
+ * last ones a few event-loop turns so that every report comes before the result, as callers expect.
+ */
+async function progressDelivered(done: () => boolean): Promise<void> {
+  for (let turn = 0; turn < 1000 && !done(); turn++) {
+    await new Promise<void>((resolve) => setImmediate(resolve))
   }
 }
 

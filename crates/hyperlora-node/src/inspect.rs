@@ -4,13 +4,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use hyperlora::weights::inspect::{inspect_safetensors, InspectOptions, WeightsIndex};
-use hyperlora::CancelToken;
 use napi::bindgen_prelude::{AsyncTask, ClassInstance};
 use napi::{Env, Task};
 use napi_derive::napi;
 
 use crate::errors::guarded;
-use crate::progress::{reporter, ProgressCallback};
+use crate::progress::{CallContext, ProgressCallback};
 use crate::CancelHandle;
 
 #[napi(object)]
@@ -40,8 +39,7 @@ pub struct InspectWeightsOptions {
 pub struct InspectTask {
     path: PathBuf,
     options: InspectOptions,
-    cancel: CancelToken,
-    on_progress: Option<ProgressCallback>,
+    call: CallContext,
 }
 
 impl Task for InspectTask {
@@ -49,8 +47,8 @@ impl Task for InspectTask {
     type JsValue = WeightsIndexResult;
 
     fn compute(&mut self) -> napi::Result<WeightsIndex> {
-        let mut report = reporter(self.on_progress.as_ref());
-        guarded(|| inspect_safetensors(&self.path, self.options, &self.cancel, &mut report))
+        let mut report = self.call.reporter();
+        guarded(|| inspect_safetensors(&self.path, self.options, &self.call.cancel, &mut report))
     }
 
     fn resolve(&mut self, _env: Env, index: WeightsIndex) -> napi::Result<WeightsIndexResult> {
@@ -89,8 +87,7 @@ pub fn inspect_weights(
     AsyncTask::new(InspectTask {
         path: PathBuf::from(path),
         options,
-        cancel: cancel.map(|c| c.token()).unwrap_or_default(),
-        on_progress,
+        call: CallContext::new(cancel, on_progress),
     })
 }
 

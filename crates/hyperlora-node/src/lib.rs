@@ -11,44 +11,14 @@
 #![cfg_attr(test, allow(dead_code))]
 
 mod errors;
+mod identity;
 mod inspect;
 mod pipeline;
 mod progress;
 
-use hyperlora::CancelToken;
+pub use progress::CancelHandle;
+
 use napi_derive::napi;
-
-/// A cancellation flag shared with a running task. The TypeScript layer calls `cancel()` from an
-/// `AbortSignal`'s abort event.
-#[napi]
-#[derive(Default)]
-pub struct CancelHandle {
-    token: CancelToken,
-}
-
-#[napi]
-impl CancelHandle {
-    #[napi(constructor)]
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    #[napi]
-    pub fn cancel(&self) {
-        self.token.cancel();
-    }
-
-    #[napi(getter)]
-    pub fn cancelled(&self) -> bool {
-        self.token.is_cancelled()
-    }
-}
-
-impl CancelHandle {
-    pub(crate) fn token(&self) -> CancelToken {
-        self.token.clone()
-    }
-}
 
 /// What this native binary can run on.
 #[napi(object)]

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use hyperlora::device::{device_name, select_device, select_dtype};
 use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, RgbImage, SdxlPipeline};
 use hyperlora::sdxl::sampler::{Sampler, SigmaSchedule};
-use hyperlora::{CancelToken, Error};
+use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, Buffer, ClassInstance};
 use napi::{Env, Task};
 use napi_derive::napi;
 
 use crate::errors::guarded;
-use crate::progress::{reporter, ProgressCallback};
+use crate::progress::{CallContext, ProgressCallback};
 use crate::CancelHandle;
 
 #[napi(object)]
@@ -56,8 +56,7 @@ impl Pipeline {
         Ok(AsyncTask::new(GenerateTask {
             pipeline: self.inner.clone(),
             params,
-            cancel: cancel.map(|c| c.token()).unwrap_or_default(),
-            on_progress,
+            call: CallContext::new(cancel, on_progress),
         }))
     }
 }
@@ -141,8 +140,7 @@ pub struct GenerateRequest {
 pub struct GenerateTask {
     pipeline: Arc<SdxlPipeline>,
     params: GenerateParams,
-    cancel: CancelToken,
-    on_progress: Option<ProgressCallback>,
+    call: CallContext,
 }
 
 fn engine_params(r: &GenerateRequest) -> hyperlora::Result<GenerateParams> {
@@ -180,10 +178,10 @@ impl Task for GenerateTask {
     type JsValue = Vec<RawImage>;
 
     fn compute(&mut self) -> napi::Result<Vec<RgbImage>> {
-        let mut report = reporter(self.on_progress.as_ref());
+        let mut report = self.call.reporter();
         guarded(|| {
             self.pipeline
-                .generate(&self.params, &self.cancel, &mut report)
+                .generate(&self.params, &self.call.cancel, &mut report)
         })
     }
 

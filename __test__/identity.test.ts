@@ -1,0 +1,87 @@
+import * as fs from 'node:fs'
+import * as path from 'node:path'
+
+import sharp from 'sharp'
+import { beforeAll, describe, expect, it } from 'vitest'
+
+import {
+  HyperLoraError,
+  Identity,
+  inspectWeights,
+  loadIdentity,
+  loadIdentityEncoder,
+  TINY_CLIP_VISION,
+  TINY_HYPERLORA,
+  type FaceConditions,
+  type IdentityEncoder,
+  type ProgressEvent,
+} from '../src/index.js'
+import { tempDir } from './helpers.js'
+
+const dir = tempDir('identity')
+let encoder: IdentityEncoder
+
+function arcface(seed: number): Float32Array {
+  const v = Float32Array.from({ length: 512 }, (_, i) => Math.sin(i * seed))
+  const norm = Math.hypot(...v)
+  return v.map((x) => x / norm)
+}
+
+async function photo(seed: number): Promise<FaceConditions> {
+  const crop = await sharp({ create: { width: 300, height: 260, channels: 3, background: { r: 40 * seed, g: 120, b: 200 - 20 * seed } } })
+    .png()
+    .toBuffer()
+  return { arcface: arcface(seed), clipCrop: crop }
+}
+
+beforeAll(async () => {
+  encoder = await loadIdentityEncoder(TINY_HYPERLORA, TINY_CLIP_VISION, { device: 'cpu' })
+})
+
+describe('identities from TypeScript', () => {
+  it('creates an identity from photos, saves it as a kohya LoRA and loads it back bit-identical', async () => {
+    const events: ProgressEvent[] = []
+    const identity = await encoder.createIdentity([await photo(1), await photo(2)], { onProgress: (e) => events.push(e) })
+    expect(events.map((e) => e.stage)).toEqual(['clip', 'clip', 'hypernet', 'hypernet'])
+    expect(identity.modules).toBeGreaterThan(0)
+    expect(identity.rank).toBe(4)
+
+    const file = path.join(dir, 'me.safetensors')
+    await identity.saveLora(file)
+    const index = await inspectWeights(file)
+    expect(index.tensors.some((t) => t.name.endsWith('_to_q.lora_down.weight'))).toBe(true)
+    expect(index.tensors.some((t) => t.name.endsWith('_to_out_0.alpha'))).toBe(true)
+    expect(fs.readdirSync(dir)).toEqual(['me.safetensors']) // no temp file left behind
+
+    const again = path.join(dir, 'again.safetensors')
+    await (await loadIdentity(file)).saveLora(again)
+    expect(fs.readFileSync(again).equals(fs.readFileSync(file))).toBe(true)
+  })
+
+  it('interpolates: t = 0 is the first identity, t = 1 the second', async () => {
+    const a = await encoder.createIdentity([await photo(1)])
+    const b = await encoder.createIdentity([await photo(3)])
+    const save = async (identity: Identity, name: string) => {
+      const file = path.join(dir, name)
+      await identity.saveLora(file)
+      return fs.readFileSync(file)
+    }
+    const [bytesA, bytesB] = [await save(a, 'a.safetensors'), await save(b, 'b.safetensors')]
+    expect(bytesA.equals(bytesB)).toBe(false)
+    expect((await save(await Identity.interpolate(a, b, 0), 'a0.safetensors')).equals(bytesA)).toBe(true)
+    expect((await save(await Identity.interpolate(a, b, 1), 'b1.safetensors')).equals(bytesB)).toBe(true)
+    const mid = await save(await Identity.interpolate(a, b, 0.5), 'mid.safetensors')
+    expect(mid.equals(bytesA) || mid.equals(bytesB)).toBe(false)
+  })
+
+  it('rejects bad inputs with codes', async () => {
+    const code = async (p: Promise<unknown>) => ((await p.catch((e: unknown) => e)) as HyperLoraError).code
+    expect(await code(encoder.createIdentity([]))).toBe('INVALID_ARGUMENT')
+    expect(await code(encoder.createIdentity([{ arcface: [1, 2, 3], clipCrop: (await photo(1)).clipCrop }]))).toBe('INVALID_ARGUMENT')
+    expect(await code(loadIdentity(path.join(dir, 'missing.safetensors')))).toBe('MODEL_NOT_FOUND')
+    expect(await code(loadIdentityEncoder(path.join(dir, 'nope'), TINY_CLIP_VISION))).toBe('MODEL_NOT_FOUND')
+    const controller = new AbortController()
+    controller.abort()
+    expect(await code(encoder.createIdentity([await photo(1)], { signal: controller.signal }))).toBe('ABORTED')
+  })
+})

@@ -1,0 +1,105 @@
+import * as path from 'node:path'
+
+import type * as Binding from '../index.js'
+import { HyperLoraError } from './errors.js'
+import { decodeRgb8, type ImageInput } from './images.js'
+import { callNative, native, type CallOptions } from './native.js'
+import type { DeviceName, Precision } from './pipeline.js'
+
+const packageRoot = path.resolve(__dirname, '..')
+
+/** The small random-weight HyperLoRA folder and CLIP vision tower bundled for the demo and tests. */
+export const TINY_HYPERLORA = path.join(packageRoot, 'models', 'tiny', 'hyperlora')
+export const TINY_CLIP_VISION = path.join(packageRoot, 'models', 'tiny', 'clip-vision')
+
+/** What one photo of the person contributes (face analysis produces these from a photo). */
+export interface FaceConditions {
+  /** L2-normalised ArcFace embedding (512 values). */
+  arcface: Float32Array | readonly number[]
+  /** The face crop for CLIP; centre-cropped and resized to the tower's input size (224²). */
+  clipCrop: ImageInput
+}
+
+/** A person's identity: a LoRA for SDXL, written by the hypernetwork, held in native memory. */
+export class Identity {
+  /** @internal */
+  readonly native: Binding.Identity
+
+  /** @internal */
+  constructor(nativeIdentity: Binding.Identity) {
+    this.native = nativeIdentity
+  }
+
+  /** Number of LoRA modules (attention layers × projections). */
+  get modules(): number {
+    return this.native.modules
+  }
+
+  get rank(): number {
+    return this.native.rank
+  }
+
+  /** Saves as a kohya-format `.safetensors` LoRA that ComfyUI, A1111 and diffusers load. */
+  async saveLora(file: string): Promise<void> {
+    await callNative({}, () => this.native.save(path.resolve(file)))
+  }
+
+  /**
+   * `(1 − t)·a + t·b` of the LoRA weights (down and up matrices separately). Both are linear in
+   * the hypernetwork's output, so this equals the identity of the blended hypernetwork tokens:
+   * t = 0 is `a`, t = 1 is `b`, values outside [0, 1] extrapolate.
+   */
+  static async interpolate(a: Identity, b: Identity, t: number): Promise<Identity> {
+    return new Identity(await callNative({}, () => native().interpolateIdentities(a.native, b.native, t)))
+  }
+}
+
+/** Loads an identity saved with {@link Identity.saveLora}. */
+export async function loadIdentity(file: string): Promise<Identity> {
+  return new Identity(await callNative({}, () => native().loadIdentity(path.resolve(file))))
+}
+
+export interface LoadIdentityEncoderOptions {
+  device?: DeviceName
+  dtype?: Precision
+}
+
+/** CLIP ViT-L/14 vision tower + HyperLoRA hypernetwork. Create with {@link loadIdentityEncoder}. */
+export class IdentityEncoder {
+  readonly #native: Binding.IdentityEncoder
+
+  /** @internal */
+  constructor(nativeEncoder: Binding.IdentityEncoder) {
+    this.#native = nativeEncoder
+  }
+
+  /**
+   * The identity of 1..N photos of one person (the hypernetwork averages over them). Progress
+   * reports `clip` once per photo, then `hypernet`.
+   */
+  async createIdentity(photos: readonly FaceConditions[], options: CallOptions = {}): Promise<Identity> {
+    if (!Array.isArray(photos) || photos.length === 0) {
+      throw new HyperLoraError('INVALID_ARGUMENT', 'createIdentity needs at least one photo')
+    }
+    const size = this.#native.clipImageSize
+    const inputs = await Promise.all(
+      photos.map(async (p) => ({
+        arcface: Float32Array.from(p.arcface),
+        clipCrop: await decodeRgb8(p.clipCrop, { width: size, height: size }),
+      })),
+    )
+    return new Identity(await callNative(options, (cancel, onProgress) => this.#native.create(inputs, cancel, onProgress)))
+  }
+}
+
+/** Loads a HyperLoRA release folder and a CLIP vision folder (transformers layout). */
+export async function loadIdentityEncoder(
+  hyperlora: string,
+  clipVision: string,
+  options: LoadIdentityEncoderOptions = {},
+): Promise<IdentityEncoder> {
+  const nativeEncoder = await callNative({}, () =>
+    native().loadIdentityEncoder(hyperlora, clipVision, { device: options.device ?? 'auto', dtype: options.dtype ?? 'auto' }),
+  )
+  return new IdentityEncoder(nativeEncoder)
+}
