@@ -5,9 +5,11 @@
 //! SGM-named LoRA modules are mapped with the single-file checkpoint table
 //! ([`crate::weights::sgm_names`]) through [`names::sgm_to_diffusers`].
 
+pub mod apply;
 pub mod format;
 pub mod names;
 
+pub use apply::{sdxl_targets, LoraMerger, LoraTarget};
 pub use format::{KohyaLora, LoraWeights};
 pub use names::{
     kohya_to_module, module_to_kohya, parse_lora, read_lora_file, sgm_to_diffusers, LoraComponent,

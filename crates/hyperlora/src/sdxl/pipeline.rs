@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result, ResultExt};
+use crate::lora::{sdxl_targets, LoraLayer, LoraMerger};
 use crate::sdxl::noise::TorchGenerator;
 use crate::sdxl::prompt::{tokenize_sdxl, PromptOptions, TokenChunks};
 use crate::sdxl::sampler::{Sampler, Scheduler, SchedulerConfig, SigmaSchedule};
@@ -96,6 +97,8 @@ pub struct SdxlPipeline {
     /// diffusers' SDXL setting: an empty negative prompt is a zero embedding, not the encoded "".
     force_zeros_for_empty_prompt: bool,
     device: Device,
+    /// The active LoRA set's merged layers and the base weights they replace.
+    loras: LoraMerger,
 }
 
 /// Where each part's configuration is read from.
@@ -218,7 +221,24 @@ impl SdxlPipeline {
             scheduler_config,
             force_zeros_for_empty_prompt: configs.force_zeros_for_empty_prompt()?,
             device: device.clone(),
+            loras: LoraMerger::new(),
         })
+    }
+
+    /// Makes `loras` the active LoRA set (each LoRA's layers with its weight, which may be
+    /// negative; e.g. `&[(&identity.layers, 0.85), (&style, 1.0)]`, or a concept slider
+    /// `&[(&a, -0.7), (&b, 0.7)]`), replacing the previous set. UNet and text-encoder
+    /// (`lora_te1_`/`lora_te2_`) layers are merged into working copies of the targeted Linears;
+    /// the base weights stay resident and are never reloaded. An empty slice restores the base
+    /// model exactly. See [`LoraMerger::apply`] for the errors (the pipeline is unchanged then).
+    pub fn set_loras(&mut self, loras: &[(&[LoraLayer], f32)]) -> Result<()> {
+        let targets = sdxl_targets(&mut self.unet, &mut self.text);
+        self.loras.apply(targets, loras)
+    }
+
+    /// The active LoRA set's bookkeeping (merged layers, memory overhead).
+    pub fn loras(&self) -> &LoraMerger {
+        &self.loras
     }
 
     pub fn device(&self) -> &Device {
@@ -698,5 +718,46 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
         }
+    }
+
+    /// LoRA sets switch in place: a text-encoder + UNet LoRA and a concept slider change the
+    /// picture, an unknown module is refused without effect, and the empty set gives back the
+    /// base model's latents bit for bit.
+    #[test]
+    fn set_loras_switches_in_place_and_the_empty_set_restores_the_base() {
+        let mut pipe = tiny_pipeline();
+        let p = params("euler_cfg5");
+        let base = run(&pipe, &p).0;
+        let read = |name: &str| {
+            crate::lora::read_lora_file(fixture("lora_apply", name), &Device::Cpu)
+                .unwrap()
+                .layers
+        };
+        let (te, a, b) = (
+            read("te.safetensors"),
+            read("kohya_diffusers.safetensors"),
+            read("slider_b.safetensors"),
+        );
+        pipe.set_loras(&[(&te, 0.85)]).unwrap();
+        let with_te = run(&pipe, &p).0;
+        assert!(crate::testing::max_abs_diff(&with_te, &base).0 > 1e-3);
+        pipe.set_loras(&[(&a, -0.7), (&b, 0.7)]).unwrap();
+        assert_eq!(pipe.loras().merged_layers(), b.len());
+        let slider = run(&pipe, &p).0;
+        assert!(crate::testing::max_abs_diff(&slider, &with_te).0 > 1e-3);
+
+        let mut bad = a.clone();
+        bad[0].module = "up_blocks.9.attentions.0.proj_in".into();
+        let err = pipe.set_loras(&[(&bad, 1.0)]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+        assert!(
+            err.message.contains("up_blocks.9.attentions.0.proj_in"),
+            "{err}"
+        );
+        assert_close("slider kept", &run(&pipe, &p).0, &slider, 0.0);
+
+        pipe.set_loras(&[]).unwrap();
+        assert_eq!(pipe.loras().merged_layers(), 0);
+        assert_close("base restored", &run(&pipe, &p).0, &base, 0.0);
     }
 }

@@ -294,6 +294,14 @@ impl ClipAttention {
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         self.out_proj.forward(&out)
     }
+
+    /// `{prefix}.q_proj|k_proj|v_proj|out_proj`.
+    fn linears_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        out.push((format!("{prefix}.q_proj"), &mut self.q_proj));
+        out.push((format!("{prefix}.k_proj"), &mut self.k_proj));
+        out.push((format!("{prefix}.v_proj"), &mut self.v_proj));
+        out.push((format!("{prefix}.out_proj"), &mut self.out_proj));
+    }
 }
 
 /// `mlp.fc1` → activation → `mlp.fc2`.
@@ -315,6 +323,12 @@ impl ClipMlp {
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+    }
+
+    /// `{prefix}.fc1|fc2`.
+    fn linears_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        out.push((format!("{prefix}.fc1"), &mut self.fc1));
+        out.push((format!("{prefix}.fc2"), &mut self.fc2));
     }
 }
 
@@ -375,6 +389,16 @@ impl ClipEncoder {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Every Linear, named `{prefix}.layers.{i}.self_attn.{q,k,v,out}_proj` and
+    /// `{prefix}.layers.{i}.mlp.fc{1,2}`.
+    pub fn linears_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("{prefix}.layers.{i}");
+            layer.self_attn.linears_mut(&format!("{p}.self_attn"), out);
+            layer.mlp.linears_mut(&format!("{p}.mlp"), out);
+        }
     }
 
     /// transformers' `hidden_states`: the input, then every layer's output
@@ -515,6 +539,16 @@ impl ClipTextTransformer {
         &self.device
     }
 
+    /// Every Linear of the encoder layers with its transformers name (without `.weight`),
+    /// e.g. `text_model.encoder.layers.0.self_attn.q_proj`, `text_model.encoder.layers.0.mlp.fc1`
+    /// — the layers text-encoder LoRAs target. Replacing one changes what
+    /// [`forward`](Self::forward) computes.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        self.encoder.linears_mut("text_model.encoder", &mut out);
+        out
+    }
+
     /// `input_ids`: `[B, T]` u32 (or i64), `T <= max_position_embeddings`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
         let (b, t) = input_ids.dims2().map_err(|_| {
@@ -587,6 +621,11 @@ impl ClipTextModel {
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
         self.text_model.forward(input_ids)
     }
+
+    /// See [`ClipTextTransformer::linears_mut`].
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.text_model.linears_mut()
+    }
 }
 
 /// transformers' `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`):
@@ -616,6 +655,12 @@ impl ClipTextModelWithProjection {
         let mut out = self.text_model.forward(input_ids)?;
         out.text_embeds = Some(self.text_projection.forward(&out.pooled)?);
         Ok(out)
+    }
+
+    /// The encoder layers' Linears (see [`ClipTextTransformer::linears_mut`]);
+    /// `text_projection` is not included (LoRAs do not target it).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.text_model.linears_mut()
     }
 }
 
