@@ -42,8 +42,11 @@ export declare class IdentityEncoder {
 export declare class Pipeline {
   /** `cpu`, `cuda` or `metal`: where the model runs. */
   get device(): string
-  /** Generates images; resolves to raw RGB8 pixels, one entry per image. */
-  generate(params: GenerateRequest, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
+  /**
+   * Generates images with the given identities and LoRA files merged in (weights may be
+   * negative); resolves to raw RGB8 pixels, one entry per image.
+   */
+  generate(params: GenerateRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
 }
 
 /** Test hook: panics inside a worker task so tests can prove panics never cross into Node. */
@@ -117,6 +120,12 @@ export interface LoadPipelineOptions {
   configDir?: string
   /** CLIP merges for single-file checkpoints without `configDir`. */
   mergesFile?: string
+}
+
+/** A LoRA file to apply to a generation. */
+export interface LoraFile {
+  path: string
+  weight: number
 }
 
 /** One progress report, as the JavaScript callback receives it. */

@@ -85,3 +85,42 @@ describe('identities from TypeScript', () => {
     expect(await code(encoder.createIdentity([await photo(1)], { signal: controller.signal }))).toBe('ABORTED')
   })
 })
+
+describe('generating with identities', () => {
+  const base = { prompt: 'portrait photo of a person', width: 64, height: 64, steps: 3, seed: 9 }
+
+  it('applies identities and LoRA files; weight 0 is the base model; trigger words are added once', async () => {
+    const { loadPipeline, TINY_SDXL, TRIGGER_WORDS } = await import('../src/index.js')
+    const pipeline = await loadPipeline(TINY_SDXL, { device: 'cpu' })
+    const a = await encoder.createIdentity([await photo(1)])
+    const b = await encoder.createIdentity([await photo(4)])
+    const png = async (options: Partial<Parameters<typeof pipeline.generate>[0]>) => (await pipeline.generate({ ...base, ...options }))[0]!.data
+
+    const plain = await png({})
+    const withA = await png({ identity: a, triggerWords: false })
+    expect(withA.equals(plain)).toBe(false)
+    expect((await png({ identity: a, identityWeight: 0, triggerWords: false })).equals(plain)).toBe(true)
+    // Switching back and forth never drifts: the base weights stay resident.
+    expect((await png({})).equals(plain)).toBe(true)
+    expect((await png({ identity: a, triggerWords: false })).equals(withA)).toBe(true)
+
+    // A saved identity is an ordinary LoRA file.
+    const file = path.join(dir, 'a-for-lora.safetensors')
+    await a.saveLora(file)
+    expect((await png({ loras: [{ path: file, weight: 0.85 }] })).equals(withA)).toBe(true)
+
+    // Trigger words: prepended when an identity is active, never twice.
+    const triggered = await png({ identity: a })
+    expect(triggered.equals(withA)).toBe(false)
+    expect((await png({ identity: a, prompt: TRIGGER_WORDS + base.prompt })).equals(triggered)).toBe(true)
+
+    // Concept slider: identity A at -0.7 and B at +0.7 in one pass.
+    const slider = await png({ identities: [{ identity: a, weight: -0.7 }, { identity: b, weight: 0.7 }] })
+    expect(slider.equals(plain)).toBe(false)
+    expect((await sharp(slider).metadata()).width).toBe(64)
+
+    const missing = await pipeline.generate({ ...base, loras: [{ path: path.join(dir, 'none.safetensors'), weight: 1 }] }).catch((e: unknown) => e)
+    expect((missing as HyperLoraError).code).toBe('MODEL_NOT_FOUND')
+    expect((await png({})).equals(plain)).toBe(true)
+  })
+})

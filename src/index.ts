@@ -11,6 +11,7 @@ export {
   loadPipeline,
   Pipeline,
   TINY_SDXL,
+  TRIGGER_WORDS,
   type DeviceName,
   type GenerateOptions,
   type GeneratedImage,

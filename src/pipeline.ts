@@ -3,6 +3,7 @@ import * as path from 'node:path'
 
 import type * as Binding from '../index.js'
 import { HyperLoraError } from './errors.js'
+import type { Identity } from './identity.js'
 import { decodeRgb8, encodeRgb8, type ImageFormat, type ImageInput } from './images.js'
 import { callNative, native, type CallOptions } from './native.js'
 
@@ -56,6 +57,26 @@ export interface GenerateOptions extends CallOptions {
   strength?: number
   /** Default `png`. */
   format?: ImageFormat
+  /** The person to draw (from `createIdentity` or `loadIdentity`), at `identityWeight`. */
+  identity?: Identity
+  /** LoRA weight of `identity`; default 0.85 (the HyperLoRA authors' recommendation). */
+  identityWeight?: number
+  /** Several identities with their own weights, which may be negative: a concept slider is
+   * `[{ identity: a, weight: -0.7 }, { identity: b, weight: 0.7 }]`. */
+  identities?: readonly { identity: Identity; weight: number }[]
+  /** Other LoRA files (kohya with diffusers or SGM names, diffusers/PEFT), e.g. styles. */
+  loras?: readonly { path: string; weight: number }[]
+  /** Prepended to the prompt when an identity is active, unless the prompt already starts with
+   * them; `false` turns this off. Default `'fcsks fxhks fhyks, '` (HyperLoRA's trigger words). */
+  triggerWords?: string | false
+}
+
+/** HyperLoRA's identity LoRAs were trained with these words at the start of the prompt. */
+export const TRIGGER_WORDS = 'fcsks fxhks fhyks, '
+
+function withTriggerWords(prompt: string, words: string | false): string {
+  if (words === false || words.length === 0) return prompt
+  return prompt.startsWith(words.trim()) ? prompt : words + prompt
 }
 
 export interface GeneratedImage {
@@ -95,8 +116,15 @@ export class Pipeline {
     const format = options.format ?? 'png'
     if (!['png', 'jpeg', 'webp'].includes(format)) throw new HyperLoraError('INVALID_ARGUMENT', `unknown format ${format}`)
     const initImage = options.initImage === undefined ? undefined : await decodeRgb8(options.initImage, { width, height })
+    const identities = [
+      ...(options.identity ? [{ identity: options.identity, weight: options.identityWeight ?? 0.85 }] : []),
+      ...(options.identities ?? []),
+    ]
+    if (typeof options.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'prompt must be a string')
+    const prompt = identities.length > 0 ? withTriggerWords(options.prompt, options.triggerWords ?? TRIGGER_WORDS) : options.prompt
+    const loras = (options.loras ?? []).map((l) => ({ path: path.resolve(l.path), weight: l.weight }))
     const request: Binding.GenerateRequest = {
-      prompt: options.prompt,
+      prompt,
       negativePrompt: options.negativePrompt ?? '',
       width: checkedInt('width', width),
       height: checkedInt('height', height),
@@ -109,8 +137,16 @@ export class Pipeline {
       strength: options.strength ?? 0.75,
       ...(initImage && { initImage }),
     }
-    if (typeof request.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'prompt must be a string')
-    const raw = await callNative(options, (cancel, onProgress) => this.#native.generate(request, cancel, onProgress))
+    const raw = await callNative(options, (cancel, onProgress) =>
+      this.#native.generate(
+        request,
+        identities.map((i) => i.identity.native),
+        identities.map((i) => i.weight),
+        loras,
+        cancel,
+        onProgress,
+      ),
+    )
     return Promise.all(
       raw.map(async (image, index) => ({
         data: await encodeRgb8(image, format),

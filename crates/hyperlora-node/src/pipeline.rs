@@ -1,9 +1,10 @@
 //! `loadPipeline` and `Pipeline.generate`: SDXL text-to-image / image-to-image off the event loop.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hyperlora::device::{device_name, select_device, select_dtype};
+use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
 use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, RgbImage, SdxlPipeline};
 use hyperlora::sdxl::sampler::{Sampler, SigmaSchedule};
 use hyperlora::Error;
@@ -12,6 +13,7 @@ use napi::{Env, Task};
 use napi_derive::napi;
 
 use crate::errors::guarded;
+use crate::identity::Identity;
 use crate::progress::{CallContext, ProgressCallback};
 use crate::CancelHandle;
 
@@ -30,8 +32,72 @@ pub struct LoadPipelineOptions {
 /// A loaded SDXL model. Weights stay resident until the object is garbage-collected.
 #[napi]
 pub struct Pipeline {
-    inner: Arc<SdxlPipeline>,
+    inner: Arc<Mutex<Loaded>>,
     device: &'static str,
+}
+
+/// The model and the LoRA set merged into it. Calls take turns: each needs its own LoRA set.
+pub struct Loaded {
+    pipeline: SdxlPipeline,
+    active: Vec<ActiveLora>,
+}
+
+/// One LoRA of a request: an identity held in memory or a file, with its weight.
+#[derive(Clone)]
+pub struct ActiveLora {
+    source: LoraSource,
+    weight: f32,
+}
+
+#[derive(Clone)]
+enum LoraSource {
+    Identity(Arc<KohyaLora>),
+    File(PathBuf),
+}
+
+impl PartialEq for ActiveLora {
+    fn eq(&self, other: &Self) -> bool {
+        let same = match (&self.source, &other.source) {
+            (LoraSource::Identity(a), LoraSource::Identity(b)) => Arc::ptr_eq(a, b),
+            (LoraSource::File(a), LoraSource::File(b)) => a == b,
+            _ => false,
+        };
+        same && self.weight.to_bits() == other.weight.to_bits()
+    }
+}
+
+impl Loaded {
+    /// Merges `loras` unless they are already the active set (switching never reloads the base).
+    fn activate(&mut self, loras: &[ActiveLora]) -> hyperlora::Result<()> {
+        if self.active == loras {
+            return Ok(());
+        }
+        let device = self.pipeline.device().clone();
+        let layers = loras
+            .iter()
+            .map(|l| match &l.source {
+                LoraSource::Identity(lora) => lora.to_layers(),
+                LoraSource::File(path) => Ok(read_lora_file(path, &device)?.layers),
+            })
+            .collect::<hyperlora::Result<Vec<Vec<LoraLayer>>>>()?;
+        let set: Vec<(&[LoraLayer], f32)> = layers
+            .iter()
+            .zip(loras)
+            .map(|(l, a)| (l.as_slice(), a.weight))
+            .collect();
+        // Until the merge succeeds the active set is unknown: a failure leaves it to be redone.
+        self.active.clear();
+        self.pipeline.set_loras(&set)?;
+        self.active = loras.to_vec();
+        Ok(())
+    }
+}
+
+/// A LoRA file to apply to a generation.
+#[napi(object)]
+pub struct LoraFile {
+    pub path: String,
+    pub weight: f64,
 }
 
 #[napi]
@@ -42,19 +108,41 @@ impl Pipeline {
         self.device.to_string()
     }
 
-    /// Generates images; resolves to raw RGB8 pixels, one entry per image.
+    /// Generates images with the given identities and LoRA files merged in (weights may be
+    /// negative); resolves to raw RGB8 pixels, one entry per image.
     #[napi(ts_return_type = "Promise<Array<RawImage>>")]
+    #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
         params: GenerateRequest,
+        identities: Vec<ClassInstance<Identity>>,
+        identity_weights: Vec<f64>,
+        loras: Vec<LoraFile>,
         cancel: Option<ClassInstance<CancelHandle>>,
         #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
     ) -> napi::Result<AsyncTask<GenerateTask>> {
         // Convert on the JavaScript thread: the task must not touch JS-owned buffers.
         let params = guarded(|| engine_params(&params))?;
+        if identities.len() != identity_weights.len() {
+            return Err(crate::errors::to_napi(hyperlora::Error::invalid_argument(
+                "one weight per identity",
+            )));
+        }
+        let identities = identities
+            .iter()
+            .zip(identity_weights)
+            .map(|(i, w)| ActiveLora {
+                source: LoraSource::Identity(i.lora.clone()),
+                weight: w as f32,
+            });
+        let files = loras.into_iter().map(|l| ActiveLora {
+            source: LoraSource::File(PathBuf::from(l.path)),
+            weight: l.weight as f32,
+        });
         Ok(AsyncTask::new(GenerateTask {
             pipeline: self.inner.clone(),
+            loras: identities.chain(files).collect(),
             params,
             call: CallContext::new(cancel, on_progress),
         }))
@@ -76,9 +164,12 @@ impl Task for LoadTask {
         guarded(|| {
             let device = select_device(&self.device)?;
             let dtype = select_dtype(self.dtype.as_deref(), &device)?;
-            let inner = SdxlPipeline::load(&self.path, &self.options, &device, dtype)?;
+            let pipeline = SdxlPipeline::load(&self.path, &self.options, &device, dtype)?;
             Ok(Pipeline {
-                inner: Arc::new(inner),
+                inner: Arc::new(Mutex::new(Loaded {
+                    pipeline,
+                    active: Vec::new(),
+                })),
                 device: device_name(&device),
             })
         })
@@ -138,7 +229,8 @@ pub struct GenerateRequest {
 }
 
 pub struct GenerateTask {
-    pipeline: Arc<SdxlPipeline>,
+    pipeline: Arc<Mutex<Loaded>>,
+    loras: Vec<ActiveLora>,
     params: GenerateParams,
     call: CallContext,
 }
@@ -180,7 +272,19 @@ impl Task for GenerateTask {
     fn compute(&mut self) -> napi::Result<Vec<RgbImage>> {
         let mut report = self.call.reporter();
         guarded(|| {
-            self.pipeline
+            // A panic while merging poisons the lock; the next call redoes the merge from the
+            // resident base weights, so the model stays usable.
+            let mut loaded = self.pipeline.lock().unwrap_or_else(|poisoned| {
+                let mut loaded = poisoned.into_inner();
+                loaded.active = vec![ActiveLora {
+                    source: LoraSource::File(PathBuf::new()),
+                    weight: f32::NAN,
+                }];
+                loaded
+            });
+            loaded.activate(&self.loras)?;
+            loaded
+                .pipeline
                 .generate(&self.params, &self.call.cancel, &mut report)
         })
     }
