@@ -6,6 +6,7 @@ pub mod clip_vision;
 pub mod device;
 pub mod error;
 pub mod hypernet;
+pub mod face;
 pub mod identity;
 pub mod lora;
 pub mod sdxl;
