@@ -5,8 +5,8 @@
 pub mod clip_vision;
 pub mod device;
 pub mod error;
-pub mod hypernet;
 pub mod face;
+pub mod hypernet;
 pub mod identity;
 pub mod lora;
 pub mod sdxl;

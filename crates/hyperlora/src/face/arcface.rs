@@ -42,19 +42,31 @@ impl ArcFaceModel {
             ));
         }
         let (mean, std) = input_norm(&model, 127.5);
-        Ok(Self { model, size: 112, dim: 512, mean, std })
+        Ok(Self {
+            model,
+            size: 112,
+            dim: 512,
+            mean,
+            std,
+        })
     }
 
     /// The L2-normalised embedding of an aligned 112x112 crop.
     pub fn embed_aligned(&self, aligned: &RgbImage) -> Result<Vec<f32>> {
-        let outs = self.model.run(&blob(aligned, self.mean, self.std), self.size, self.size)?;
+        let outs = self
+            .model
+            .run(&blob(aligned, self.mean, self.std), self.size, self.size)?;
         let mut e = outs[0].1.clone();
         if e.len() != self.dim {
-            return Err(self.model.signature_error(format!("embedding has {} values", e.len())));
+            return Err(self
+                .model
+                .signature_error(format!("embedding has {} values", e.len())));
         }
         let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
         if !(n > 0.0 && n.is_finite()) {
-            return Err(Error::internal("ArcFace produced a zero or non-finite embedding"));
+            return Err(Error::internal(
+                "ArcFace produced a zero or non-finite embedding",
+            ));
         }
         e.iter_mut().for_each(|v| *v /= n);
         Ok(e)

@@ -54,7 +54,10 @@ impl Detector {
         for (i, o) in model.outputs.iter().enumerate() {
             let want = [1, 4, 10][i / 3];
             let ok = matches!(o.shape.len(), 2 | 3)
-                && o.shape.last().and_then(Dim::fixed).is_none_or(|d| d == want);
+                && o.shape
+                    .last()
+                    .and_then(Dim::fixed)
+                    .is_none_or(|d| d == want);
             if !ok {
                 return Err(model.signature_error(format!(
                     "not an SCRFD detector: output {i} ({}) should be [N, {want}]",
@@ -138,7 +141,11 @@ impl Detector {
     }
 
     /// Tries each size in turn (the reference's 640, 512, 384, 256) until a face is found.
-    pub fn detect_with_retries(&self, img: &RgbImage, sizes: &[usize]) -> Result<(Vec<Detection>, usize)> {
+    pub fn detect_with_retries(
+        &self,
+        img: &RgbImage,
+        sizes: &[usize],
+    ) -> Result<(Vec<Detection>, usize)> {
         for &s in sizes {
             let d = self.detect(img, s)?;
             if !d.is_empty() {

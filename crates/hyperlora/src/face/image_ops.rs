@@ -496,7 +496,8 @@ pub fn pil_paste_masked(canvas: &mut RgbImage, img: &RgbImage, at: (i64, i64), m
             let m = mask.data[y * mask.width + x] as u32;
             let o = (cy as usize * canvas.width + cx as usize) * 3;
             for k in 0..3 {
-                let v = canvas.data[o + k] as u32 * (255 - m) + img.data[(y * img.width + x) * 3 + k] as u32 * m;
+                let v = canvas.data[o + k] as u32 * (255 - m)
+                    + img.data[(y * img.width + x) * 3 + k] as u32 * m;
                 let t = v + 128;
                 canvas.data[o + k] = (((t >> 8) + t) >> 8) as u8;
             }
@@ -518,56 +519,164 @@ pub fn pil_grayscale(img: &RgbImage) -> RgbImage {
     }
 }
 
-/// Fills a polygon with 255 on `mask` the way `ImageDraw.polygon(points, fill=255)` does:
-/// vertices rounded to whole pixels, each scan line filled between edge crossings.
+/// Fills a polygon with 255 on `mask` exactly as `ImageDraw.polygon(points, fill=255)` does
+/// (Pillow's Draw.c: vertices truncated to int, scan-line fill with its corner rules).
 pub fn fill_polygon(mask: &mut GrayImage, points: &[(f64, f64)]) {
-    let pts: Vec<(f64, f64)> = points
-        .iter()
-        .map(|&(x, y)| ((x + 0.5).floor(), (y + 0.5).floor()))
-        .collect();
-    let n = pts.len();
-    if n < 3 {
+    let xy: Vec<(i32, i32)> = points.iter().map(|&(x, y)| (x as i32, y as i32)).collect();
+    let count = xy.len();
+    if count == 0 {
         return;
     }
-    let ymin = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).max(0.0) as i64;
-    let ymax = pts
-        .iter()
-        .map(|p| p.1)
-        .fold(f64::NEG_INFINITY, f64::max)
-        .min(mask.height as f64 - 1.0) as i64;
-    let mut xs = Vec::new();
-    for y in ymin..=ymax {
-        let yf = y as f64;
-        xs.clear();
-        for i in 0..n {
-            let (a, b) = (pts[i], pts[(i + 1) % n]);
-            if a.1 == b.1 {
-                if a.1 == yf {
-                    let (l, r) = (a.0.min(b.0), a.0.max(b.0));
-                    hline(mask, y, l, r);
-                }
+    let mut edges: Vec<Edge> = Vec::with_capacity(count);
+    let mut i = 0;
+    while i + 1 < count {
+        let ((x0, y0), (x1, y1)) = (xy[i], xy[i + 1]);
+        if y0 == y1 && i != 0 && y0 == xy[i - 1].1 {
+            let prev_x = xy[i - 1].0;
+            let last = edges.last_mut().unwrap();
+            if x1 > x0 && x0 > prev_x {
+                last.xmax = x1;
+                i += 1;
+                continue;
+            } else if x1 < x0 && x0 < prev_x {
+                last.xmin = x1;
+                i += 1;
                 continue;
             }
-            let (lo, hi) = if a.1 < b.1 { (a, b) } else { (b, a) };
-            if yf >= lo.1 && yf < hi.1 || (yf == hi.1 && yf == ymax as f64) {
-                xs.push(lo.0 + (yf - lo.1) * (hi.0 - lo.0) / (hi.1 - lo.1));
-            }
         }
-        xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        for pair in xs.chunks_exact(2) {
-            hline(mask, y, (pair[0] + 0.5).floor(), (pair[1] - 0.5).ceil());
+        edges.push(Edge::new(x0, y0, x1, y1));
+        i += 1;
+    }
+    if xy[i] != xy[0] {
+        edges.push(Edge::new(xy[i].0, xy[i].1, xy[0].0, xy[0].1));
+    }
+    polygon_generic(mask, &edges);
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Edge {
+    x0: i32,
+    y0: i32,
+    xmin: i32,
+    xmax: i32,
+    ymin: i32,
+    ymax: i32,
+    dx: f32,
+}
+
+impl Edge {
+    fn new(x0: i32, y0: i32, x1: i32, y1: i32) -> Self {
+        let dx = if y0 == y1 {
+            0.0
+        } else {
+            (x1 - x0) as f32 / (y1 - y0) as f32
+        };
+        Self {
+            x0,
+            y0,
+            xmin: x0.min(x1),
+            xmax: x0.max(x1),
+            ymin: y0.min(y1),
+            ymax: y0.max(y1),
+            dx,
         }
+    }
+    fn x_at(&self, y: i32) -> f32 {
+        (y - self.y0) as f32 * self.dx + self.x0 as f32
     }
 }
 
-fn hline(mask: &mut GrayImage, y: i64, x0: f64, x1: f64) {
-    if y < 0 || y >= mask.height as i64 {
+fn round_up(f: f32) -> i32 {
+    if f >= 0.0 {
+        (f + 0.5).floor() as i32
+    } else {
+        -((f.abs() + 0.5).floor() as i32)
+    }
+}
+
+fn round_down(f: f32) -> i32 {
+    if f >= 0.0 {
+        (f - 0.5).ceil() as i32
+    } else {
+        -((f.abs() - 0.5).ceil() as i32)
+    }
+}
+
+fn hline8(mask: &mut GrayImage, mut x0: i32, y: i32, mut x1: i32) {
+    let (w, h) = (mask.width as i32, mask.height as i32);
+    if y < 0 || y >= h {
         return;
     }
-    let a = (x0.max(0.0)) as i64;
-    let b = (x1.min(mask.width as f64 - 1.0)) as i64;
-    for x in a..=b {
-        mask.data[y as usize * mask.width + x as usize] = 255;
+    if x0 < 0 {
+        x0 = 0;
+    } else if x0 >= w {
+        return;
+    }
+    if x1 < 0 {
+        return;
+    } else if x1 >= w {
+        x1 = w - 1;
+    }
+    for x in x0..=x1 {
+        mask.data[(y * w + x) as usize] = 255;
+    }
+}
+
+fn polygon_generic(mask: &mut GrayImage, e: &[Edge]) {
+    let mut ymin = mask.height as i32 - 1;
+    let mut ymax = 0;
+    let mut table: Vec<&Edge> = Vec::new();
+    for edge in e {
+        ymin = ymin.min(edge.ymin);
+        ymax = ymax.max(edge.ymax);
+        if edge.ymin == edge.ymax {
+            hline8(mask, edge.xmin, edge.ymin, edge.xmax);
+            continue;
+        }
+        table.push(edge);
+    }
+    ymin = ymin.max(0);
+    ymax = ymax.min(mask.height as i32);
+    let mut xx: Vec<f32> = Vec::with_capacity(table.len() * 2);
+    for y in ymin..=ymax {
+        xx.clear();
+        for (i, cur) in table.iter().enumerate() {
+            if !(y >= cur.ymin && y <= cur.ymax) {
+                continue;
+            }
+            xx.push(cur.x_at(y));
+            if y == cur.ymax && y < ymax {
+                let v = *xx.last().unwrap();
+                xx.push(v);
+            } else if (y == cur.ymin || y == cur.ymax) && cur.dx != 0.0 {
+                for other in table.iter().take(i) {
+                    if (y != other.ymin && y != other.ymax) || other.dx == 0.0 {
+                        continue;
+                    }
+                    let last = *xx.last().unwrap();
+                    if last.round() == other.x_at(y).round() {
+                        let offset = if y == cur.ymax { -1 } else { 1 };
+                        let adj = cur.x_at(y + offset);
+                        if y + offset >= other.ymin && y + offset <= other.ymax {
+                            let adj_other = other.x_at(y + offset);
+                            let n = xx.len() - 1;
+                            if last > adj + 1.0 && last > adj_other + 1.0 {
+                                xx[n] = (adj.max(adj_other) as f64).round() as f32 + 1.0;
+                            } else if last < adj - 1.0 && last < adj_other - 1.0 {
+                                xx[n] = (adj.min(adj_other) as f64).round() as f32 - 1.0;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        xx.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let mut k = 1;
+        while k < xx.len() {
+            hline8(mask, round_up(xx[k - 1]), y, round_down(xx[k]));
+            k += 2;
+        }
     }
 }
 
@@ -582,13 +691,23 @@ mod tests {
         RgbImage {
             width: w,
             height: h,
-            data: t.to_dtype(DType::U8).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+            data: t
+                .to_dtype(DType::U8)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
         }
     }
 
     fn max_diff(a: &[u8], b: &[u8]) -> u8 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(0)
     }
 
     #[test]
@@ -600,7 +719,11 @@ mod tests {
             let e = rgb(&f[&format!("ops.resize_{w}x{h}")]);
             assert_eq!(max_diff(&r.data, &e.data), 0, "resize to {w}x{h}");
         }
-        let m = f["ops.warp_m"].to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        let m = f["ops.warp_m"]
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
         let m = [[m[0][0], m[0][1], m[0][2]], [m[1][0], m[1][1], m[1][2]]];
         let r = warp_affine(&src, &m, 40, 40);
         assert!(max_diff(&r.data, &rgb(&f["ops.warp_40"]).data) <= 1);

@@ -58,16 +58,32 @@ impl LandmarkModel {
     pub fn load(path: &Path) -> Result<Self> {
         let model = OnnxModel::load(path)?;
         let ins = &model.inputs[0].shape;
-        let size = match (ins.len(), ins.get(1), ins.get(2).and_then(Dim::fixed), ins.get(3).and_then(Dim::fixed)) {
+        let size = match (
+            ins.len(),
+            ins.get(1),
+            ins.get(2).and_then(Dim::fixed),
+            ins.get(3).and_then(Dim::fixed),
+        ) {
             (4, Some(Dim::Fixed(3)), Some(h), Some(w)) if h == w => h as usize,
-            _ => return Err(model.signature_error("not a 2d106det landmark model: expected a 1x3xSxS input")),
+            _ => {
+                return Err(model
+                    .signature_error("not a 2d106det landmark model: expected a 1x3xSxS input"))
+            }
         };
         let out_len = model.outputs[0].shape.last().and_then(Dim::fixed);
         if model.inputs.len() != 1 || model.outputs.len() != 1 || out_len != Some(212) {
-            return Err(model.signature_error("not a 2d106det landmark model: expected one output of 212 values (106 x 2)"));
+            return Err(model.signature_error(
+                "not a 2d106det landmark model: expected one output of 212 values (106 x 2)",
+            ));
         }
         let (mean, std) = input_norm(&model, 128.0);
-        Ok(Self { model, size, points: 106, mean, std })
+        Ok(Self {
+            model,
+            size,
+            points: 106,
+            mean,
+            std,
+        })
     }
 
     pub fn input_size(&self) -> usize {
@@ -86,7 +102,9 @@ impl LandmarkModel {
             [0.0, scale as f64, -((center.1 * scale) as f64) + half],
         ];
         let crop = warp_affine(img, &m, self.size, self.size);
-        let outs = self.model.run(&blob(&crop, self.mean, self.std), self.size, self.size)?;
+        let outs = self
+            .model
+            .run(&blob(&crop, self.mean, self.std), self.size, self.size)?;
         let pred = &outs[0].1;
         let pred = &pred[pred.len() - self.points * 2..];
         let im = invert_affine(&m);

@@ -86,6 +86,13 @@ pub struct SkippedPhoto {
     pub message: String,
 }
 
+/// The photos of a batch that have a face (with their index) and those skipped.
+#[derive(Clone, Debug)]
+pub struct AnalyzedPhotos {
+    pub analyzed: Vec<(usize, FaceAnalysis)>,
+    pub skipped: Vec<SkippedPhoto>,
+}
+
 pub struct FaceAnalyzer {
     pub detector: Detector,
     pub landmarks: LandmarkModel,
@@ -135,7 +142,10 @@ impl FaceAnalyzer {
         for d in dets {
             cancel.check()?;
             let landmarks = self.landmarks.landmarks(img, &d)?;
-            faces.push(FaceInfo { detection: d, landmarks });
+            faces.push(FaceInfo {
+                detection: d,
+                landmarks,
+            });
         }
         Ok((faces, size))
     }
@@ -151,16 +161,32 @@ impl FaceAnalyzer {
         progress: ProgressFn<'_>,
     ) -> Result<FaceAnalysis> {
         check_image(img)?;
-        let step = |s: u64, progress: &mut dyn FnMut(Progress)| progress(Progress { stage: "face", step: s, total: 4 });
+        let step = |s: u64, progress: &mut dyn FnMut(Progress)| {
+            progress(Progress {
+                stage: "face",
+                step: s,
+                total: 4,
+            })
+        };
         let (dets, det_size) = self.detector.detect_with_retries(img, &DETECT_SIZES)?;
         step(1, progress);
         if dets.is_empty() {
-            return Err(no_face(index, name, "no face detected (tried 640, 512, 384 and 256)"));
+            return Err(no_face(
+                index,
+                name,
+                "no face detected (tried 640, 512, 384 and 256)",
+            ));
         }
         let pick = match opts.choice {
             FaceChoice::HighestScore => 0,
             FaceChoice::Largest => (0..dets.len())
-                .max_by(|&a, &b| dets[a].area().partial_cmp(&dets[b].area()).unwrap().then(b.cmp(&a)))
+                .max_by(|&a, &b| {
+                    dets[a]
+                        .area()
+                        .partial_cmp(&dets[b].area())
+                        .unwrap()
+                        .then(b.cmp(&a))
+                })
                 .unwrap(),
             FaceChoice::Index(i) if i < dets.len() => i,
             FaceChoice::Index(i) => {
@@ -191,13 +217,20 @@ impl FaceAnalyzer {
             Vec::new()
         };
         let Some(face2) = again.first() else {
-            return Err(no_face(index, name, "the face was found but not again in its ArcFace crop"));
+            return Err(no_face(
+                index,
+                name,
+                "the face was found but not again in its ArcFace crop",
+            ));
         };
         let arcface = self.arcface.embed(&crop2, face2)?;
         step(4, progress);
         Ok(FaceAnalysis {
             conditions: FaceConditions { arcface, clip_crop },
-            face: FaceInfo { detection: det, landmarks: lmk },
+            face: FaceInfo {
+                detection: det,
+                landmarks: lmk,
+            },
             preview,
             det_size,
         })
@@ -211,7 +244,7 @@ impl FaceAnalyzer {
         opts: &AnalyzeOptions,
         cancel: &CancelToken,
         progress: ProgressFn<'_>,
-    ) -> Result<(Vec<(usize, FaceAnalysis)>, Vec<SkippedPhoto>)> {
+    ) -> Result<AnalyzedPhotos> {
         let (mut ok, mut skipped) = (Vec::new(), Vec::new());
         for (i, (img, name)) in photos.iter().enumerate() {
             cancel.check()?;
@@ -224,13 +257,23 @@ impl FaceAnalyzer {
                 }),
                 Err(e) => return Err(e),
             }
-            progress(Progress { stage: "faces", step: i as u64 + 1, total: photos.len() as u64 });
+            progress(Progress {
+                stage: "faces",
+                step: i as u64 + 1,
+                total: photos.len() as u64,
+            });
         }
         if ok.is_empty() {
             let list: Vec<String> = skipped.iter().map(|s| s.message.clone()).collect();
-            return Err(Error::new(ErrorCode::NoFace, format!("no face in any photo: {}", list.join("; "))));
+            return Err(Error::new(
+                ErrorCode::NoFace,
+                format!("no face in any photo: {}", list.join("; ")),
+            ));
         }
-        Ok((ok, skipped))
+        Ok(AnalyzedPhotos {
+            analyzed: ok,
+            skipped,
+        })
     }
 }
 

@@ -92,10 +92,7 @@ impl OnnxModel {
             )));
         }
         let bad = |what: &str, e: &dyn std::fmt::Display| {
-            Error::bad_weights(format!(
-                "{}: {what}: {e}",
-                path.display()
-            ))
+            Error::bad_weights(format!("{}: {what}: {e}", path.display()))
         };
         let bytes = std::fs::read(path).map_err(|e| Error::from(e).context(path.display()))?;
         let onnx = tract_onnx::onnx();
@@ -193,7 +190,8 @@ impl OnnxModel {
             )));
         }
         let plan = self.plan(h, w)?;
-        let x = Tensor::from_shape(&[1, 3, h, w], input).map_err(|e| Error::internal(e.to_string()))?;
+        let x =
+            Tensor::from_shape(&[1, 3, h, w], input).map_err(|e| Error::internal(e.to_string()))?;
         let outs = plan.run(tvec!(x.into())).map_err(|e| {
             Error::internal(format!("{}: inference failed: {e}", self.path.display()))
         })?;

@@ -36,8 +36,16 @@ pub fn remove_background(img: &RgbImage, lmk: &[[f32; 2]]) -> RgbImage {
         poly.iter().map(|p| p.0).sum::<f64>() / n,
         poly.iter().map(|p| p.1).sum::<f64>() / n,
     );
-    let (x0, x1) = poly.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let (y0, y1) = poly.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let (x0, x1) = poly
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+            (a.0.min(p.0), a.1.max(p.0))
+        });
+    let (y0, y1) = poly
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+            (a.0.min(p.1), a.1.max(p.1))
+        });
     let l = 0.8 * (x1 - x0).max(y1 - y0);
     let bx = [c.0 - l, c.1 - l, c.0 + l, c.1 + l];
     let (crop, at) = pil_crop(img, bx);
@@ -57,8 +65,12 @@ pub fn remove_background(img: &RgbImage, lmk: &[[f32; 2]]) -> RgbImage {
 /// `scale` 2 gives step 4's ArcFace crop.
 pub fn clip_box(lmk: &[[f32; 2]], scale: f64) -> [f64; 4] {
     let p = pts64(lmk);
-    let (x0, x1) = p.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, q| (a.0.min(q.0), a.1.max(q.0)));
-    let (y0, y1) = p.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, q| (a.0.min(q.1), a.1.max(q.1)));
+    let (x0, x1) = p.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, q| {
+        (a.0.min(q.0), a.1.max(q.0))
+    });
+    let (y0, y1) = p.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, q| {
+        (a.0.min(q.1), a.1.max(q.1))
+    });
     let (cx, mut cy) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
     let mut l = 0.75 * (x1 - x0).max(y1 - y0);
     cy -= 0.125 * l;
@@ -81,7 +93,15 @@ pub fn clip_crop(img: &RgbImage, lmk: &[[f32; 2]], size: usize, grayscale: bool)
     };
     let r = pil_resize_bicubic(&crop, nw, nh);
     let (left, top) = ((nw - size) / 2, (nh - size) / 2);
-    let (c, _) = pil_crop(&r, [left as f64, top as f64, (left + size) as f64, (top + size) as f64]);
+    let (c, _) = pil_crop(
+        &r,
+        [
+            left as f64,
+            top as f64,
+            (left + size) as f64,
+            (top + size) as f64,
+        ],
+    );
     c
 }
 
