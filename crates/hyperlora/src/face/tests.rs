@@ -58,6 +58,18 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 fn assert_dets(what: &str, ours: &[Detection], det: &Tensor, kps: &Tensor) {
     let d = floats(det);
     let k = floats(kps);
+    let mut worst = 0f32;
+    for (i, o) in ours.iter().enumerate() {
+        for j in 0..4 {
+            worst = worst.max((o.bbox[j] - d[i * 5 + j]).abs());
+        }
+        for p in 0..5 {
+            for c in 0..2 {
+                worst = worst.max((o.kps[p][c] - k[i * 10 + p * 2 + c]).abs());
+            }
+        }
+    }
+    eprintln!("{what}: {} faces, box/kps worst {worst} px", ours.len());
     assert_eq!(ours.len(), d.len() / 5, "{what}: number of faces");
     for (i, o) in ours.iter().enumerate() {
         for j in 0..4 {
@@ -111,6 +123,7 @@ fn detector_landmarks_and_arcface_match_insightface() {
             }
         }
         assert!(worst <= 0.5, "{name}: landmarks off by {worst} px");
+        eprintln!("{name}: landmarks worst {worst} px");
         let aligned = arcface::norm_crop(&img, &faces[0].detection.kps, 112);
         let diff = max_u8_diff(
             "aligned",
@@ -121,6 +134,7 @@ fn detector_landmarks_and_arcface_match_insightface() {
         let e = a.arcface.embed(&img, &faces[0].detection).unwrap();
         let cos = cosine(&e, &floats(&f[&format!("{name}.direct_embedding")]));
         assert!(cos >= 0.9999, "{name}: embedding cosine {cos}");
+        eprintln!("{name}: direct embedding cosine {cos}, norm_crop max diff {diff}");
     }
 }
 
@@ -202,6 +216,7 @@ fn analyze_gives_identity_conditions_and_names_photos_without_faces() {
     assert_eq!(r.det_size, 640);
     let cos = cosine(&r.conditions.arcface, &floats(&f["astronaut.embedding"]));
     assert!(cos >= 0.9999, "embedding through the 2x crop: cosine {cos}");
+    eprintln!("analyze: embedding through the 2x crop, cosine {cos}");
     let d = max_u8_diff(
         "clip",
         &r.conditions.clip_crop,
@@ -292,4 +307,65 @@ fn loader_checks_the_antelopev2_signatures() {
     let a = analyzer();
     assert_eq!(a.landmarks.input_size(), 192);
     assert_eq!(a.detector.fixed_input_size(), None);
+}
+
+/// Timing of one 1024x1024 photo (bench/face_cpu.sh). Uses `HYPERLORA_ANTELOPEV2` (a real
+/// antelopev2 folder, or random weights of the real sizes) or else the tiny models.
+#[test]
+#[ignore]
+fn bench_face_cpu() {
+    use std::time::Instant;
+    let dir = std::env::var("HYPERLORA_ANTELOPEV2")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| tiny_model("antelopev2"));
+    let a = analyzer_at(&dir);
+    let f = fixture();
+    let small = rgb(&f["astronaut.image"]);
+    let img = image_ops::cv_resize_linear(&small, 1024, 1024);
+    let cancel = CancelToken::new();
+    // Warm-up builds the per-size plans.
+    let _ = a.analyze(
+        &img,
+        &AnalyzeOptions::default(),
+        0,
+        None,
+        &cancel,
+        &mut |_| {},
+    );
+    let t = Instant::now();
+    let dets = a.detector.detect(&img, 640).unwrap();
+    let t_det = t.elapsed();
+    let Some(face) = dets.first() else {
+        eprintln!("no face with these weights; detector {t_det:?}");
+        return;
+    };
+    let t = Instant::now();
+    let lmk = a.landmarks.landmarks(&img, face).unwrap();
+    let t_lmk = t.elapsed();
+    let t = Instant::now();
+    let _ = a.arcface.embed(&img, face).unwrap();
+    let t_arc = t.elapsed();
+    let t = Instant::now();
+    let nobg = preprocess::remove_background(&img, &lmk);
+    let _ = preprocess::clip_crop(&nobg, &lmk, 224, false);
+    let _ = preprocess::preview(&nobg, &lmk);
+    let t_pre = t.elapsed();
+    let t = Instant::now();
+    let _ = a.analyze(
+        &img,
+        &AnalyzeOptions::default(),
+        0,
+        None,
+        &cancel,
+        &mut |_| {},
+    );
+    eprintln!(
+        "{}: detector(640) {t_det:?}, landmarks {t_lmk:?}, arcface {t_arc:?}, preprocessing {t_pre:?}, whole analyze {:?}",
+        dir.display(),
+        t.elapsed()
+    );
+}
+
+fn analyzer_at(dir: &std::path::Path) -> FaceAnalyzer {
+    FaceAnalyzer::load(dir).unwrap()
 }
