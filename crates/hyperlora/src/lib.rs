@@ -5,6 +5,7 @@
 pub mod clip_vision;
 pub mod device;
 pub mod error;
+pub mod face;
 pub mod hypernet;
 pub mod identity;
 pub mod lora;

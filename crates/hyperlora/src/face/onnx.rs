@@ -1,0 +1,235 @@
+//! ONNX execution for the antelopev2 graphs.
+//!
+//! Engine: **tract-onnx 0.22** (pure Rust, from crates.io; no protoc, no downloaded runtime).
+//! Why: it runs all three graph types (SCRFD with nearest-neighbour Resize and dynamic input
+//! size, the mxnet-converted 2d106det with BatchNormalization/PRelu, the iresnet ArcFace with
+//! residual Adds and BatchNorm1d) and optimises each into a fixed-shape plan with its own
+//! conv/matmul kernels. candle-onnx was the alternative: it needs protoc at build time and
+//! lacks ops these graphs use. Cost: about 80 extra crates in the lock file; a first build
+//! of tract on the 2-core build machine took several minutes (see the face-analysis report).
+//!
+//! Plans are built per input size and cached (the detector is run at 640/512/384/256), so the
+//! first call at a new size pays the optimisation once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, Result};
+
+type Plan = Arc<TypedRunnableModel<TypedModel>>;
+
+/// One graph dimension as the file declares it: a number, or a name (dynamic).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(i64),
+    Dynamic,
+}
+
+impl Dim {
+    pub fn fixed(&self) -> Option<i64> {
+        match self {
+            Dim::Fixed(v) if *v > 0 => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+/// A graph input or output as declared in the file.
+#[derive(Clone, Debug)]
+pub struct ValueInfo {
+    pub name: String,
+    pub shape: Vec<Dim>,
+}
+
+/// A loaded ONNX graph with the declared signature and per-size execution plans.
+pub struct OnnxModel {
+    path: PathBuf,
+    pub inputs: Vec<ValueInfo>,
+    pub outputs: Vec<ValueInfo>,
+    /// Names of the first graph nodes (insightface derives the input normalisation from them).
+    pub first_node_names: Vec<String>,
+    model: InferenceModel,
+    plans: Mutex<HashMap<(usize, usize), Plan>>,
+}
+
+fn value_info(v: &pb::ValueInfoProto) -> ValueInfo {
+    let shape = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(pb::type_proto::Value::TensorType(t)) => t
+            .shape
+            .as_ref()
+            .map(|s| {
+                s.dim
+                    .iter()
+                    .map(|d| match d.value {
+                        Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => {
+                            Dim::Fixed(v)
+                        }
+                        _ => Dim::Dynamic,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    ValueInfo {
+        name: v.name.clone(),
+        shape,
+    }
+}
+
+impl OnnxModel {
+    /// Reads and parses an ONNX file. Missing → `MODEL_NOT_FOUND`; truncated or not ONNX →
+    /// `BAD_WEIGHTS`, both naming the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::model_not_found(format!(
+                "{}: no such ONNX file",
+                path.display()
+            )));
+        }
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            Error::bad_weights(format!("{}: {what}: {e}", path.display()))
+        };
+        let bytes = std::fs::read(path).map_err(|e| Error::from(e).context(path.display()))?;
+        let onnx = tract_onnx::onnx();
+        let proto = onnx
+            .proto_model_for_read(&mut bytes.as_slice())
+            .map_err(|e| bad("not a readable ONNX model (truncated or corrupt?)", &e))?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| bad("not an ONNX model", &"the file holds no graph"))?;
+        let initializers: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs: Vec<ValueInfo> = graph
+            .input
+            .iter()
+            .filter(|v| !initializers.contains(v.name.as_str()))
+            .map(value_info)
+            .collect();
+        let outputs: Vec<ValueInfo> = graph.output.iter().map(value_info).collect();
+        let first_node_names = graph.node.iter().take(8).map(|n| n.name.clone()).collect();
+        if inputs.is_empty() || outputs.is_empty() {
+            return Err(bad("not a usable ONNX model", &"no inputs or outputs"));
+        }
+        let dir = path.parent().and_then(|p| p.to_str());
+        let parsed = onnx
+            .parse(&proto, dir)
+            .map_err(|e| bad("cannot build the ONNX graph", &e))?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(bad(
+                "cannot build the ONNX graph",
+                &format!("unresolved inputs {:?}", parsed.unresolved_inputs),
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            inputs,
+            outputs,
+            first_node_names,
+            model: parsed.model,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A `BAD_WEIGHTS` error naming this file, for signature checks.
+    pub fn signature_error(&self, message: impl std::fmt::Display) -> Error {
+        Error::bad_weights(format!(
+            "{}: {message} (inputs {:?}, outputs {:?})",
+            self.path.display(),
+            self.inputs
+                .iter()
+                .map(|v| (&v.name, &v.shape))
+                .collect::<Vec<_>>(),
+            self.outputs
+                .iter()
+                .map(|v| (&v.name, &v.shape))
+                .collect::<Vec<_>>()
+        ))
+    }
+
+    fn plan(&self, h: usize, w: usize) -> Result<Plan> {
+        if let Some(p) = self.plans.lock().unwrap().get(&(h, w)) {
+            return Ok(p.clone());
+        }
+        let fail = |e: TractError| {
+            Error::bad_weights(format!(
+                "{}: cannot prepare the graph for a 1x3x{h}x{w} input: {e}",
+                self.path.display()
+            ))
+        };
+        let plan = self
+            .model
+            .clone()
+            .with_input_fact(0, f32::fact([1, 3, h, w]).into())
+            .map_err(fail)?
+            .into_optimized()
+            .map_err(fail)?
+            .into_runnable()
+            .map_err(fail)?;
+        let plan = Arc::new(plan);
+        self.plans.lock().unwrap().insert((h, w), plan.clone());
+        Ok(plan)
+    }
+
+    /// Runs the graph on one NCHW f32 image `[1, 3, h, w]`; returns every output as
+    /// (shape, values) in the file's output order.
+    pub fn run(&self, input: &[f32], h: usize, w: usize) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
+        if input.len() != 3 * h * w {
+            return Err(Error::internal(format!(
+                "ONNX input has {} values, expected 3x{h}x{w}",
+                input.len()
+            )));
+        }
+        let plan = self.plan(h, w)?;
+        let x =
+            Tensor::from_shape(&[1, 3, h, w], input).map_err(|e| Error::internal(e.to_string()))?;
+        let outs = plan.run(tvec!(x.into())).map_err(|e| {
+            Error::internal(format!("{}: inference failed: {e}", self.path.display()))
+        })?;
+        outs.iter()
+            .map(|t| {
+                let v = t
+                    .cast_to::<f32>()
+                    .map_err(|e| Error::internal(e.to_string()))?;
+                let s = v
+                    .as_slice::<f32>()
+                    .map_err(|e| Error::internal(e.to_string()))?;
+                Ok((t.shape().to_vec(), s.to_vec()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::testing::tiny_model;
+
+    #[test]
+    fn truncated_or_missing_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("hyperlora-onnx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = std::fs::read(tiny_model("antelopev2").join("glintr100.onnx")).unwrap();
+        let cut = dir.join("glintr100.onnx");
+        std::fs::write(&cut, &src[..src.len() / 3]).unwrap();
+        let e = OnnxModel::load(&cut).err().unwrap();
+        assert_eq!(e.code, ErrorCode::BadWeights, "{e}");
+        assert!(e.message.contains("glintr100.onnx"), "{e}");
+        std::fs::write(&cut, b"not onnx at all").unwrap();
+        let e = OnnxModel::load(&cut).err().unwrap();
+        assert_eq!(e.code, ErrorCode::BadWeights, "{e}");
+        let e = OnnxModel::load(&dir.join("missing.onnx")).err().unwrap();
+        assert_eq!(e.code, ErrorCode::ModelNotFound, "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
