@@ -21,6 +21,17 @@ export declare class CancelHandle {
   get progressSent(): number
 }
 
+/** antelopev2's detector, landmark model and ArcFace, run in-process. */
+export declare class FaceAnalyzer {
+  /** Every face in the picture, best score first (detector retried at 640, 512, 384, 256). */
+  detect(image: RawImage, cancel?: CancelHandle | undefined | null): Promise<Array<DetectedFace>>
+  /**
+   * The identity conditions of each photo (spec §3); photos without a face are skipped
+   * when others have one, else the call fails with `NO_FACE` naming the photo.
+   */
+  analyze(photos: Array<RawImage>, names: Array<string | undefined | null>, options?: AnalyzeFacesOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<FaceAnalysisResult>
+}
+
 /** A person's identity: the LoRA the hypernetwork wrote for them. */
 export declare class Identity {
   /** Number of LoRA modules (UNet attention layers × projections). */
@@ -52,6 +63,30 @@ export declare class Pipeline {
 /** Test hook: panics inside a worker task so tests can prove panics never cross into Node. */
 export declare function __panicForTests(): Promise<void>
 
+/** One photo's analysis: the identity conditions plus what the user may want to show. */
+export interface AnalyzedFace {
+  /** Position of the photo in the request. */
+  index: number
+  arcface: Float32Array
+  clipCrop: RawImage
+  face: DetectedFace
+  /** The background-removed face region at 512². */
+  preview: RawImage
+  /** Detector input size that found the face (640, 512, 384 or 256). */
+  detSize: number
+}
+
+export interface AnalyzeFacesOptions {
+  /** Spec step 2: grey out everything outside the face outline (default true). */
+  removeBackground?: boolean
+  /** Grey CLIP crop (default false). */
+  grayscale?: boolean
+  /** `best` (highest detector score, default), `largest`, or a face index as a string. */
+  face?: string
+  /** Side of the CLIP crop (the identity encoder's `clipImageSize`; default 224). */
+  clipSize?: number
+}
+
 export declare function backendInfo(): BackendInfo
 
 /** What this native binary can run on. */
@@ -62,6 +97,23 @@ export interface BackendInfo {
   features: Array<string>
   /** Threads the CPU backend uses. */
   cpuThreads: number
+}
+
+/** A detected face, in image pixels. */
+export interface DetectedFace {
+  /** `[x1, y1, x2, y2]`. */
+  bbox: Array<number>
+  score: number
+  /** Left eye, right eye, nose, left and right mouth corners: `[[x, y], …]`. */
+  keypoints: Array<Array<number>>
+  /** The 106 landmarks of insightface's 2d106det: `[[x, y], …]`. */
+  landmarks: Array<Array<number>>
+}
+
+export interface FaceAnalysisResult {
+  faces: Array<AnalyzedFace>
+  /** Photos without a usable face (only when at least one other photo had one). */
+  skipped: Array<SkippedPhoto>
 }
 
 /** One photo's conditions: its ArcFace embedding and its CLIP-sized face crop. */
@@ -102,6 +154,12 @@ export interface InspectWeightsOptions {
  */
 export declare function interpolateIdentities(a: Identity, b: Identity, t: number): Promise<Identity>
 
+/**
+ * Loads an insightface antelopev2 folder (`scrfd_10g_bnkps.onnx`, `2d106det.onnx`,
+ * `glintr100.onnx`; buffalo_l's equivalents are accepted).
+ */
+export declare function loadFaceAnalyzer(dir: string): Promise<FaceAnalyzer>
+
 /** Loads an identity saved with `Identity.save` (any kohya LoRA in the same layout works). */
 export declare function loadIdentity(path: string): Promise<Identity>
 
@@ -141,6 +199,12 @@ export interface RawImage {
   height: number
   /** width × height × 3 bytes, rows top to bottom. */
   data: Buffer
+}
+
+export interface SkippedPhoto {
+  index: number
+  name?: string
+  message: string
 }
 
 export interface TensorEntry {

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.CancelHandle = nativeBinding.CancelHandle
+module.exports.FaceAnalyzer = nativeBinding.FaceAnalyzer
 module.exports.Identity = nativeBinding.Identity
 module.exports.IdentityEncoder = nativeBinding.IdentityEncoder
 module.exports.Pipeline = nativeBinding.Pipeline
@@ -843,6 +844,7 @@ module.exports.__panicForTests = nativeBinding.__panicForTests
 module.exports.backendInfo = nativeBinding.backendInfo
 module.exports.inspectWeights = nativeBinding.inspectWeights
 module.exports.interpolateIdentities = nativeBinding.interpolateIdentities
+module.exports.loadFaceAnalyzer = nativeBinding.loadFaceAnalyzer
 module.exports.loadIdentity = nativeBinding.loadIdentity
 module.exports.loadIdentityEncoder = nativeBinding.loadIdentityEncoder
 module.exports.loadPipeline = nativeBinding.loadPipeline

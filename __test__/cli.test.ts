@@ -20,12 +20,14 @@ describe('hyperlora CLI', () => {
     expect(out.backends).toContain('cpu')
   })
 
-  it('demo runs the whole pipeline on the bundled model and writes a PNG', () => {
+  it('demo runs photo → face → identity → SDXL on the bundled models and writes a PNG', () => {
     const out = path.join(tempDir('demo'), 'demo.png')
     const r = hyperlora('demo', '--json', '--out', out)
     expect(r.code, r.stderr).toBe(0)
     const report = JSON.parse(r.stdout)
     expect(report).toMatchObject({ device: 'cpu', steps: 20, output: out })
+    expect(report.face.landmarks).toHaveLength(106)
+    expect(report.identityModules).toBeGreaterThan(0)
     expect(fs.readFileSync(out).subarray(1, 4).toString()).toBe('PNG')
   })
 

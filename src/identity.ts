@@ -73,6 +73,12 @@ export class IdentityEncoder {
     this.#native = nativeEncoder
   }
 
+  /** Side of the square face crop the CLIP tower takes (224 for ViT-L/14); pass it to
+   * `analyzeFaces` as `clipSize`. */
+  get clipImageSize(): number {
+    return this.#native.clipImageSize
+  }
+
   /**
    * The identity of 1..N photos of one person (the hypernetwork averages over them). Progress
    * reports `clip` once per photo, then `hypernet`.

@@ -3,8 +3,9 @@ import sharp from 'sharp'
 
 import { HyperLoraError } from './errors.js'
 
-/** An image as a file path or encoded bytes in any format sharp reads (JPEG, PNG, WebP, AVIF, TIFF, …). */
-export type ImageInput = string | Buffer | Uint8Array
+/** An image: a file path, encoded bytes in any format sharp reads (JPEG, PNG, WebP, AVIF, TIFF,
+ * …), or already-decoded RGB8 pixels. */
+export type ImageInput = string | Buffer | Uint8Array | Rgb8
 
 export type ImageFormat = 'png' | 'jpeg' | 'webp'
 
@@ -23,19 +24,30 @@ export const MAX_INPUT_PIXELS = 100_000_000
  * converted to sRGB. With `size`, centre-cropped and resized to exactly that size.
  */
 export async function decodeRgb8(input: ImageInput, size?: { width: number; height: number }): Promise<Rgb8> {
+  if (isRgb8(input)) {
+    if (input.data.length !== input.width * input.height * 3) {
+      throw new HyperLoraError('INVALID_ARGUMENT', `RGB8 image of ${input.width}x${input.height} needs ${input.width * input.height * 3} bytes, got ${input.data.length}`)
+    }
+    if (!size || (size.width === input.width && size.height === input.height)) return input
+  }
   try {
-    let image = sharp(input, { limitInputPixels: MAX_INPUT_PIXELS }).rotate().flatten({ background: '#ffffff' }).toColourspace('srgb')
+    const source = isRgb8(input) ? sharp(input.data, { raw: { width: input.width, height: input.height, channels: 3 } }) : sharp(input, { limitInputPixels: MAX_INPUT_PIXELS })
+    let image = source.rotate().flatten({ background: '#ffffff' }).toColourspace('srgb')
     if (size) image = image.resize(size.width, size.height, { fit: 'cover', kernel: 'lanczos3' })
     const { data, info } = await image.removeAlpha().raw().toBuffer({ resolveWithObject: true })
     if (info.channels !== 3) throw new Error(`decoded to ${info.channels} channels`)
     return { width: info.width, height: info.height, data }
   } catch (error) {
-    const what = typeof input === 'string' ? input : `${input.byteLength}-byte buffer`
+    const what = typeof input === 'string' ? input : isRgb8(input) ? `${input.width}x${input.height} RGB8 image` : `${input.byteLength}-byte buffer`
     const missing = (error as NodeJS.ErrnoException).code === 'ENOENT' || /Input file is missing/.test(String(error))
     throw new HyperLoraError(missing ? 'MODEL_NOT_FOUND' : 'INVALID_ARGUMENT', `cannot read image ${what}: ${(error as Error).message}`, {
       cause: error,
     })
   }
+}
+
+function isRgb8(input: ImageInput): input is Rgb8 {
+  return typeof input === 'object' && !(input instanceof Uint8Array) && 'data' in input
 }
 
 /** Encodes RGB8 pixels. */

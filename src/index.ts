@@ -31,3 +31,13 @@ export {
   type FaceConditions,
   type LoadIdentityEncoderOptions,
 } from './identity.js'
+export {
+  FaceAnalyzer,
+  loadFaceAnalyzer,
+  TINY_ANTELOPEV2,
+  type AnalyzeFacesOptions,
+  type AnalyzedFace,
+  type DetectedFace,
+  type FaceAnalysis,
+} from './face.js'
+export type { Rgb8 } from './images.js'

@@ -1,0 +1,258 @@
+//! Face analysis: `loadFaceAnalyzer`, `FaceAnalyzer.detect` and `FaceAnalyzer.analyze`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hyperlora::face::{
+    AnalyzeOptions, AnalyzedPhotos, FaceAnalyzer as Analyzer, FaceChoice, FaceInfo,
+};
+use hyperlora::sdxl::pipeline::RgbImage;
+use hyperlora::Error;
+use napi::bindgen_prelude::{AsyncTask, ClassInstance, Float32Array};
+use napi::{Env, Task};
+use napi_derive::napi;
+
+use crate::errors::{guarded, to_napi};
+use crate::pipeline::RawImage;
+use crate::progress::{CallContext, ProgressCallback};
+use crate::CancelHandle;
+
+/// A detected face, in image pixels.
+#[napi(object)]
+pub struct DetectedFace {
+    /// `[x1, y1, x2, y2]`.
+    pub bbox: Vec<f64>,
+    pub score: f64,
+    /// Left eye, right eye, nose, left and right mouth corners: `[[x, y], …]`.
+    pub keypoints: Vec<Vec<f64>>,
+    /// The 106 landmarks of insightface's 2d106det: `[[x, y], …]`.
+    pub landmarks: Vec<Vec<f64>>,
+}
+
+fn points(p: &[[f32; 2]]) -> Vec<Vec<f64>> {
+    p.iter().map(|[x, y]| vec![*x as f64, *y as f64]).collect()
+}
+
+impl From<&FaceInfo> for DetectedFace {
+    fn from(f: &FaceInfo) -> Self {
+        Self {
+            bbox: f.detection.bbox.iter().map(|v| *v as f64).collect(),
+            score: f.detection.score as f64,
+            keypoints: points(&f.detection.kps),
+            landmarks: points(&f.landmarks),
+        }
+    }
+}
+
+fn raw(image: RgbImage) -> RawImage {
+    RawImage {
+        width: image.width as u32,
+        height: image.height as u32,
+        data: image.data.into(),
+    }
+}
+
+fn rgb(image: &RawImage) -> RgbImage {
+    RgbImage {
+        width: image.width as usize,
+        height: image.height as usize,
+        data: image.data.to_vec(),
+    }
+}
+
+#[napi(object)]
+pub struct AnalyzeFacesOptions {
+    /// Spec step 2: grey out everything outside the face outline (default true).
+    pub remove_background: Option<bool>,
+    /// Grey CLIP crop (default false).
+    pub grayscale: Option<bool>,
+    /// `best` (highest detector score, default), `largest`, or a face index as a string.
+    pub face: Option<String>,
+    /// Side of the CLIP crop (the identity encoder's `clipImageSize`; default 224).
+    pub clip_size: Option<u32>,
+}
+
+/// One photo's analysis: the identity conditions plus what the user may want to show.
+#[napi(object)]
+pub struct AnalyzedFace {
+    /// Position of the photo in the request.
+    pub index: u32,
+    pub arcface: Float32Array,
+    pub clip_crop: RawImage,
+    pub face: DetectedFace,
+    /// The background-removed face region at 512².
+    pub preview: RawImage,
+    /// Detector input size that found the face (640, 512, 384 or 256).
+    pub det_size: u32,
+}
+
+#[napi(object)]
+pub struct SkippedPhoto {
+    pub index: u32,
+    pub name: Option<String>,
+    pub message: String,
+}
+
+#[napi(object)]
+pub struct FaceAnalysisResult {
+    pub faces: Vec<AnalyzedFace>,
+    /// Photos without a usable face (only when at least one other photo had one).
+    pub skipped: Vec<SkippedPhoto>,
+}
+
+fn analyze_options(o: Option<AnalyzeFacesOptions>) -> hyperlora::Result<AnalyzeOptions> {
+    let mut options = AnalyzeOptions::default();
+    let Some(o) = o else { return Ok(options) };
+    options.remove_background = o.remove_background.unwrap_or(options.remove_background);
+    options.grayscale = o.grayscale.unwrap_or(options.grayscale);
+    options.clip_size = o.clip_size.map_or(options.clip_size, |s| s as usize);
+    options.choice = match o.face.as_deref() {
+        None | Some("best") => FaceChoice::HighestScore,
+        Some("largest") => FaceChoice::Largest,
+        Some(i) => FaceChoice::Index(i.parse().map_err(|_| {
+            Error::invalid_argument(format!(
+                "face must be 'best', 'largest' or an index, got {i:?}"
+            ))
+        })?),
+    };
+    Ok(options)
+}
+
+/// antelopev2's detector, landmark model and ArcFace, run in-process.
+#[napi]
+pub struct FaceAnalyzer {
+    inner: Arc<Analyzer>,
+}
+
+#[napi]
+impl FaceAnalyzer {
+    /// Every face in the picture, best score first (detector retried at 640, 512, 384, 256).
+    #[napi(ts_return_type = "Promise<Array<DetectedFace>>")]
+    pub fn detect(
+        &self,
+        image: RawImage,
+        cancel: Option<ClassInstance<CancelHandle>>,
+    ) -> AsyncTask<DetectTask> {
+        AsyncTask::new(DetectTask {
+            analyzer: self.inner.clone(),
+            image: rgb(&image),
+            call: CallContext::new(cancel, None),
+        })
+    }
+
+    /// The identity conditions of each photo (spec §3); photos without a face are skipped
+    /// when others have one, else the call fails with `NO_FACE` naming the photo.
+    #[napi(ts_return_type = "Promise<FaceAnalysisResult>")]
+    pub fn analyze(
+        &self,
+        photos: Vec<RawImage>,
+        names: Vec<Option<String>>,
+        options: Option<AnalyzeFacesOptions>,
+        cancel: Option<ClassInstance<CancelHandle>>,
+        #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
+        on_progress: Option<ProgressCallback>,
+    ) -> napi::Result<AsyncTask<AnalyzeTask>> {
+        let options = analyze_options(options).map_err(to_napi)?;
+        Ok(AsyncTask::new(AnalyzeTask {
+            analyzer: self.inner.clone(),
+            photos: photos.iter().map(rgb).collect(),
+            names,
+            options,
+            call: CallContext::new(cancel, on_progress),
+        }))
+    }
+}
+
+pub struct DetectTask {
+    analyzer: Arc<Analyzer>,
+    image: RgbImage,
+    call: CallContext,
+}
+
+impl Task for DetectTask {
+    type Output = Vec<FaceInfo>;
+    type JsValue = Vec<DetectedFace>;
+    fn compute(&mut self) -> napi::Result<Vec<FaceInfo>> {
+        guarded(|| Ok(self.analyzer.detect(&self.image, &self.call.cancel)?.0))
+    }
+    fn resolve(&mut self, _env: Env, faces: Vec<FaceInfo>) -> napi::Result<Vec<DetectedFace>> {
+        Ok(faces.iter().map(DetectedFace::from).collect())
+    }
+}
+
+pub struct AnalyzeTask {
+    analyzer: Arc<Analyzer>,
+    photos: Vec<RgbImage>,
+    names: Vec<Option<String>>,
+    options: AnalyzeOptions,
+    call: CallContext,
+}
+
+impl Task for AnalyzeTask {
+    type Output = AnalyzedPhotos;
+    type JsValue = FaceAnalysisResult;
+    fn compute(&mut self) -> napi::Result<AnalyzedPhotos> {
+        let mut report = self.call.reporter();
+        guarded(|| {
+            let photos: Vec<(&RgbImage, Option<&str>)> = self
+                .photos
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p, self.names.get(i).and_then(|n| n.as_deref())))
+                .collect();
+            self.analyzer
+                .analyze_photos(&photos, &self.options, &self.call.cancel, &mut report)
+        })
+    }
+    fn resolve(&mut self, _env: Env, result: AnalyzedPhotos) -> napi::Result<FaceAnalysisResult> {
+        Ok(FaceAnalysisResult {
+            faces: result
+                .analyzed
+                .into_iter()
+                .map(|(index, a)| AnalyzedFace {
+                    index: index as u32,
+                    face: DetectedFace::from(&a.face),
+                    arcface: Float32Array::new(a.conditions.arcface),
+                    clip_crop: raw(a.conditions.clip_crop),
+                    preview: raw(a.preview),
+                    det_size: a.det_size as u32,
+                })
+                .collect(),
+            skipped: result
+                .skipped
+                .into_iter()
+                .map(|s| SkippedPhoto {
+                    index: s.index as u32,
+                    name: s.name,
+                    message: s.message,
+                })
+                .collect(),
+        })
+    }
+}
+
+pub struct LoadAnalyzerTask {
+    dir: PathBuf,
+}
+
+impl Task for LoadAnalyzerTask {
+    type Output = Analyzer;
+    type JsValue = FaceAnalyzer;
+    fn compute(&mut self) -> napi::Result<Analyzer> {
+        guarded(|| Analyzer::load(&self.dir))
+    }
+    fn resolve(&mut self, _env: Env, analyzer: Analyzer) -> napi::Result<FaceAnalyzer> {
+        Ok(FaceAnalyzer {
+            inner: Arc::new(analyzer),
+        })
+    }
+}
+
+/// Loads an insightface antelopev2 folder (`scrfd_10g_bnkps.onnx`, `2d106det.onnx`,
+/// `glintr100.onnx`; buffalo_l's equivalents are accepted).
+#[napi(ts_return_type = "Promise<FaceAnalyzer>")]
+pub fn load_face_analyzer(dir: String) -> AsyncTask<LoadAnalyzerTask> {
+    AsyncTask::new(LoadAnalyzerTask {
+        dir: PathBuf::from(dir),
+    })
+}

@@ -1,0 +1,98 @@
+import * as path from 'node:path'
+
+import type * as Binding from '../index.js'
+import type { FaceConditions } from './identity.js'
+import { decodeRgb8, encodeRgb8, type ImageInput, type Rgb8 } from './images.js'
+import { callNative, native, type CallOptions } from './native.js'
+
+/** The small random-weight antelopev2-layout ONNX models bundled for the demo and tests. */
+export const TINY_ANTELOPEV2 = path.join(path.resolve(__dirname, '..'), 'models', 'tiny', 'antelopev2')
+
+/** A face in image pixels: box, detector score, 5 keypoints and the 106 landmarks. */
+export type DetectedFace = Binding.DetectedFace
+
+export interface AnalyzeFacesOptions extends CallOptions {
+  /** Grey out everything outside the face outline before CLIP sees it (default true). */
+  removeBackground?: boolean
+  /** Feed CLIP a greyscale crop (default false). */
+  grayscale?: boolean
+  /** Which face when a photo has several: `best` (highest detector score, default),
+   * `largest` (biggest box), or an index into the detections sorted by score. */
+  face?: 'best' | 'largest' | number
+  /** CLIP crop side: the identity encoder's `clipImageSize` (default 224). */
+  clipSize?: number
+  /** Called for each photo skipped because it has no usable face. */
+  onWarning?: (warning: { index: number; name?: string; message: string }) => void
+}
+
+export interface AnalyzedFace {
+  /** Position of the photo in the request. */
+  index: number
+  /** What the identity encoder takes. */
+  conditions: FaceConditions
+  face: DetectedFace
+  /** The background-removed face region, 512², PNG. */
+  preview: Buffer
+  /** The detector input size that found the face. */
+  detSize: number
+}
+
+export interface FaceAnalysis {
+  faces: AnalyzedFace[]
+  /** Photos without a usable face (reported only when some other photo had one). */
+  skipped: { index: number; name?: string; message: string }[]
+}
+
+function toRgb8(image: Binding.RawImage): Rgb8 {
+  return { width: image.width, height: image.height, data: image.data }
+}
+
+/** insightface's antelopev2 (SCRFD detector, 2d106det landmarks, glintr100 ArcFace), in-process. */
+export class FaceAnalyzer {
+  readonly #native: Binding.FaceAnalyzer
+
+  /** @internal */
+  constructor(nativeAnalyzer: Binding.FaceAnalyzer) {
+    this.#native = nativeAnalyzer
+  }
+
+  /** Every face in the picture, best score first. EXIF orientation is applied first. */
+  async detectFaces(image: ImageInput, options: CallOptions = {}): Promise<DetectedFace[]> {
+    const rgb = await decodeRgb8(image)
+    return callNative(options, (cancel) => this.#native.detect(rgb, cancel))
+  }
+
+  /**
+   * HyperLoRA's per-photo conditions (ArcFace embedding, CLIP face crop) plus the face and a
+   * preview. A photo without a face is skipped with a warning when others have one; when none
+   * has, the call rejects with `NO_FACE` naming the photo.
+   */
+  async analyzeFaces(photos: readonly ImageInput[], options: AnalyzeFacesOptions = {}): Promise<FaceAnalysis> {
+    const decoded = await Promise.all(photos.map((p) => decodeRgb8(p)))
+    const names = photos.map((p) => (typeof p === 'string' ? path.basename(p) : null))
+    const request: Binding.AnalyzeFacesOptions = {
+      removeBackground: options.removeBackground ?? true,
+      grayscale: options.grayscale ?? false,
+      face: String(options.face ?? 'best'),
+      clipSize: options.clipSize ?? 224,
+    }
+    const result = await callNative(options, (cancel, onProgress) => this.#native.analyze(decoded, names, request, cancel, onProgress))
+    const skipped = result.skipped.map((s) => ({ index: s.index, message: s.message, ...(s.name ? { name: s.name } : {}) }))
+    for (const s of skipped) options.onWarning?.(s)
+    const faces = await Promise.all(
+      result.faces.map(async (f) => ({
+        index: f.index,
+        conditions: { arcface: f.arcface, clipCrop: toRgb8(f.clipCrop) },
+        face: f.face,
+        preview: await encodeRgb8(toRgb8(f.preview), 'png'),
+        detSize: f.detSize,
+      })),
+    )
+    return { faces, skipped }
+  }
+}
+
+/** Loads an antelopev2 folder (buffalo_l's equivalent files are accepted too). */
+export async function loadFaceAnalyzer(dir: string): Promise<FaceAnalyzer> {
+  return new FaceAnalyzer(await callNative({}, () => native().loadFaceAnalyzer(dir)))
+}
