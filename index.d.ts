@@ -37,6 +37,8 @@ export declare class Identity {
   /** Number of LoRA modules (UNet attention layers × projections). */
   get modules(): number
   get rank(): number
+  /** The LoRA's tensors (f32 copies), module by module in file order. */
+  tensors(): Promise<Array<LoraModuleTensors>>
   /** Writes the identity as a kohya-format `.safetensors` LoRA (temp file, then rename). */
   save(path: string): Promise<void>
 }
@@ -184,6 +186,19 @@ export interface LoadPipelineOptions {
 export interface LoraFile {
   path: string
   weight: number
+}
+
+/** One LoRA module: `delta W = alpha / rank · up @ down`. */
+export interface LoraModuleTensors {
+  /** kohya module name, e.g. `lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`. */
+  name: string
+  /** `[rank, in]`, row-major. */
+  down: Float32Array
+  downShape: Array<number>
+  /** `[out, rank]`, row-major. */
+  up: Float32Array
+  upShape: Array<number>
+  alpha: number
 }
 
 /** One progress report, as the JavaScript callback receives it. */

@@ -46,6 +46,14 @@ describe('identities from TypeScript', () => {
     expect(identity.modules).toBeGreaterThan(0)
     expect(identity.rank).toBe(4)
 
+    const modules = await identity.lora()
+    expect(modules).toHaveLength(identity.modules)
+    const [first] = modules
+    expect(first!.downShape[0]).toBe(4)
+    expect(first!.down).toHaveLength(first!.downShape[0]! * first!.downShape[1]!)
+    expect(first!.up).toHaveLength(first!.upShape[0]! * first!.upShape[1]!)
+    expect(first!.alpha).toBe(2)
+
     const file = path.join(dir, 'me.safetensors')
     await identity.saveLora(file)
     const index = await inspectWeights(file)

@@ -20,6 +20,9 @@ export interface FaceConditions {
   clipCrop: ImageInput
 }
 
+/** One module of an identity's LoRA: `delta W = alpha / rank · up @ down`, row-major f32. */
+export type LoraModuleTensors = Binding.LoraModuleTensors
+
 /** A person's identity: a LoRA for SDXL, written by the hypernetwork, held in native memory. */
 export class Identity {
   /** @internal */
@@ -37,6 +40,11 @@ export class Identity {
 
   get rank(): number {
     return this.native.rank
+  }
+
+  /** The LoRA's tensors (f32), module by module: `delta W = alpha / rank · up @ down`. */
+  async lora(): Promise<LoraModuleTensors[]> {
+    return callNative({}, () => this.native.tensors())
   }
 
   /** Saves as a kohya-format `.safetensors` LoRA that ComfyUI, A1111 and diffusers load. */

@@ -30,6 +30,7 @@ export {
   TINY_HYPERLORA,
   type FaceConditions,
   type LoadIdentityEncoderOptions,
+  type LoraModuleTensors,
 } from './identity.js'
 export {
   FaceAnalyzer,

@@ -38,6 +38,14 @@ impl Identity {
         self.lora.rank().unwrap_or(0) as u32
     }
 
+    /// The LoRA's tensors (f32 copies), module by module in file order.
+    #[napi(ts_return_type = "Promise<Array<LoraModuleTensors>>")]
+    pub fn tensors(&self) -> AsyncTask<TensorsTask> {
+        AsyncTask::new(TensorsTask {
+            lora: self.lora.clone(),
+        })
+    }
+
     /// Writes the identity as a kohya-format `.safetensors` LoRA (temp file, then rename).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn save(&self, path: String) -> AsyncTask<SaveTask> {
@@ -45,6 +53,74 @@ impl Identity {
             lora: self.lora.clone(),
             path: PathBuf::from(path),
         })
+    }
+}
+
+/// One LoRA module: `delta W = alpha / rank · up @ down`.
+#[napi(object)]
+pub struct LoraModuleTensors {
+    /// kohya module name, e.g. `lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`.
+    pub name: String,
+    /// `[rank, in]`, row-major.
+    pub down: Float32Array,
+    pub down_shape: Vec<u32>,
+    /// `[out, rank]`, row-major.
+    pub up: Float32Array,
+    pub up_shape: Vec<u32>,
+    pub alpha: f64,
+}
+
+pub struct TensorsTask {
+    lora: Arc<KohyaLora>,
+}
+
+/// A module's tensors as host f32 vectors with their shapes.
+type ModuleData = (String, (Vec<f32>, Vec<u32>), (Vec<f32>, Vec<u32>), f64);
+
+impl Task for TensorsTask {
+    type Output = Vec<ModuleData>;
+    type JsValue = Vec<LoraModuleTensors>;
+    fn compute(&mut self) -> napi::Result<Self::Output> {
+        let host = |t: &candle_core::Tensor| -> hyperlora::Result<(Vec<f32>, Vec<u32>)> {
+            let shape = t.dims().iter().map(|d| *d as u32).collect();
+            let data = t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Ok((data, shape))
+        };
+        guarded(|| {
+            self.lora
+                .iter()
+                .map(|(name, w)| {
+                    Ok((
+                        name.to_string(),
+                        host(&w.down)?,
+                        host(&w.up)?,
+                        w.alpha as f64,
+                    ))
+                })
+                .collect()
+        })
+    }
+    fn resolve(
+        &mut self,
+        _env: Env,
+        modules: Self::Output,
+    ) -> napi::Result<Vec<LoraModuleTensors>> {
+        Ok(modules
+            .into_iter()
+            .map(
+                |(name, (down, down_shape), (up, up_shape), alpha)| LoraModuleTensors {
+                    name,
+                    down: down.into(),
+                    down_shape,
+                    up: up.into(),
+                    up_shape,
+                    alpha,
+                },
+            )
+            .collect())
     }
 }
 
