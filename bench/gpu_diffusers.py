@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """diffusers' side of the GPU benchmark (see bench/README.md, bench/gpu_run.sh): SDXL base's
 configuration with RANDOM weights (no hub access), UNet and text encoders in fp16 with PyTorch's
-SDPA attention, VAE in fp32 (what the SDXL pipeline does with force_upcast), timing the same
+SDPA attention, VAE decoding in fp32 (the pipeline upcasts its fp16 VAE: force_upcast), timing the same
 things as crates/hyperlora/examples/bench_gpu.rs and writing the same JSON keys.
 
     python3 bench/gpu_diffusers.py --tokenizers models/tiny/sdxl --json diffusers.json
@@ -130,7 +130,9 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(dev):
         unet = UNet2DConditionModel(**unet_cfg).to(dtype).eval()
-        vae = AutoencoderKL(**vae_cfg).to(vae_dtype).eval()
+        # As from_pretrained(torch_dtype=fp16) leaves it: the pipeline upcasts it to fp32 for
+        # each decode (force_upcast) and back.
+        vae = AutoencoderKL(**vae_cfg).to(dtype).eval()
         te1 = CLIPTextModel(CLIPTextConfig(**l_cfg)).to(dtype).eval()
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**g_cfg)).to(dtype).eval()
     tok1 = CLIPTokenizer.from_pretrained(args.tokenizers / "tokenizer")
@@ -161,69 +163,94 @@ def main() -> None:
 
     f = pipe.vae_scale_factor
     lh = lw = args.size // f
-    with torch.no_grad():
-        text_t = timed(lambda: pipe.encode_prompt(PROMPT, device=dev, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=True, negative_prompt=NEGATIVE))
-        mem_text = poller.take_peak()
-        print(f"text {statistics.median(text_t):.4f}s", flush=True)
-
-        pe, ne, pp, npool = pipe.encode_prompt(PROMPT, device=dev, num_images_per_prompt=1,
-                                               do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
-        context = torch.cat([ne, pe])
-        pooled = torch.cat([npool, pp])
-        time_ids = torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * 2, device=dev, dtype=dtype)
-        sample = torch.randn(2, unet.config.in_channels, lh, lw, device=dev, dtype=dtype)
-        t500 = torch.tensor(500.0, device=dev)
-        unet_t = timed(lambda: unet(sample, t500, encoder_hidden_states=context,
-                                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample)
-        mem_unet = poller.take_peak()
-        print(f"unet {statistics.median(unet_t):.4f}s", flush=True)
-
-        z = torch.randn(1, vae.config.latent_channels, lh, lw, device=dev, dtype=vae_dtype)
-        vae_t = timed(lambda: vae.decode(z).sample, warmup=1, iters=min(args.iters, 5))
-        mem_vae = poller.take_peak()
-        print(f"vae decode {statistics.median(vae_t):.4f}s", flush=True)
-
-        def gen(output_type):
-            return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=5.0,
-                        height=args.size, width=args.size, generator=torch.Generator(dev).manual_seed(0),
-                        output_type=output_type).images
-
-        loop_t = timed(lambda: gen("latent"), warmup=1, iters=args.gen_iters)
-        print(f"text + denoise loop {statistics.median(loop_t):.3f}s", flush=True)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        gen_t = timed(lambda: gen("np"), warmup=0, iters=args.gen_iters)
-        mem_gen = poller.take_peak()
-        print(f"generate {statistics.median(gen_t):.3f}s", flush=True)
-
-    per_step = (statistics.median(loop_t) - statistics.median(text_t)) / args.steps
+    # The report grows phase by phase and is rewritten after each; a failed phase records its error.
     report = {
         "impl": f"diffusers {diffusers.__version__} (torch {torch.__version__}, transformers {transformers.__version__})",
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "dtype": str(dtype), "vae_dtype": str(vae_dtype), "size": args.size, "steps": args.steps,
-        "sampler": "euler", "cfg": 5.0, "attention": attn, "build_s": build_s,
-        "text_encode": stats(text_t), "unet_forward_b2": stats(unet_t), "vae_decode": stats(vae_t),
-        "text_plus_denoise_loop": stats(loop_t), "generate": stats(gen_t), "per_step_s": per_step,
-        "identity_creation": None,
-        "memory_gib": {
-            "start": gib(mem_start), "after_weights_peak": gib(mem_weights), "text_peak": gib(mem_text),
-            "unet_b2_peak": gib(mem_unet), "vae_decode_peak": gib(mem_vae), "generate_peak": gib(mem_gen),
-            "generate_peak_over_start": gib(mem_gen - mem_start) if mem_gen is not None else None,
-            "torch_max_allocated_generate": gib(torch.cuda.max_memory_allocated()) if dev.type == "cuda" else None,
-            "torch_max_reserved_generate": gib(torch.cuda.max_memory_reserved()) if dev.type == "cuda" else None,
-        },
+        "sampler": "euler", "cfg": 5.0, "attention": attn, "build_s": build_s, "identity_creation": None,
+        "memory_gib": {"start": gib(mem_start), "after_weights_peak": gib(mem_weights)},
     }
+
+    def save():
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    def phase(key, mem_key, run):
+        try:
+            with torch.no_grad():
+                times = run()
+            report[key] = stats(times)
+            print(f"{key}: {report[key]['median_s']:.4f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - keep the other phases' figures
+            report[key] = {"error": repr(e)}
+            print(f"{key}: FAILED: {e!r}", flush=True)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        report["memory_gib"][mem_key] = gib(poller.take_peak())
+        save()
+
+    save()
+    encode = lambda: pipe.encode_prompt(PROMPT, device=dev, num_images_per_prompt=1,  # noqa: E731
+                                        do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
+    phase("text_encode", "text_peak", lambda: timed(encode))
+
+    def unet_run():
+        pe, ne, pp, npool = encode()
+        context, pooled = torch.cat([ne, pe]), torch.cat([npool, pp])
+        time_ids = torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * 2, device=dev, dtype=dtype)
+        sample = torch.randn(2, unet.config.in_channels, lh, lw, device=dev, dtype=dtype)
+        t500 = torch.tensor(500.0, device=dev)
+        return timed(lambda: unet(sample, t500, encoder_hidden_states=context,
+                                  added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample)
+    phase("unet_forward_b2", "unet_b2_peak", unet_run)
+
+    def vae_run():
+        z = torch.randn(1, vae.config.latent_channels, lh, lw, device=dev, dtype=vae_dtype)
+        vae.to(vae_dtype)
+        try:
+            return timed(lambda: vae.decode(z).sample, warmup=1, iters=min(args.iters, 5))
+        finally:
+            vae.to(dtype)
+    phase("vae_decode", "vae_decode_peak", vae_run)
+
+    def gen(output_type, **kw):
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=5.0,
+                    height=args.size, width=args.size, generator=torch.Generator(dev).manual_seed(0),
+                    output_type=output_type, **kw).images
+    phase("text_plus_denoise_loop", "loop_peak", lambda: timed(lambda: gen("latent"), warmup=1, iters=args.gen_iters))
+
+    def steps_run():
+        ends = []
+
+        def on_step_end(_pipe, _i, _t, kwargs):
+            sync()
+            ends.append(time.perf_counter())
+            return kwargs
+        gen("latent", callback_on_step_end=on_step_end)
+        return [b - a for a, b in zip(ends, ends[1:])]
+    phase("denoise_step", "step_peak", steps_run)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    phase("generate", "generate_peak", lambda: timed(lambda: gen("np"), warmup=0, iters=args.gen_iters))
     poller.stop = True
+
+    med = lambda key: report.get(key, {}).get("median_s", float("nan"))  # noqa: E731
+    report["per_step_s"] = (med("text_plus_denoise_loop") - med("text_encode")) / args.steps
+    m = report["memory_gib"]
+    if m.get("generate_peak") is not None and m.get("start") is not None:
+        m["generate_peak_over_start"] = m["generate_peak"] - m["start"]
+    if dev.type == "cuda":
+        m["torch_max_allocated_generate"] = gib(torch.cuda.max_memory_allocated())
+        m["torch_max_reserved_generate"] = gib(torch.cuda.max_memory_reserved())
+    save()
     print(f"\ndiffusers SDXL on {report['device']} ({dtype}, VAE {vae_dtype}), {args.size}x{args.size}, {args.steps} steps, CFG")
     for label, key in [("text encode (+neg)", "text_encode"), ("UNet forward b=2", "unet_forward_b2"),
                        ("VAE decode", "vae_decode"), ("text + denoise loop", "text_plus_denoise_loop"),
-                       ("generate (end to end)", "generate")]:
-        print(f"  {label:<24}{report[key]['median_s']:>10.4f} s")
-    print(f"  {'per CFG step (loop)':<24}{per_step:>10.4f} s")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-
+                       ("one denoise step", "denoise_step"), ("generate (end to end)", "generate")]:
+        print(f"  {label:<24}{med(key):>10.4f} s")
+    print(f"  {'per CFG step (loop)':<24}{report['per_step_s']:>10.4f} s")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,8 @@ set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${OUT:-$here/out}
 mkdir -p "$out"
-exec > >(tee "$out/run.log") 2>&1
+
+main() {
 echo "== $(date -u +%FT%TZ) $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 
@@ -69,3 +70,6 @@ kill "$pid" 2>/dev/null
 echo "== side by side"
 python3 "$here/gpu_table.py" "$out/ours.json" "$out/diffusers.json" \
   --smi-ours "$out/smi_ours.csv" --smi-diffusers "$out/smi_diffusers.csv" | tee "$out/table.md"
+}
+
+main 2>&1 | tee "$out/run.log"

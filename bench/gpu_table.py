@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROWS = [
     ("UNet forward, batch 2 (one CFG step)", "unet_forward_b2"),
-    ("per CFG step in the {steps}-step loop", "per_step_s"),
+    ("per CFG step in the {steps}-step loop ((loop − text) / steps)", "per_step_s"),
+    ("one denoise step, synchronised after each (median)", "denoise_step"),
     ("text encoding (prompt + negative, both encoders)", "text_encode"),
     ("VAE decode {size}²", "vae_decode"),
     ("text + {steps}-step denoise loop", "text_plus_denoise_loop"),

@@ -323,39 +323,79 @@ fn main() -> hyperlora::Result<()> {
     let (lh, lw) = (args.size / f, args.size / f);
     let in_ch = pipe.unet.config().in_channels;
 
+    // The report grows phase by phase and is rewritten after each, so a phase that fails (or a
+    // run cut short) still leaves the others' figures; a failed phase records its error.
+    let mut report = json!({
+        "impl": "hyperlora (candle 0.11.1)",
+        "device": name,
+        "dtype": format!("{dtype:?}"),
+        "vae_dtype": format!("{vae_dtype:?}"),
+        "size": args.size,
+        "steps": args.steps,
+        "sampler": "euler",
+        "cfg": 5.0,
+        "build_s": build_s,
+        "identity_creation": Value::Null,
+        "memory_gib": {"start": gib(mem_start), "after_weights_peak": gib(mem_weights)},
+    });
+    let save = |report: &Value| {
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(report).expect("json") + "\n";
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("cannot write {}: {e}", path.display());
+            }
+        }
+    };
+    save(&report);
+    let phase = |report: &mut Value,
+                 key: &str,
+                 mem_key: &str,
+                 run: &mut dyn FnMut() -> hyperlora::Result<Vec<f64>>| {
+        match run() {
+            Ok(times) => {
+                let s = stats(&times);
+                eprintln!("{key}: {:.4} s", median(&s));
+                report[key] = s;
+            }
+            Err(e) => {
+                eprintln!("{key}: FAILED: {e}");
+                report[key] = json!({"error": e.to_string()});
+            }
+        }
+        report["memory_gib"][mem_key] = gib(poller.take_peak());
+        save(report);
+    };
+
     // Text encoding: prompt and negative prompt through both tokenizers and encoders.
-    let text_times = time(&device, args.warmup, args.iters, || {
-        pipe.condition(PROMPT, NEGATIVE, args.size, args.size, 1, true)
-            .map(|_| ())
-    })?;
-    let mem_text = poller.take_peak();
-    eprintln!("text {:.4}s", median(&stats(&text_times)));
+    phase(&mut report, "text_encode", "text_peak", &mut || {
+        time(&device, args.warmup, args.iters, || {
+            pipe.condition(PROMPT, NEGATIVE, args.size, args.size, 1, true)
+                .map(|_| ())
+        })
+    });
 
     // UNet forward, batch 2 (one classifier-free-guidance step).
-    let cond = pipe.condition(PROMPT, NEGATIVE, args.size, args.size, 1, true)?;
-    let sample = Tensor::randn(0f32, 1.0, (2, in_ch, lh, lw), &device)?.to_dtype(dtype)?;
-    let unet_times = time(&device, args.warmup, args.iters, || {
-        pipe.unet
-            .forward(&sample, 500.0, &cond.context, &cond.pooled, &cond.time_ids)
-            .map(|_| ())
-    })?;
-    let mem_unet = poller.take_peak();
-    eprintln!("unet {:.4}s", median(&stats(&unet_times)));
+    phase(&mut report, "unet_forward_b2", "unet_b2_peak", &mut || {
+        let cond = pipe.condition(PROMPT, NEGATIVE, args.size, args.size, 1, true)?;
+        let sample = Tensor::randn(0f32, 1.0, (2, in_ch, lh, lw), &device)?.to_dtype(dtype)?;
+        time(&device, args.warmup, args.iters, || {
+            pipe.unet
+                .forward(&sample, 500.0, &cond.context, &cond.pooled, &cond.time_ids)
+                .map(|_| ())
+        })
+    });
 
     // VAE decode of one latent.
-    let z = Tensor::randn(
-        0f32,
-        1.0,
-        (1, pipe.vae.config().latent_channels, lh, lw),
-        &device,
-    )?;
-    let vae_times = time(&device, 1, args.iters.min(5), || {
-        pipe.vae.decode(&z).map(|_| ())
-    })?;
-    let mem_vae = poller.take_peak();
-    eprintln!("vae decode {:.4}s", median(&stats(&vae_times)));
+    phase(&mut report, "vae_decode", "vae_decode_peak", &mut || {
+        let lc = pipe.vae.config().latent_channels;
+        let z = Tensor::randn(0f32, 1.0, (1, lc, lh, lw), &device)?;
+        time(&device, 1, args.iters.min(5), || {
+            pipe.vae.decode(&z).map(|_| ())
+        })
+    });
 
-    // The denoising loop alone (text + steps, latents out) and the whole generate().
+    // The denoising loop (text + steps, latents out), its steps one by one, and the whole
+    // generate() (text, loop, decode, RGB8 on the host).
     let params = GenerateParams {
         prompt: PROMPT.into(),
         negative_prompt: NEGATIVE.into(),
@@ -370,75 +410,72 @@ fn main() -> hyperlora::Result<()> {
         init_image: None,
     };
     let cancel = CancelToken::new();
-    let loop_times = time(&device, 1, args.gen_iters, || {
-        pipe.generate_latents(&params, &cancel, &mut |_| {})
-            .map(|_| ())
-    })?;
-    eprintln!("text + denoise loop {:.3}s", median(&stats(&loop_times)));
-    let gen_times = time(&device, 0, args.gen_iters, || {
-        pipe.generate(&params, &cancel, &mut |_| {}).map(|_| ())
-    })?;
-    let mem_gen = poller.take_peak();
-    eprintln!("generate {:.3}s", median(&stats(&gen_times)));
-
-    let (text_s, unet_s, vae_s) = (stats(&text_times), stats(&unet_times), stats(&vae_times));
-    let (loop_s, gen_s) = (stats(&loop_times), stats(&gen_times));
-    let per_step = (median(&loop_s) - median(&text_s)) / args.steps as f64;
-    let report = json!({
-        "impl": "hyperlora (candle 0.11.1)",
-        "device": name,
-        "dtype": format!("{dtype:?}"),
-        "vae_dtype": format!("{vae_dtype:?}"),
-        "size": args.size,
-        "steps": args.steps,
-        "sampler": "euler",
-        "cfg": 5.0,
-        "build_s": build_s,
-        "text_encode": text_s,
-        "unet_forward_b2": unet_s,
-        "vae_decode": vae_s,
-        "text_plus_denoise_loop": loop_s,
-        "generate": gen_s,
-        "per_step_s": per_step,
-        "identity_creation": Value::Null,
-        "memory_gib": {
-            "start": gib(mem_start),
-            "after_weights_peak": gib(mem_weights),
-            "text_peak": gib(mem_text),
-            "unet_b2_peak": gib(mem_unet),
-            "vae_decode_peak": gib(mem_vae),
-            "generate_peak": gib(mem_gen),
-            "generate_peak_over_start": gib(mem_gen.zip(mem_start).map(|(a, b)| a.saturating_sub(b))),
+    phase(
+        &mut report,
+        "text_plus_denoise_loop",
+        "loop_peak",
+        &mut || {
+            time(&device, 1, args.gen_iters, || {
+                pipe.generate_latents(&params, &cancel, &mut |_| {})
+                    .map(|_| ())
+            })
         },
+    );
+    // One more loop, synchronising after each step (the step already waits for the host once,
+    // reading the time ids), for the spread of step times.
+    phase(&mut report, "denoise_step", "step_peak", &mut || {
+        let mut steps = Vec::new();
+        let mut last = None;
+        pipe.generate_latents(&params, &cancel, &mut |p| {
+            if p.stage == "denoise" || p.stage == "text" && p.step == 1 {
+                let _ = device.synchronize();
+                let now = Instant::now();
+                if let Some(prev) = last.replace(now) {
+                    steps.push(now.duration_since(prev).as_secs_f64());
+                }
+            }
+        })?;
+        Ok(steps)
     });
+    phase(&mut report, "generate", "generate_peak", &mut || {
+        time(&device, 0, args.gen_iters, || {
+            pipe.generate(&params, &cancel, &mut |_| {}).map(|_| ())
+        })
+    });
+
+    let m = |report: &Value, key: &str| report[key]["median_s"].as_f64().unwrap_or(f64::NAN);
+    let per_step =
+        (m(&report, "text_plus_denoise_loop") - m(&report, "text_encode")) / args.steps as f64;
+    report["per_step_s"] = json!(per_step);
+    let start = report["memory_gib"]["start"].as_f64();
+    if let (Some(peak), Some(start)) = (report["memory_gib"]["generate_peak"].as_f64(), start) {
+        report["memory_gib"]["generate_peak_over_start"] = json!(peak - start);
+    }
+    save(&report);
+
     println!();
     println!(
         "hyperlora SDXL on {name} ({dtype:?}, VAE {vae_dtype:?}), {0}x{0}, {1} steps, CFG",
         args.size, args.steps
     );
-    for (label, v) in [
-        ("text encode (+neg)", &report["text_encode"]),
-        ("UNet forward b=2", &report["unet_forward_b2"]),
-        ("VAE decode", &report["vae_decode"]),
-        ("text + denoise loop", &report["text_plus_denoise_loop"]),
-        ("generate (end to end)", &report["generate"]),
+    for (label, key) in [
+        ("text encode (+neg)", "text_encode"),
+        ("UNet forward b=2", "unet_forward_b2"),
+        ("VAE decode", "vae_decode"),
+        ("text + denoise loop", "text_plus_denoise_loop"),
+        ("one denoise step", "denoise_step"),
+        ("generate (end to end)", "generate"),
     ] {
-        println!("  {label:<24}{:>10.4} s", median(v));
+        println!("  {label:<24}{:>10.4} s", m(&report, key));
     }
     println!("  {:<24}{:>10.4} s", "per CFG step (loop)", per_step);
-    if let Some(peak) = mem_gen {
+    if let Some(peak) = report["memory_gib"]["generate_peak"].as_f64() {
         println!(
             "  {:<24}{:>10.2} GiB (in use on the device, polled; {:.2} GiB at start)",
             "peak memory (generate)",
-            peak as f64 / (1u64 << 30) as f64,
-            mem_start.unwrap_or(0) as f64 / (1u64 << 30) as f64
+            peak,
+            start.unwrap_or(0.0)
         );
-    }
-    if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&report).expect("json") + "\n",
-        )?;
     }
     Ok(())
 }
