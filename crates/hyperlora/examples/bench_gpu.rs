@@ -7,6 +7,7 @@
 //! cargo build --release -p hyperlora --features cuda --example bench_gpu   # with scripts/cuda-env.sh
 //! bench_gpu [--device cuda|cpu] [--configs DIR] [--dtype f16] [--vae-dtype f32] [--size 1024]
 //!           [--steps 20] [--warmup 2] [--iters 10] [--gen-iters 3] [--json out.json] [--build-only]
+//!           [--phase-budget 40]
 //! ```
 //! Times: UNet forward (batch 2 = one CFG step), text encoding (prompt + negative prompt through
 //! both encoders, tokenizer included), VAE decode, the 20-step denoising loop, the full
@@ -95,6 +96,7 @@ struct Args {
     gen_iters: usize,
     json: Option<PathBuf>,
     build_only: bool,
+    phase_budget: f64,
 }
 
 fn parse_args() -> Args {
@@ -110,6 +112,7 @@ fn parse_args() -> Args {
         gen_iters: 3,
         json: None,
         build_only: false,
+        phase_budget: 40.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -126,6 +129,7 @@ fn parse_args() -> Args {
             "--gen-iters" => a.gen_iters = v().parse().expect("--gen-iters"),
             "--json" => a.json = Some(v().into()),
             "--build-only" => a.build_only = true,
+            "--phase-budget" => a.phase_budget = v().parse().expect("--phase-budget"),
             "-h" | "--help" => {
                 println!("see the header of crates/hyperlora/examples/bench_gpu.rs");
                 std::process::exit(0);
@@ -235,20 +239,29 @@ fn median(v: &Value) -> f64 {
     v["median_s"].as_f64().unwrap_or(f64::NAN)
 }
 
+/// Seconds one phase may spend on timed iterations beyond the first (`--phase-budget`), so a
+/// slow phase cannot eat the run's time limit.
+static PHASE_BUDGET_S: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
 /// Runs `f` `warmup` + `iters` times, synchronising the device after each, and returns the timed
-/// iterations' wall times.
+/// iterations' wall times; stops early (keeping at least one) once the phase's budget is spent.
 fn time(
     device: &Device,
     warmup: usize,
     iters: usize,
     mut f: impl FnMut() -> hyperlora::Result<()>,
 ) -> hyperlora::Result<Vec<f64>> {
+    let budget = *PHASE_BUDGET_S.get().unwrap_or(&f64::INFINITY);
+    let start = Instant::now();
     for _ in 0..warmup {
         f()?;
         device.synchronize()?;
     }
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
+        if !times.is_empty() && start.elapsed().as_secs_f64() > budget {
+            break;
+        }
         let t0 = Instant::now();
         f()?;
         device.synchronize()?;
@@ -263,6 +276,7 @@ fn gib(bytes: Option<usize>) -> Value {
 
 fn main() -> hyperlora::Result<()> {
     let args = parse_args();
+    PHASE_BUDGET_S.set(args.phase_budget).expect("set once");
     let device = select_device(&args.device)?;
     let dtype = select_dtype(args.dtype.as_deref(), &device)?;
     let vae_dtype = select_dtype(Some(&args.vae_dtype), &device)?;
