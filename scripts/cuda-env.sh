@@ -1,13 +1,67 @@
 #!/usr/bin/env bash
-# Prints PATH/CUDA_ROOT lines (for `>> $GITHUB_ENV` or `eval`/`export`) that point candle's CUDA
-# build at nvcc and the CUDA headers installed from PyPI (nvidia-cuda-nvcc, nvidia-cuda-runtime,
-# nvidia-cuda-cccl). Only needed at build time; the GPU machine needs just the driver.
+# Prints KEY=VALUE lines (for `>> $GITHUB_ENV`, or `eval "$(bash scripts/cuda-env.sh | sed 's/^/export /')"`)
+# that let `cargo build --features cuda` run on a machine WITHOUT a GPU or a CUDA install, from
+# PyPI's CUDA wheels. Only needed at build time; the GPU machine needs the driver plus the
+# cuBLAS/cuRAND/NVRTC/cudart shared libraries (PyTorch's wheels carry them).
+#
+#   pip install "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*" \
+#     "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-nvrtc==13.0.*" \
+#     "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*"
+#
+# Keep the toolkit no newer than the oldest driver you target: candle JIT-loads its kernels as PTX,
+# and a driver refuses PTX from a newer toolkit (driver 580 = CUDA 13.0).
+#
+# The CUDA 13 wheels install everything under site-packages/nvidia/cu13/{bin,include,lib}, but
+# their libraries are only versioned (libcublas.so.13) and there is no libcuda at all (it comes with
+# the driver). cudarc, as candle enables it, links libcuda/libcublas/libcublasLt/libcurand/libnvrtc
+# at build time, so this script assembles a CUDA root in $HYPERLORA_CUDA_ROOT (default
+# ~/.cache/hyperlora/cuda) with bin/ and include/ pointing at the wheel, lib/ holding unversioned
+# links, and lib/stubs/libcuda.so: a stub with the driver API's symbols (soname libcuda.so.1), which
+# the real driver replaces at run time.
+#
+# Also sets CUDA_COMPUTE_CAP (default 90: H100/H200; override by exporting it first).
 set -euo pipefail
+
 site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 user_site=$(python3 -m site --user-site 2>/dev/null || true)
-nvcc=$(find "$site/nvidia" "$user_site/nvidia" -path '*/bin/nvcc' -type f 2>/dev/null | head -1)
-[ -n "$nvcc" ] || { echo "nvcc not found: pip install nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl" >&2; exit 1; }
-root=$(dirname "$(dirname "$nvcc")")
-echo "CUDA_ROOT=$root"
-echo "CUDA_PATH=$root"
-echo "PATH=$root/bin:$PATH"
+nvcc=$(find "$site/nvidia" "$user_site/nvidia" -path '*/bin/nvcc' -type f 2>/dev/null | head -1 || true)
+[ -n "$nvcc" ] || {
+  echo "nvcc not found: pip install nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl (see this script's header)" >&2
+  exit 1
+}
+wheel=$(dirname "$(dirname "$nvcc")")
+prefix=${HYPERLORA_CUDA_ROOT:-$HOME/.cache/hyperlora/cuda}
+mkdir -p "$prefix/lib/stubs"
+ln -sfn "$wheel/bin" "$prefix/bin"
+ln -sfn "$wheel/include" "$prefix/include"
+[ -d "$wheel/nvvm" ] && ln -sfn "$wheel/nvvm" "$prefix/nvvm"
+
+# lib/libX.so -> the wheel's libX.so.N (whatever the wheels provide).
+for so in "$wheel"/lib/lib*.so.*; do
+  [ -e "$so" ] || continue
+  base=$(basename "$so")
+  name=${base%%.so.*}
+  case "$base" in *.alt.so.*) continue ;; esac
+  ln -sfn "$so" "$prefix/lib/$name.so"
+done
+for lib in cublas cublasLt curand nvrtc cudart; do
+  [ -e "$prefix/lib/lib$lib.so" ] || echo "warning: lib$lib.so.* not found in $wheel/lib (pip install the matching nvidia-* wheel)" >&2
+done
+
+# The libcuda stub: every driver-API function cudarc declares, as an empty symbol.
+stub="$prefix/lib/stubs/libcuda.so"
+if [ ! -e "$stub" ]; then
+  cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys/mod.rs 2>/dev/null | sort -V | tail -1)
+  [ -n "$cudarc" ] || { echo "cudarc sources not found: run 'cargo fetch' first" >&2; exit 1; }
+  src=$(mktemp --suffix=.c)
+  grep -oE '^\s*(pub )?fn cu[A-Za-z0-9_]+\(' "$cudarc" | grep -oE 'cu[A-Za-z0-9_]+' | sort -u |
+    sed 's/.*/void &(void) {}/' >"$src"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$src"
+  rm -f "$src"
+fi
+
+echo "CUDA_ROOT=$prefix"
+echo "CUDA_HOME=$prefix"
+echo "CUDA_PATH=$prefix"
+echo "CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}"
+echo "PATH=$prefix/bin:$PATH"

@@ -6,7 +6,9 @@
 //! merged into (a copy of) their weights without touching the rest of the model.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use super::conv::{conv2d, Conv2d};
 
 use crate::Result;
 
@@ -230,7 +232,7 @@ impl Projection {
         Ok(if linear {
             Self::Linear(candle_nn::linear(cin, cout, vb)?)
         } else {
-            Self::Conv(candle_nn::conv2d(cin, cout, 1, Default::default(), vb)?)
+            Self::Conv(conv2d(cin, cout, 1, Default::default(), vb)?)
         })
     }
 }

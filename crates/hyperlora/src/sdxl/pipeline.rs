@@ -241,6 +241,28 @@ impl SdxlPipeline {
         &self.loras
     }
 
+    /// A pipeline from models built elsewhere (e.g. random weights for a benchmark), with SDXL's
+    /// `force_zeros_for_empty_prompt`. The models must live on `device`.
+    pub fn from_parts(
+        unet: unet::UNet2DConditionModel,
+        vae: vae::AutoencoderKL,
+        text: SdxlTextEncoders,
+        tokenizers: [ClipTokenizer; 2],
+        scheduler_config: SchedulerConfig,
+        device: &Device,
+    ) -> Self {
+        Self {
+            unet,
+            vae,
+            text,
+            tokenizers,
+            scheduler_config,
+            force_zeros_for_empty_prompt: true,
+            device: device.clone(),
+            loras: LoraMerger::new(),
+        }
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

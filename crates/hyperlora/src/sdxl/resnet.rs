@@ -3,7 +3,9 @@
 //! `models/downsampling.py`, `models/upsampling.py`), loaded by their diffusers weight names.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use super::conv::{conv2d, Conv2d};
 
 use crate::Result;
 
@@ -18,13 +20,7 @@ pub(crate) fn conv2d_same(
         padding: kernel / 2,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel,
-        cfg,
-        vb,
-    )?)
+    conv2d(in_channels, out_channels, kernel, cfg, vb)
 }
 
 /// Shape and normalisation parameters of one [`ResnetBlock2D`].
@@ -141,7 +137,7 @@ impl Downsample2D {
             stride: 2,
             ..Default::default()
         };
-        let conv = candle_nn::conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?;
+        let conv = conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?;
         Ok(Self {
             conv,
             pad_bottom_right: padding == 0,

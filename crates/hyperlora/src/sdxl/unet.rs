@@ -8,11 +8,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::attention::{Transformer2DModel, TransformerConfig};
+use super::conv::{conv2d, Conv2d};
 use super::resnet::{conv2d_same, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::{Error, Result};
 
@@ -619,7 +620,7 @@ impl UNet2DConditionModel {
 
         let c0 = c.block_out_channels[0];
         let conv_norm_out = candle_nn::group_norm(groups, c0, c.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = candle_nn::conv2d(
+        let conv_out = conv2d(
             c0,
             c.out_channels,
             c.conv_out_kernel,

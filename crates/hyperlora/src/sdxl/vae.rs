@@ -8,11 +8,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::attention::SpatialSelfAttention;
+use super::conv::Conv2d;
 use super::resnet::{conv2d_same, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::{Error, Result};
 
