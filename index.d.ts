@@ -112,6 +112,13 @@ export interface DetectedFace {
   landmarks: Array<Array<number>>
 }
 
+export interface DeviceOptions {
+  /** `auto` (default), `cpu`, `cuda` or `metal`. */
+  device?: string
+  /** `auto` (default: f16 on GPUs, f32 on CPU), `f32`, `f16` or `bf16`. */
+  dtype?: string
+}
+
 export interface FaceAnalysisResult {
   faces: Array<AnalyzedFace>
   /** Photos without a usable face (only when at least one other photo had one). */
@@ -166,7 +173,7 @@ export declare function loadFaceAnalyzer(dir: string): Promise<FaceAnalyzer>
 export declare function loadIdentity(path: string): Promise<Identity>
 
 /** Loads a HyperLoRA release folder and a CLIP ViT-L/14 vision folder (transformers layout). */
-export declare function loadIdentityEncoder(hyperlora: string, clipVision: string, options?: LoadPipelineOptions | undefined | null): Promise<IdentityEncoder>
+export declare function loadIdentityEncoder(hyperlora: string, clipVision: string, options?: DeviceOptions | undefined | null): Promise<IdentityEncoder>
 
 /** Loads an SDXL model: a diffusers folder, a Hugging Face cache entry or a single-file checkpoint. */
 export declare function loadPipeline(path: string, options?: LoadPipelineOptions | undefined | null): Promise<Pipeline>

@@ -15,7 +15,7 @@ use napi::{Env, Task};
 use napi_derive::napi;
 
 use crate::errors::guarded;
-use crate::pipeline::{LoadPipelineOptions, RawImage};
+use crate::pipeline::RawImage;
 use crate::progress::{CallContext, ProgressCallback};
 use crate::CancelHandle;
 
@@ -303,12 +303,20 @@ impl Task for LoadEncoderTask {
     }
 }
 
+#[napi(object)]
+pub struct DeviceOptions {
+    /// `auto` (default), `cpu`, `cuda` or `metal`.
+    pub device: Option<String>,
+    /// `auto` (default: f16 on GPUs, f32 on CPU), `f32`, `f16` or `bf16`.
+    pub dtype: Option<String>,
+}
+
 /// Loads a HyperLoRA release folder and a CLIP ViT-L/14 vision folder (transformers layout).
 #[napi(ts_return_type = "Promise<IdentityEncoder>")]
 pub fn load_identity_encoder(
     hyperlora: String,
     clip_vision: String,
-    options: Option<LoadPipelineOptions>,
+    options: Option<DeviceOptions>,
 ) -> AsyncTask<LoadEncoderTask> {
     let (device, dtype) = options.map(|o| (o.device, o.dtype)).unwrap_or((None, None));
     AsyncTask::new(LoadEncoderTask {
