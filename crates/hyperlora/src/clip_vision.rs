@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::sdxl::text_encoder::{
-    ClipActivation, ClipEncoder, ClipEncoderLayer, ClipEncoderSpec, LayerNorm,
+    ClipActivation, ClipConfigJson, ClipEncoder, ClipEncoderLayer, ClipEncoderSpec, LayerNorm,
 };
 use crate::{Error, Result};
 
@@ -63,48 +63,12 @@ impl ClipVisionConfig {
     /// `vision_config` is used. Missing keys take transformers' `CLIPVisionConfig` defaults
     /// (ViT-B/32: 768 wide, 12 layers, 12 heads, 224 px, patch 32, projection 512).
     pub fn from_json(json: &str) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(json)
-            .map_err(|e| Error::invalid_argument(format!("CLIP vision config is not JSON: {e}")))?;
-        let v = match value.get("vision_config") {
-            Some(t) if t.is_object() => t,
-            _ => &value,
-        };
-        if !v.is_object() {
-            return Err(Error::invalid_argument(
-                "CLIP vision config must be a JSON object",
-            ));
-        }
-        let int = |key: &str, default: u64| -> Result<usize> {
-            match v.get(key) {
-                None | Some(serde_json::Value::Null) => Ok(default as usize),
-                Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "CLIP vision config: {key} must be a non-negative integer, got {x}"
-                    ))
-                }),
-            }
-        };
-        let hidden_act = match v.get("hidden_act") {
-            None | Some(serde_json::Value::Null) => ClipActivation::QuickGelu,
-            Some(serde_json::Value::String(s)) => ClipActivation::from_name(s)?,
-            Some(x) => {
-                return Err(Error::invalid_argument(format!(
-                    "CLIP vision config: hidden_act must be a string, got {x}"
-                )))
-            }
-        };
-        let layer_norm_eps = match v.get("layer_norm_eps") {
-            None | Some(serde_json::Value::Null) => 1e-5,
-            Some(x) => x.as_f64().ok_or_else(|| {
-                Error::invalid_argument(format!(
-                    "CLIP vision config: layer_norm_eps must be a number, got {x}"
-                ))
-            })?,
-        };
+        let json = ClipConfigJson::parse(json, "vision_config", "CLIP vision config")?;
+        let int = |key: &str, default: usize| json.int(key, default);
         // A full CLIPConfig keeps projection_dim at its top level.
-        let projection_dim = match v.get("projection_dim") {
+        let projection_dim = match json.fields().get("projection_dim") {
             Some(x) if !x.is_null() => x.as_u64(),
-            _ => value.get("projection_dim").and_then(|x| x.as_u64()),
+            _ => json.root().get("projection_dim").and_then(|x| x.as_u64()),
         }
         .unwrap_or(512) as usize;
         let cfg = Self {
@@ -115,8 +79,8 @@ impl ClipVisionConfig {
             num_channels: int("num_channels", 3)?,
             image_size: int("image_size", 224)?,
             patch_size: int("patch_size", 32)?,
-            hidden_act,
-            layer_norm_eps,
+            hidden_act: json.activation()?,
+            layer_norm_eps: json.layer_norm_eps()?,
             projection_dim,
         };
         cfg.validate()?;

@@ -82,6 +82,82 @@ pub struct ClipTextConfig {
     pub pad_token_id: u32,
 }
 
+/// A transformers CLIP config (`CLIPTextConfig` / `CLIPVisionConfig`, or that section of a full
+/// `CLIPConfig`), read with transformers' defaults for missing keys.
+pub(crate) struct ClipConfigJson {
+    root: serde_json::Value,
+    section: &'static str,
+    what: &'static str,
+}
+
+impl ClipConfigJson {
+    pub(crate) fn parse(json: &str, section: &'static str, what: &'static str) -> Result<Self> {
+        let root: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| Error::invalid_argument(format!("{what} is not JSON: {e}")))?;
+        let config = Self {
+            root,
+            section,
+            what,
+        };
+        if !config.fields().is_object() {
+            return Err(Error::invalid_argument(format!(
+                "{what} must be a JSON object"
+            )));
+        }
+        Ok(config)
+    }
+
+    /// The whole document (a full `CLIPConfig` keeps e.g. `projection_dim` at the top).
+    pub(crate) fn root(&self) -> &serde_json::Value {
+        &self.root
+    }
+
+    pub(crate) fn fields(&self) -> &serde_json::Value {
+        match self.root.get(self.section) {
+            Some(section) if section.is_object() => section,
+            _ => &self.root,
+        }
+    }
+
+    /// A non-negative integer (a one-element list is accepted, as some configs write it).
+    pub(crate) fn int(&self, key: &str, default: usize) -> Result<usize> {
+        let value = match self.fields().get(key) {
+            None | Some(serde_json::Value::Null) => return Ok(default),
+            Some(serde_json::Value::Array(a)) if a.len() == 1 => &a[0],
+            Some(x) => x,
+        };
+        value.as_u64().map(|n| n as usize).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "{}: {key} must be a non-negative integer, got {value}",
+                self.what
+            ))
+        })
+    }
+
+    pub(crate) fn activation(&self) -> Result<ClipActivation> {
+        match self.fields().get("hidden_act") {
+            None | Some(serde_json::Value::Null) => Ok(ClipActivation::QuickGelu),
+            Some(serde_json::Value::String(s)) => ClipActivation::from_name(s),
+            Some(x) => Err(Error::invalid_argument(format!(
+                "{}: hidden_act must be a string, got {x}",
+                self.what
+            ))),
+        }
+    }
+
+    pub(crate) fn layer_norm_eps(&self) -> Result<f64> {
+        match self.fields().get("layer_norm_eps") {
+            None | Some(serde_json::Value::Null) => Ok(1e-5),
+            Some(x) => x.as_f64().ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "{}: layer_norm_eps must be a number, got {x}",
+                    self.what
+                ))
+            }),
+        }
+    }
+}
+
 impl ClipTextConfig {
     /// SDXL's `text_encoder`: openai/clip-vit-large-patch14's text tower, as
     /// stabilityai/stable-diffusion-xl-base-1.0 `text_encoder/config.json` states it.
@@ -124,57 +200,19 @@ impl ClipTextConfig {
     /// Reads a transformers `config.json` (a `CLIPTextConfig`, or a `CLIPConfig` whose
     /// `text_config` is used). Missing keys take transformers' `CLIPTextConfig` defaults.
     pub fn from_json(json: &str) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(json)
-            .map_err(|e| Error::invalid_argument(format!("CLIP text config is not JSON: {e}")))?;
-        let v = match value.get("text_config") {
-            Some(t) if t.is_object() => t,
-            _ => &value,
-        };
-        if !v.is_object() {
-            return Err(Error::invalid_argument(
-                "CLIP text config must be a JSON object",
-            ));
-        }
-        let int = |key: &str, default: u64| -> Result<u64> {
-            match v.get(key) {
-                None | Some(serde_json::Value::Null) => Ok(default),
-                Some(serde_json::Value::Array(a)) if a.len() == 1 && a[0].is_u64() => {
-                    Ok(a[0].as_u64().unwrap_or(default))
-                }
-                Some(x) => x.as_u64().ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "CLIP text config: {key} must be a non-negative integer, got {x}"
-                    ))
-                }),
-            }
-        };
-        let hidden_act = match v.get("hidden_act") {
-            None | Some(serde_json::Value::Null) => ClipActivation::QuickGelu,
-            Some(serde_json::Value::String(s)) => ClipActivation::from_name(s)?,
-            Some(x) => {
-                return Err(Error::invalid_argument(format!(
-                    "CLIP text config: hidden_act must be a string, got {x}"
-                )))
-            }
-        };
-        let layer_norm_eps = match v.get("layer_norm_eps") {
-            None | Some(serde_json::Value::Null) => 1e-5,
-            Some(x) => x.as_f64().ok_or_else(|| {
-                Error::invalid_argument(format!(
-                    "CLIP text config: layer_norm_eps must be a number, got {x}"
-                ))
-            })?,
-        };
+        let json = ClipConfigJson::parse(json, "text_config", "CLIP text config")?;
+        let int = |key: &str, default: usize| json.int(key, default);
+        let (hidden_act, layer_norm_eps) = (json.activation()?, json.layer_norm_eps()?);
         let cfg = Self {
-            vocab_size: int("vocab_size", 49408)? as usize,
-            hidden_size: int("hidden_size", 512)? as usize,
-            intermediate_size: int("intermediate_size", 2048)? as usize,
-            num_hidden_layers: int("num_hidden_layers", 12)? as usize,
-            num_attention_heads: int("num_attention_heads", 8)? as usize,
-            max_position_embeddings: int("max_position_embeddings", 77)? as usize,
+            vocab_size: int("vocab_size", 49408)?,
+            hidden_size: int("hidden_size", 512)?,
+            intermediate_size: int("intermediate_size", 2048)?,
+            num_hidden_layers: int("num_hidden_layers", 12)?,
+            num_attention_heads: int("num_attention_heads", 8)?,
+            max_position_embeddings: int("max_position_embeddings", 77)?,
             hidden_act,
             layer_norm_eps,
-            projection_dim: int("projection_dim", 512)? as usize,
+            projection_dim: int("projection_dim", 512)?,
             bos_token_id: int("bos_token_id", 49406)? as u32,
             eos_token_id: int("eos_token_id", 49407)? as u32,
             pad_token_id: int("pad_token_id", 1)? as u32,
