@@ -335,10 +335,17 @@ fn bench_face_cpu() {
     let t = Instant::now();
     let dets = a.detector.detect(&img, 640).unwrap();
     let t_det = t.elapsed();
-    let Some(face) = dets.first() else {
-        eprintln!("no face with these weights; detector {t_det:?}");
-        return;
+    // Random weights of the real sizes find no face: then the box and keypoints come from the
+    // tiny models' detector on the same photo, so the later stages still run on a face-shaped crop.
+    let face = match dets.first() {
+        Some(face) => face.clone(),
+        None => {
+            eprintln!("no face with these weights; landmarks/arcface/preprocessing use the tiny detector's box");
+            let tiny = analyzer_at(&tiny_model("antelopev2"));
+            tiny.detector.detect(&img, 640).unwrap()[0].clone()
+        }
     };
+    let face = &face;
     let t = Instant::now();
     let lmk = a.landmarks.landmarks(&img, face).unwrap();
     let t_lmk = t.elapsed();
