@@ -64,8 +64,9 @@ describe('face analysis from TypeScript', () => {
 
   it('runs the whole chain: photo → face → identity → portrait', async () => {
     const encoder = await loadIdentityEncoder(TINY_HYPERLORA, TINY_CLIP_VISION, { device: 'cpu' })
-    const { faces } = await analyzer.analyzeFaces([astronaut], { clipSize: encoder.clipImageSize })
-    const identity = await encoder.createIdentity(faces.map((f) => f.conditions))
+    const face = await analyzer.analyzeFace(astronaut, { clipSize: encoder.clipImageSize, face: 'largest' })
+    expect(face.conditions.clipCrop).toMatchObject({ width: encoder.clipImageSize, height: encoder.clipImageSize })
+    const identity = await encoder.createIdentity([face.conditions])
     const sdxl = await loadPipeline(TINY_SDXL, { device: 'cpu' })
     const [image] = await sdxl.generate({ prompt: 'a portrait', identity, width: 64, height: 64, steps: 3, seed: 1 })
     expect((await sharp(image!.data).metadata()).format).toBe('png')

@@ -62,6 +62,12 @@ export class FaceAnalyzer {
     return callNative(options, (cancel) => this.#native.detect(rgb, cancel))
   }
 
+  /** {@link analyzeFaces} for one photo: rejects with `NO_FACE` when it has no usable face. */
+  async analyzeFace(image: ImageInput, options: AnalyzeFacesOptions = {}): Promise<AnalyzedFace> {
+    const { faces } = await this.analyzeFaces([image], options)
+    return faces[0]!
+  }
+
   /**
    * HyperLoRA's per-photo conditions (ArcFace embedding, CLIP face crop) plus the face and a
    * preview. A photo without a face is skipped with a warning when others have one; when none
