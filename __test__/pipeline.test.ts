@@ -31,6 +31,13 @@ describe('SDXL pipeline from TypeScript', () => {
     expect(image).toMatchObject({ format: 'png', width: 64, height: 64, seed: 42n, index: 0 })
     const meta = await sharp(image!.data).metadata()
     expect(meta).toMatchObject({ format: 'png', width: 64, height: 64, channels: 3 })
+    // A1111-style generation parameters, readable by A1111, ComfyUI and civitai.
+    expect(image!.info).toBe(
+      'a photo of an astronaut riding a horse\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 42, Size: 64x64, Version: hyperlora',
+    )
+    expect(meta.comments).toEqual([{ keyword: 'parameters', text: image!.info }])
+    const [unicode] = await pipeline.generate({ ...base, prompt: 'Ångström 🐱', negativePrompt: 'blur', steps: 1 })
+    expect((await sharp(unicode!.data).metadata()).comments?.[0]?.text).toMatch(/^Ångström 🐱\nNegative prompt: blur\nSteps: 1,/)
     const denoise = events.filter((e) => e.stage === 'denoise').map((e) => [e.step, e.total])
     expect(denoise).toEqual([
       [1, 4],

@@ -42,3 +42,4 @@ export {
   type FaceAnalysis,
 } from './face.js'
 export type { Rgb8 } from './images.js'
+export { a1111Parameters } from './metadata.js'

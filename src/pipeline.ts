@@ -5,6 +5,7 @@ import type * as Binding from '../index.js'
 import { HyperLoraError } from './errors.js'
 import type { Identity } from './identity.js'
 import { decodeRgb8, encodeRgb8, type ImageFormat, type ImageInput } from './images.js'
+import { a1111Parameters, withPngText } from './metadata.js'
 import { callNative, native, type CallOptions } from './native.js'
 
 export type Sampler = 'euler' | 'euler_ancestral' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'ddim'
@@ -89,6 +90,8 @@ export interface GeneratedImage {
   seed: bigint
   /** Position in its batch. */
   index: number
+  /** The generation settings in A1111's `parameters` format (also stored in PNGs). */
+  info: string
 }
 
 /** A loaded SDXL model. Create with {@link loadPipeline}. */
@@ -147,15 +150,35 @@ export class Pipeline {
         onProgress,
       ),
     )
+    const info = a1111Parameters({
+      prompt,
+      negativePrompt: request.negativePrompt ?? '',
+      steps: request.steps,
+      sampler: request.sampler,
+      scheduler: request.scheduler,
+      cfg: request.cfg,
+      seed,
+      width: request.width,
+      height: request.height,
+      loras: [
+        ...identities.map((i) => `identity: ${i.weight}`),
+        ...loras.map((l) => `${path.basename(l.path, '.safetensors')}: ${l.weight}`),
+      ],
+      ...(initImage && { strength: request.strength ?? 0.75 }),
+    })
     return Promise.all(
-      raw.map(async (image, index) => ({
-        data: await encodeRgb8(image, format),
-        format,
-        width: image.width,
-        height: image.height,
-        seed,
-        index,
-      })),
+      raw.map(async (image, index) => {
+        const encoded = await encodeRgb8(image, format)
+        return {
+          data: format === 'png' ? withPngText(encoded, 'parameters', info) : encoded,
+          format,
+          width: image.width,
+          height: image.height,
+          seed,
+          index,
+          info,
+        }
+      }),
     )
   }
 }
