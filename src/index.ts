@@ -42,4 +42,3 @@ export {
   type FaceAnalysis,
 } from './face.js'
 export type { Rgb8 } from './images.js'
-export { a1111Parameters } from './metadata.js'
