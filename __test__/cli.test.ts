@@ -2,6 +2,7 @@ import { execFileSync, spawnSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 
+import sharp from 'sharp'
 import { describe, expect, it } from 'vitest'
 
 import { tempDir } from './helpers.js'
@@ -31,9 +32,32 @@ describe('hyperlora CLI', () => {
     expect(fs.readFileSync(out).subarray(1, 4).toString()).toBe('PNG')
   })
 
+  it('identity and generate: photos → identity file → picture with parameters; bad input exits 1 or 2', async () => {
+    const dir = tempDir('cli')
+    const photo = path.resolve(__dirname, '..', 'models', 'tiny', 'photos', 'astronaut.png')
+    const lora = path.join(dir, 'me.safetensors')
+    const id = hyperlora('identity', '--tiny', '--face', photo, '--out', lora, '--json')
+    expect(id.code, id.stderr).toBe(0)
+    expect(JSON.parse(id.stdout)).toMatchObject({ output: lora, photos: 1 })
+    const out = path.join(dir, 'me.webp')
+    const gen = hyperlora('generate', '--tiny', '--identity', lora, '--prompt', 'a portrait', '--width', '64', '--height', '64', '--steps', '2', '--seed', '7', '--out', out, '--json')
+    expect(gen.code, gen.stderr).toBe(0)
+    expect(JSON.parse(gen.stdout)).toMatchObject({ output: out, seed: '7', width: 64 })
+    expect(fs.readFileSync(out).subarray(8, 12).toString()).toBe('WEBP')
+
+    const grey = path.join(dir, 'grey.png')
+    await sharp({ create: { width: 120, height: 90, channels: 3, background: { r: 127, g: 127, b: 127 } } }).toFile(grey)
+    const noFace = hyperlora('identity', '--tiny', '--face', grey, '--out', path.join(dir, 'x.safetensors'), '--json')
+    expect(noFace.code).toBe(1)
+    expect(JSON.parse(noFace.stdout).error).toMatchObject({ code: 'NO_FACE', message: expect.stringMatching(/photo 0 \(grey\.png\)/) })
+    expect(fs.existsSync(path.join(dir, 'x.safetensors'))).toBe(false)
+    expect(hyperlora('generate', '--prompt', 'x').code).toBe(2) // no models given
+    expect(hyperlora('generate', '--tiny', '--prompt', 'x', '--seed', 'abc').code).toBe(2)
+  })
+
   it('has --help for every command, with examples', () => {
     expect(hyperlora('--help').stdout).toMatch(/Examples:[\s\S]*hyperlora demo/)
-    for (const command of ['info', 'demo', 'inspect']) {
+    for (const command of ['generate', 'identity', 'info', 'demo', 'inspect']) {
       const r = hyperlora(command, '--help')
       expect(r.code, command).toBe(0)
       expect(r.stdout).toContain(`Usage: hyperlora ${command}`)

@@ -8,6 +8,7 @@ import * as os from 'node:os'
 import * as path from 'node:path'
 import { parseArgs } from 'node:util'
 
+import { generateCommand, identityCommand, UsageError, writeAtomic } from './commands.js'
 import { HyperLoraError } from './errors.js'
 import { info, type RuntimeInfo } from './info.js'
 import type { ProgressEvent } from './native.js'
@@ -24,8 +25,10 @@ const HELP: Record<string, string> = {
 Usage: hyperlora <command> [options]
 
 Commands:
+  generate  draw a picture, of the person in --face photos (or a saved --identity)
+  identity  turn --face photos into an identity LoRA (.safetensors)
   info      version, native backend, threads and where models are looked up
-  demo      run the pipeline on the small bundled model (random weights)
+  demo      run the pipeline on the small bundled models (random weights)
   inspect   list the tensors of a .safetensors file
 
 Options:
@@ -35,6 +38,10 @@ Options:
 
 Examples:
   npx hyperlora demo
+  npx hyperlora generate --face me.jpg --prompt "portrait, astronaut suit" --out me.png \\
+      --checkpoint RealVisXL_V4.0.safetensors --hyperlora sdxl_hyper_id_lora_v1_fidelity \\
+      --clip-vision clip-vit-large-patch14 --face-models antelopev2
+  npx hyperlora identity --face a.jpg --face b.jpg --out me.safetensors --tiny
   npx hyperlora info --json
   npx hyperlora inspect model.safetensors --sha256`,
   info: `Usage: hyperlora info [--json]
@@ -48,13 +55,35 @@ and ArcFace on a bundled photo, CLIP + the HyperLoRA hypernetwork → an identit
 (both text encoders, UNet with DPM++ 2M Karras, VAE) with that identity merged in. The weights
 are random, so the picture is noise: the demo shows the install works end to end. Writes the
 PNG to --out (default: the system's temp folder).`,
+  generate: `Usage: hyperlora generate --prompt <text> [--face photo]... [--identity me.safetensors] [options]
+
+Draws one picture. With --face photos (one or more of the same person) or a saved --identity,
+the person's identity LoRA is merged in and HyperLoRA's trigger words are prepended.
+  --out file            .png (default, with A1111 parameters), .jpg or .webp; default hyperlora-<seed>.png
+  --negative text       negative prompt
+  --seed n --steps n --cfg x --width n --height n
+  --sampler s           euler, euler_ancestral, dpmpp_2m (default), dpmpp_2m_sde, ddim
+  --scheduler s         normal, karras (default), exponential
+  --identity-weight x   default 0.85
+  --lora path[:weight]  another LoRA (repeatable)
+  --keep-background     skip the face background removal
+Models (flag, else environment variable):
+  --checkpoint (HYPERLORA_CHECKPOINT)   SDXL: diffusers folder or single-file .safetensors
+  --hyperlora (HYPERLORA_MODEL)         HyperLoRA release folder
+  --clip-vision (HYPERLORA_CLIP_VISION) CLIP ViT-L/14 vision folder (transformers layout)
+  --face-models (HYPERLORA_FACE_MODELS) insightface antelopev2 folder
+  --tiny                                the bundled random-weight models (for trying the CLI)`,
+  identity: `Usage: hyperlora identity --face photo [--face photo]... --out me.safetensors [models]
+
+Turns photos of one person into an identity LoRA (kohya format, loads in ComfyUI/A1111/diffusers
+and in 'hyperlora generate --identity'). Photos without a face are skipped with a warning.
+Models: --hyperlora, --clip-vision, --face-models (or their environment variables, or --tiny);
+see 'hyperlora generate --help'.`,
   inspect: `Usage: hyperlora inspect <file.safetensors> [--sha256] [--json] [--quiet]
 
 Lists the tensors of a safetensors file (name, dtype, shape) without loading it.
   --sha256   also hash the whole file`,
 }
-
-class UsageError extends Error {}
 
 interface Flags {
   json: boolean
@@ -81,13 +110,6 @@ function progressLine(flags: Flags, label: string, stage?: string): ((e: Progres
 function summary(index: WeightsIndex): string {
   const mib = (index.fileSize / (1 << 20)).toFixed(2)
   return `${index.path}: ${index.tensors.length} tensors, ${mib} MiB, sha256 ${index.sha256?.slice(0, 16) ?? '-'}…`
-}
-
-/** Writes next to the target, then renames: a reader never sees a half-written file. */
-function writeAtomic(file: string, data: Buffer): void {
-  const temp = `${file}.${process.pid}.tmp`
-  fs.writeFileSync(temp, data)
-  fs.renameSync(temp, file)
 }
 
 /** The bundled demo photo (NASA, public domain). */
@@ -157,6 +179,25 @@ export async function main(argv: string[]): Promise<number> {
         quiet: { type: 'boolean', short: 'q' },
         sha256: { type: 'boolean' },
         out: { type: 'string', short: 'o' },
+        face: { type: 'string', multiple: true },
+        identity: { type: 'string' },
+        'identity-weight': { type: 'string' },
+        prompt: { type: 'string', short: 'p' },
+        negative: { type: 'string', short: 'n' },
+        seed: { type: 'string' },
+        steps: { type: 'string' },
+        cfg: { type: 'string' },
+        width: { type: 'string' },
+        height: { type: 'string' },
+        sampler: { type: 'string' },
+        scheduler: { type: 'string' },
+        lora: { type: 'string', multiple: true },
+        'keep-background': { type: 'boolean' },
+        checkpoint: { type: 'string' },
+        hyperlora: { type: 'string' },
+        'clip-vision': { type: 'string' },
+        'face-models': { type: 'string' },
+        tiny: { type: 'boolean' },
         version: { type: 'boolean', short: 'v' },
       },
     })
@@ -189,6 +230,15 @@ export async function main(argv: string[]): Promise<number> {
       case 'inspect':
         await inspect(rest[0], values.sha256 ?? false, flags)
         return 0
+      case 'generate':
+      case 'identity': {
+        const warn = (message: string): void => console.error(`warning: ${message}`)
+        const run = command === 'generate' ? generateCommand : identityCommand
+        const result = await run(values, progressLine(flags, command === 'generate' ? 'denoise' : 'identity', command === 'generate' ? 'denoise' : undefined), warn)
+        if (flags.json) console.log(JSON.stringify(result, null, 2))
+        else if (!flags.quiet) console.log(`wrote ${(result as { output: string }).output}`)
+        return 0
+      }
       default:
         throw new UsageError(`unknown command '${command}'`)
     }
