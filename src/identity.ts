@@ -3,6 +3,7 @@ import * as path from 'node:path'
 import type * as Binding from '../index.js'
 import { HyperLoraError } from './errors.js'
 import { decodeRgb8, type ImageInput } from './images.js'
+import type { DetectedFace } from './face.js'
 import { callNative, native, type CallOptions } from './native.js'
 import type { DeviceName, Precision } from './pipeline.js'
 
@@ -23,14 +24,28 @@ export interface FaceConditions {
 /** One module of an identity's LoRA: `delta W = alpha / rank · up @ down`, row-major f32. */
 export type LoraModuleTensors = Binding.LoraModuleTensors
 
+/** A photo an identity was made from: where it was in the request, the face used, and a preview
+ * (512² PNG) of the face region as the hypernetwork saw it. */
+export interface IdentityPhoto {
+  index: number
+  face: DetectedFace
+  preview: Buffer
+}
+
 /** A person's identity: a LoRA for SDXL, written by the hypernetwork, held in native memory. */
 export class Identity {
   /** @internal */
   readonly native: Binding.Identity
+  /** The photos this identity was made from (empty for one loaded from a file). */
+  readonly photos: readonly IdentityPhoto[]
+  /** Photos that were skipped, and why. */
+  readonly warnings: readonly string[]
 
   /** @internal */
-  constructor(nativeIdentity: Binding.Identity) {
+  constructor(nativeIdentity: Binding.Identity, details: { photos?: readonly IdentityPhoto[]; warnings?: readonly string[] } = {}) {
     this.native = nativeIdentity
+    this.photos = details.photos ?? []
+    this.warnings = details.warnings ?? []
   }
 
   /** Number of LoRA modules (attention layers × projections). */

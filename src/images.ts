@@ -2,6 +2,7 @@
 import sharp from 'sharp'
 
 import { HyperLoraError } from './errors.js'
+import { withJpegComment, withPngText, withWebpComment } from './metadata.js'
 
 /** An image: a file path, encoded bytes in any format sharp reads (JPEG, PNG, WebP, AVIF, TIFF,
  * …), or already-decoded RGB8 pixels. */
@@ -61,4 +62,15 @@ export async function encodeRgb8(image: Rgb8, format: ImageFormat): Promise<Buff
     case 'webp':
       return pipeline.webp({ quality: 95 }).toBuffer()
   }
+}
+
+/** Encodes with generation metadata: a PNG text chunk, or the EXIF UserComment in JPEG/WebP. */
+export async function encodeWithParameters(image: Rgb8, format: ImageFormat, parameters: string): Promise<Buffer> {
+  if (format === 'webp') {
+    // An EXIF placeholder makes sharp write the extended layout (VP8X with the EXIF flag).
+    const raw = sharp(image.data, { raw: { width: image.width, height: image.height, channels: 3 } })
+    return withWebpComment(await raw.webp({ quality: 95 }).withExif({ IFD0: { Software: 'hyperlora' } }).toBuffer(), parameters)
+  }
+  const encoded = await encodeRgb8(image, format)
+  return format === 'png' ? withPngText(encoded, 'parameters', parameters) : withJpegComment(encoded, parameters)
 }

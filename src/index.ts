@@ -29,6 +29,7 @@ export {
   TINY_CLIP_VISION,
   TINY_HYPERLORA,
   type FaceConditions,
+  type IdentityPhoto,
   type LoadIdentityEncoderOptions,
   type LoraModuleTensors,
 } from './identity.js'
@@ -42,3 +43,13 @@ export {
   type FaceAnalysis,
 } from './face.js'
 export type { Rgb8 } from './images.js'
+export {
+  HyperLoRA,
+  TINY_MODELS,
+  type CreateIdentityOptions,
+  type EngineCallOptions,
+  type EngineGenerateOptions,
+  type EngineProgress,
+  type HyperLoRALoadOptions,
+  type ModelPaths,
+} from './engine.js'

@@ -4,8 +4,8 @@ import * as path from 'node:path'
 import type * as Binding from '../index.js'
 import { HyperLoraError } from './errors.js'
 import type { Identity } from './identity.js'
-import { decodeRgb8, encodeRgb8, type ImageFormat, type ImageInput } from './images.js'
-import { a1111Parameters, withPngText } from './metadata.js'
+import { decodeRgb8, encodeWithParameters, type ImageFormat, type ImageInput } from './images.js'
+import { a1111Parameters } from './metadata.js'
 import { callNative, native, type CallOptions } from './native.js'
 
 export type Sampler = 'euler' | 'euler_ancestral' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'ddim'
@@ -168,9 +168,8 @@ export class Pipeline {
     })
     return Promise.all(
       raw.map(async (image, index) => {
-        const encoded = await encodeRgb8(image, format)
         return {
-          data: format === 'png' ? withPngText(encoded, 'parameters', info) : encoded,
+          data: await encodeWithParameters(image, format, info),
           format,
           width: image.width,
           height: image.height,

@@ -1,0 +1,221 @@
+/**
+ * `HyperLoRA`: the one object most programs need. It loads the four models (SDXL, the HyperLoRA
+ * hypernetwork, CLIP's vision tower, insightface's face models), turns photos into identities and
+ * draws portraits, taking calls from any number of callers one at a time.
+ */
+import { HyperLoraError } from './errors.js'
+import { loadFaceAnalyzer, TINY_ANTELOPEV2, type FaceAnalyzer } from './face.js'
+import { Identity, loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYPERLORA, type IdentityEncoder, type IdentityPhoto } from './identity.js'
+import type { ImageInput } from './images.js'
+import type { ProgressEvent } from './native.js'
+import { loadPipeline, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision } from './pipeline.js'
+import { TaskQueue } from './queue.js'
+
+/** What every long call reports through `onProgress`. */
+export interface EngineProgress {
+  /** `loading` (models), `face` (face analysis, per photo), `identity` (CLIP per photo, then the
+   * hypernetwork), `text` (prompt encoding), `denoise` (per step), `decode` (VAE). */
+  stage: 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode'
+  step: number
+  totalSteps: number
+  /** Milliseconds since the call started (queue time included). */
+  elapsedMs: number
+}
+
+export interface EngineCallOptions {
+  signal?: AbortSignal
+  onProgress?: (event: EngineProgress) => void
+}
+
+/** The four models, each a local path (a folder or file). */
+export interface ModelPaths {
+  /** SDXL: a diffusers folder, a Hugging Face cache entry or a single-file `.safetensors`. */
+  checkpoint: string
+  /** A HyperLoRA release folder (e.g. `sdxl_hyper_id_lora_v1_fidelity`). */
+  hyperlora: string
+  /** CLIP ViT-L/14's vision tower, transformers layout. */
+  clipVision: string
+  /** insightface's antelopev2 folder. */
+  faceModels: string
+}
+
+export interface HyperLoRALoadOptions extends Partial<ModelPaths>, EngineCallOptions {
+  /** Default `auto`: CUDA or Metal when this build has it and a device exists, else the CPU. */
+  device?: DeviceName
+  /** Default `auto`: f16 on GPUs, f32 on the CPU. */
+  dtype?: Precision
+  /** For single-file checkpoints: a diffusers folder with the configs and tokenizers to use. */
+  configDir?: string
+}
+
+/** The small random-weight models bundled with the package: `HyperLoRA.load(TINY_MODELS)`. Their
+ * pictures are noise; they exist so the whole chain can run anywhere (demo, tests). */
+export const TINY_MODELS: ModelPaths = {
+  checkpoint: TINY_SDXL,
+  hyperlora: TINY_HYPERLORA,
+  clipVision: TINY_CLIP_VISION,
+  faceModels: TINY_ANTELOPEV2,
+}
+
+export interface CreateIdentityOptions extends EngineCallOptions {
+  /** Grey out everything around the face before CLIP sees it (default true, as HyperLoRA does). */
+  removeBackground?: boolean
+  /** Give CLIP a greyscale crop (default false). */
+  grayscale?: boolean
+  /** Which face in a photo with several: `best` (detector score, default), `largest`, or an index. */
+  face?: 'best' | 'largest' | number
+  /** Called for each photo skipped because it has no usable face (also listed in `warnings`). */
+  onWarning?: (warning: string) => void
+}
+
+export type EngineGenerateOptions = Omit<GenerateOptions, 'onProgress' | 'signal'> & EngineCallOptions
+
+const NATIVE_STAGES: Record<string, EngineProgress['stage']> = {
+  faces: 'face',
+  clip: 'identity',
+  hypernet: 'identity',
+  text: 'text',
+  denoise: 'denoise',
+  decode: 'decode',
+}
+
+/** Maps the native reports of one call onto {@link EngineProgress}, with the elapsed time. */
+function reporter(options: EngineCallOptions, started: number): (stage: EngineProgress['stage'], step: number, totalSteps: number) => void {
+  return (stage, step, totalSteps) => options.onProgress?.({ stage, step, totalSteps, elapsedMs: performance.now() - started })
+}
+
+function nativeProgress(report: ReturnType<typeof reporter>, photos = 0): (e: ProgressEvent) => void {
+  return (e) => {
+    const stage = NATIVE_STAGES[e.stage]
+    if (!stage) return
+    // The identity stage is one bar: CLIP photo by photo, then the hypernetwork as the last step.
+    if (e.stage === 'clip') report(stage, e.step, photos + 1)
+    else if (e.stage === 'hypernet') report(stage, photos + e.step / e.total, photos + 1)
+    else report(stage, e.step, e.total)
+  }
+}
+
+/**
+ * A loaded HyperLoRA setup. Create with {@link HyperLoRA.load}; free with {@link HyperLoRA.dispose}.
+ * Safe to share: concurrent calls wait their turn (each result depends only on its own options and
+ * seed, never on what ran before or beside it).
+ */
+export class HyperLoRA {
+  readonly #pipeline: Pipeline
+  readonly #encoder: IdentityEncoder
+  readonly #faces: FaceAnalyzer
+  readonly #generation = new TaskQueue()
+  readonly #identities = new TaskQueue()
+  /** The models this engine was loaded from. */
+  readonly models: Readonly<ModelPaths>
+
+  private constructor(models: ModelPaths, pipeline: Pipeline, encoder: IdentityEncoder, faces: FaceAnalyzer) {
+    this.models = Object.freeze({ ...models })
+    this.#pipeline = pipeline
+    this.#encoder = encoder
+    this.#faces = faces
+  }
+
+  /**
+   * Loads the four models. Progress reports `loading` as each one is ready. A model left out
+   * falls back to its `HYPERLORA_*` environment variable (see the README), so `load({})` works in
+   * a configured environment; `load(TINY_MODELS)` runs the bundled random-weight models.
+   */
+  static async load(options: HyperLoRALoadOptions = {}): Promise<HyperLoRA> {
+    const started = performance.now()
+    const report = reporter(options, started)
+    const models = modelPaths(options)
+    const device = { device: options.device ?? 'auto', dtype: options.dtype ?? 'auto' } as const
+    let loaded = 0
+    const done = <T>(value: T): T => {
+      report('loading', ++loaded, 3)
+      return value
+    }
+    report('loading', 0, 3)
+    const [pipeline, encoder, faces] = await Promise.all([
+      loadPipeline(models.checkpoint, { ...device, ...(options.configDir !== undefined && { configDir: options.configDir }), ...(options.signal && { signal: options.signal }) }).then(done),
+      loadIdentityEncoder(models.hyperlora, models.clipVision, device).then(done),
+      loadFaceAnalyzer(models.faceModels).then(done),
+    ])
+    options.signal?.throwIfAborted()
+    return new HyperLoRA(models, pipeline, encoder, faces)
+  }
+
+  /** Loads an identity saved with `identity.saveLora(file)` (any kohya SDXL LoRA of HyperLoRA's layout). */
+  static loadIdentity(file: string): Promise<Identity> {
+    return loadIdentity(file)
+  }
+
+  /** Where the models run: `cpu`, `cuda` or `metal`. */
+  get device(): Exclude<DeviceName, 'auto'> {
+    return this.#pipeline.device
+  }
+
+  /**
+   * A person's identity from 1..N photos of them (paths, encoded bytes or RGB8 pixels). Photos
+   * without a face are skipped with a warning; if none has one the call rejects with `NO_FACE`.
+   * The identity lists the faces used, with previews of what CLIP saw.
+   */
+  async createIdentity(photos: ImageInput | readonly ImageInput[], options: CreateIdentityOptions = {}): Promise<Identity> {
+    const list = Array.isArray(photos) ? (photos as readonly ImageInput[]) : [photos as ImageInput]
+    if (list.length === 0) throw new HyperLoraError('INVALID_ARGUMENT', 'createIdentity needs at least one photo')
+    const started = performance.now()
+    const report = reporter(options, started)
+    return this.#identities.run(options.signal, async (signal) => {
+      const warnings: string[] = []
+      const analysis = await this.#faces.analyzeFaces(list, {
+        clipSize: this.#encoder.clipImageSize,
+        removeBackground: options.removeBackground ?? true,
+        grayscale: options.grayscale ?? false,
+        face: options.face ?? 'best',
+        signal,
+        onProgress: nativeProgress(report),
+        onWarning: (w) => {
+          const message = `photo ${w.index}${w.name ? ` (${w.name})` : ''} skipped: ${w.message}`
+          warnings.push(message)
+          options.onWarning?.(message)
+        },
+      })
+      const photosUsed: IdentityPhoto[] = analysis.faces.map((f) => ({ index: f.index, face: f.face, preview: f.preview }))
+      const identity = await this.#encoder.createIdentity(
+        analysis.faces.map((f) => f.conditions),
+        { signal, onProgress: nativeProgress(report, analysis.faces.length) },
+      )
+      return new Identity(identity.native, { photos: photosUsed, warnings })
+    })
+  }
+
+  /**
+   * Draws `batchSize` pictures (default 1) with the identity (or several, or none) merged into
+   * SDXL. Calls queue behind each other; the same options and seed give the same pictures.
+   */
+  async generate(options: EngineGenerateOptions): Promise<GeneratedImage[]> {
+    const started = performance.now()
+    const report = reporter(options, started)
+    return this.#generation.run(options.signal, (signal) => this.#pipeline.generate({ ...options, signal, onProgress: nativeProgress(report) }))
+  }
+
+  /**
+   * Frees the models. Calls still waiting reject with `ABORTED`; a running call is stopped at its
+   * next step. Later calls reject with `INVALID_ARGUMENT`. Resolves when nothing runs any more.
+   */
+  async dispose(): Promise<void> {
+    await Promise.all([this.#generation.close(), this.#identities.close()])
+  }
+}
+
+const MODEL_ENV: Record<keyof ModelPaths, string> = {
+  checkpoint: 'HYPERLORA_CHECKPOINT',
+  hyperlora: 'HYPERLORA_MODEL',
+  clipVision: 'HYPERLORA_CLIP_VISION',
+  faceModels: 'HYPERLORA_FACE_MODELS',
+}
+
+function modelPaths(options: Partial<ModelPaths>): ModelPaths {
+  const pick = (role: keyof ModelPaths): string => {
+    const given = options[role] ?? process.env[MODEL_ENV[role]]
+    if (typeof given === 'string' && given.length > 0) return given
+    throw new HyperLoraError('MODEL_NOT_FOUND', `no ${role} model: pass { ${role}: '<path>' } or set ${MODEL_ENV[role]}`)
+  }
+  return { checkpoint: pick('checkpoint'), hyperlora: pick('hyperlora'), clipVision: pick('clipVision'), faceModels: pick('faceModels') }
+}
