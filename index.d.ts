@@ -23,6 +23,8 @@ export declare class CancelHandle {
 
 /** antelopev2's detector, landmark model and ArcFace, run in-process. */
 export declare class FaceAnalyzer {
+  /** Frees the models; running calls finish first, later calls fail with `INVALID_ARGUMENT`. */
+  dispose(): void
   /** Every face in the picture, best score first (detector retried at 640, 512, 384, 256). */
   detect(image: RawImage, cancel?: CancelHandle | undefined | null): Promise<Array<DetectedFace>>
   /**
@@ -47,6 +49,8 @@ export declare class Identity {
 export declare class IdentityEncoder {
   /** Side of the square face crop the CLIP tower takes (224 for ViT-L/14). */
   get clipImageSize(): number
+  /** Frees the models; running calls finish first, later calls fail with `INVALID_ARGUMENT`. */
+  dispose(): void
   /** Creates the identity of 1..N photos of one person. */
   create(photos: Array<FaceConditionsInput>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Identity>
 }

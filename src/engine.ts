@@ -201,6 +201,8 @@ export class HyperLoRA {
    */
   async dispose(): Promise<void> {
     await Promise.all([this.#generation.close(), this.#identities.close()])
+    this.#encoder.dispose()
+    this.#faces.dispose()
   }
 }
 

@@ -56,6 +56,11 @@ export class FaceAnalyzer {
     this.#native = nativeAnalyzer
   }
 
+  /** Frees the native models; calls after this reject with `INVALID_ARGUMENT`. */
+  dispose(): void {
+    this.#native.dispose()
+  }
+
   /** Every face in the picture, best score first. EXIF orientation is applied first. */
   async detectFaces(image: ImageInput, options: CallOptions = {}): Promise<DetectedFace[]> {
     const rgb = await decodeRgb8(image)

@@ -102,6 +102,11 @@ export class IdentityEncoder {
     return this.#native.clipImageSize
   }
 
+  /** Frees the native models; calls after this reject with `INVALID_ARGUMENT`. */
+  dispose(): void {
+    this.#native.dispose()
+  }
+
   /**
    * The identity of 1..N photos of one person (the hypernetwork averages over them). Progress
    * reports `clip` once per photo, then `hypernet`.

@@ -15,6 +15,7 @@ use napi_derive::napi;
 use crate::errors::{guarded, to_napi};
 use crate::pipeline::RawImage;
 use crate::progress::{CallContext, ProgressCallback};
+use crate::resident::Resident;
 use crate::CancelHandle;
 
 /// A detected face, in image pixels.
@@ -121,23 +122,29 @@ fn analyze_options(o: Option<AnalyzeFacesOptions>) -> hyperlora::Result<AnalyzeO
 /// antelopev2's detector, landmark model and ArcFace, run in-process.
 #[napi]
 pub struct FaceAnalyzer {
-    inner: Arc<Analyzer>,
+    inner: Resident<Analyzer>,
 }
 
 #[napi]
 impl FaceAnalyzer {
+    /// Frees the models; running calls finish first, later calls fail with `INVALID_ARGUMENT`.
+    #[napi]
+    pub fn dispose(&self) {
+        self.inner.dispose();
+    }
+
     /// Every face in the picture, best score first (detector retried at 640, 512, 384, 256).
     #[napi(ts_return_type = "Promise<Array<DetectedFace>>")]
     pub fn detect(
         &self,
         image: RawImage,
         cancel: Option<ClassInstance<CancelHandle>>,
-    ) -> AsyncTask<DetectTask> {
-        AsyncTask::new(DetectTask {
-            analyzer: self.inner.clone(),
+    ) -> napi::Result<AsyncTask<DetectTask>> {
+        Ok(AsyncTask::new(DetectTask {
+            analyzer: self.inner.get()?,
             image: rgb(&image),
             call: CallContext::new(cancel, None),
-        })
+        }))
     }
 
     /// The identity conditions of each photo (spec §3); photos without a face are skipped
@@ -154,7 +161,7 @@ impl FaceAnalyzer {
     ) -> napi::Result<AsyncTask<AnalyzeTask>> {
         let options = analyze_options(options).map_err(to_napi)?;
         Ok(AsyncTask::new(AnalyzeTask {
-            analyzer: self.inner.clone(),
+            analyzer: self.inner.get()?,
             photos: photos.iter().map(rgb).collect(),
             names,
             options,
@@ -243,7 +250,7 @@ impl Task for LoadAnalyzerTask {
     }
     fn resolve(&mut self, _env: Env, analyzer: Analyzer) -> napi::Result<FaceAnalyzer> {
         Ok(FaceAnalyzer {
-            inner: Arc::new(analyzer),
+            inner: Resident::new(analyzer),
         })
     }
 }

@@ -17,6 +17,7 @@ use napi_derive::napi;
 use crate::errors::guarded;
 use crate::pipeline::RawImage;
 use crate::progress::{CallContext, ProgressCallback};
+use crate::resident::Resident;
 use crate::CancelHandle;
 
 /// A person's identity: the LoRA the hypernetwork wrote for them.
@@ -214,7 +215,8 @@ pub struct FaceConditionsInput {
 /// CLIP vision tower + HyperLoRA hypernetwork.
 #[napi]
 pub struct IdentityEncoder {
-    inner: Arc<Encoder>,
+    inner: Resident<Encoder>,
+    clip_image_size: u32,
 }
 
 #[napi]
@@ -222,7 +224,13 @@ impl IdentityEncoder {
     /// Side of the square face crop the CLIP tower takes (224 for ViT-L/14).
     #[napi(getter)]
     pub fn clip_image_size(&self) -> u32 {
-        self.inner.clip_image_size() as u32
+        self.clip_image_size
+    }
+
+    /// Frees the models; running calls finish first, later calls fail with `INVALID_ARGUMENT`.
+    #[napi]
+    pub fn dispose(&self) {
+        self.inner.dispose();
     }
 
     /// Creates the identity of 1..N photos of one person.
@@ -233,7 +241,8 @@ impl IdentityEncoder {
         cancel: Option<ClassInstance<CancelHandle>>,
         #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
-    ) -> AsyncTask<CreateIdentityTask> {
+    ) -> napi::Result<AsyncTask<CreateIdentityTask>> {
+        let encoder = self.inner.get()?;
         // Copied on the JavaScript thread: the task must not touch JS-owned buffers.
         let photos = photos
             .into_iter()
@@ -246,11 +255,11 @@ impl IdentityEncoder {
                 },
             })
             .collect();
-        AsyncTask::new(CreateIdentityTask {
-            encoder: self.inner.clone(),
+        Ok(AsyncTask::new(CreateIdentityTask {
+            encoder,
             photos,
             call: CallContext::new(cancel, on_progress),
-        })
+        }))
     }
 }
 
@@ -298,7 +307,8 @@ impl Task for LoadEncoderTask {
     }
     fn resolve(&mut self, _env: Env, encoder: Encoder) -> napi::Result<IdentityEncoder> {
         Ok(IdentityEncoder {
-            inner: Arc::new(encoder),
+            clip_image_size: encoder.clip_image_size() as u32,
+            inner: Resident::new(encoder),
         })
     }
 }
