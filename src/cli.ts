@@ -11,10 +11,8 @@ import { parseArgs } from 'node:util'
 import { generateCommand, identityCommand, UsageError, writeAtomic } from './commands.js'
 import { HyperLoraError } from './errors.js'
 import { info, type RuntimeInfo } from './info.js'
-import type { ProgressEvent } from './native.js'
-import { loadFaceAnalyzer, TINY_ANTELOPEV2 } from './face.js'
-import { loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYPERLORA } from './identity.js'
-import { loadPipeline, TINY_SDXL } from './pipeline.js'
+import { HyperLoRA, TINY_MODELS, type EngineProgress } from './engine.js'
+import { progressBar } from './progress-bar.js'
 import { inspectWeights, type WeightsIndex } from './weights.js'
 
 const packageRoot = path.resolve(__dirname, '..')
@@ -98,15 +96,6 @@ function printInfo(runtime: RuntimeInfo): void {
   console.log(`hf cache:    ${runtime.huggingFaceCache}`)
 }
 
-function progressLine(flags: Flags, label: string, stage?: string): ((e: ProgressEvent) => void) | undefined {
-  if (flags.quiet || flags.json || !process.stderr.isTTY) return undefined
-  return (e) => {
-    if (stage && e.stage !== stage) return
-    const pct = e.total > 0 ? Math.floor((100 * e.step) / e.total) : 100
-    process.stderr.write(`\r${label} ${pct}%${e.step >= e.total ? '\n' : ''}`)
-  }
-}
-
 function summary(index: WeightsIndex): string {
   const mib = (index.fileSize / (1 << 20)).toFixed(2)
   return `${index.path}: ${index.tensors.length} tensors, ${mib} MiB, sha256 ${index.sha256?.slice(0, 16) ?? '-'}…`
@@ -117,48 +106,63 @@ const DEMO_PHOTO = path.join(packageRoot, 'models', 'tiny', 'photos', 'astronaut
 
 async function demo(flags: Flags, out: string | undefined): Promise<void> {
   const runtime = info()
-  if (!flags.json) printInfo(runtime)
-  const started = performance.now()
-  const [analyzer, encoder, pipeline] = await Promise.all([
-    loadFaceAnalyzer(TINY_ANTELOPEV2),
-    loadIdentityEncoder(TINY_HYPERLORA, TINY_CLIP_VISION),
-    loadPipeline(TINY_SDXL),
-  ])
-  const loadedMs = performance.now() - started
-  const { faces } = await analyzer.analyzeFaces([DEMO_PHOTO], { clipSize: encoder.clipImageSize })
-  const identity = await encoder.createIdentity(faces.map((f) => f.conditions))
-  const steps = 20
-  const [image] = await pipeline.generate({
-    prompt: 'a portrait photo of a person in a spacesuit, (studio lighting:1.2)',
-    negativePrompt: 'blurry, low quality',
-    identity,
-    width: 128,
-    height: 128,
-    steps,
-    seed: 42,
-    onProgress: progressLine(flags, 'denoise', 'denoise'),
-  })
-  const file = path.resolve(out ?? path.join(os.tmpdir(), 'hyperlora-demo.png'))
-  writeAtomic(file, image!.data)
-  const totalMs = performance.now() - started
-  const face = faces[0]!.face
-  if (flags.json) {
-    console.log(
-      JSON.stringify({ info: runtime, photo: DEMO_PHOTO, face, identityModules: identity.modules, device: pipeline.device, steps, loadMs: loadedMs, totalMs, output: file }, null, 2),
-    )
-    return
+  if (!flags.json && !flags.quiet) printInfo(runtime)
+  const bar = progressBar(!flags.quiet && !flags.json)
+  const timings = stageTimings(bar)
+  const engine = await HyperLoRA.load({ ...TINY_MODELS, onProgress: timings.call() })
+  try {
+    const identity = await engine.createIdentity(DEMO_PHOTO, { onProgress: timings.call() })
+    const steps = 20
+    const [image] = await engine.generate({
+      prompt: 'a portrait photo of a person in a spacesuit, (studio lighting:1.2)',
+      negativePrompt: 'blurry, low quality',
+      identity,
+      width: 128,
+      height: 128,
+      steps,
+      seed: 42,
+      onProgress: timings.call(),
+    })
+    const file = path.resolve(out ?? path.join(os.tmpdir(), 'hyperlora-demo.png'))
+    writeAtomic(file, image!.data)
+    const face = identity.photos[0]!.face
+    const stages = timings.result()
+    if (flags.json) {
+      console.log(JSON.stringify({ info: runtime, photo: DEMO_PHOTO, face, identityModules: identity.modules, device: engine.device, steps, timingsMs: stages, output: file }, null, 2))
+      return
+    }
+    if (flags.quiet) return
+    const box = face.bbox.map((v) => v.toFixed(0)).join(', ')
+    console.log(`photo:       ${path.relative(process.cwd(), DEMO_PHOTO) || DEMO_PHOTO} → face [${box}] score ${face.score.toFixed(2)}`)
+    console.log(`identity:    LoRA of ${identity.modules} modules, rank ${identity.rank}`)
+    console.log(`generated:   128x128, ${steps} steps DPM++ 2M Karras on ${engine.device}`)
+    console.log(`timings:     ${Object.entries(stages).map(([stage, ms]) => `${stage} ${(ms / 1000).toFixed(2)} s`).join(', ')}`)
+    console.log(`wrote:       ${file}`)
+    console.log('note:        the bundled models have random weights, so the picture is noise; real models give portraits.')
+  } finally {
+    await engine.dispose()
   }
-  const box = face.bbox.map((v) => v.toFixed(0)).join(', ')
-  console.log(`photo:       ${path.relative(process.cwd(), DEMO_PHOTO) || DEMO_PHOTO} → face [${box}] score ${face.score.toFixed(2)}`)
-  console.log(`identity:    LoRA of ${identity.modules} modules, rank ${identity.rank}`)
-  console.log(`generated:   128x128, ${steps} steps DPM++ 2M Karras on ${pipeline.device} in ${(totalMs / 1000).toFixed(2)} s (load ${(loadedMs / 1000).toFixed(2)} s)`)
-  console.log(`wrote:       ${file}`)
-  console.log('note:        the bundled models have random weights, so the picture is noise; real models give portraits.')
+}
+
+/** Wall time per stage: each call's events carry the time since that call started. */
+function stageTimings(bar: ((e: EngineProgress) => void) | undefined): { call(): (e: EngineProgress) => void; result(): Record<string, number> } {
+  const totals: Record<string, number> = {}
+  return {
+    call() {
+      let since = 0
+      return (e) => {
+        totals[e.stage] = (totals[e.stage] ?? 0) + (e.elapsedMs - since)
+        since = e.elapsedMs
+        bar?.(e)
+      }
+    },
+    result: () => Object.fromEntries(Object.entries(totals).map(([k, v]) => [k, Math.round(v)])),
+  }
 }
 
 async function inspect(file: string | undefined, sha256: boolean, flags: Flags): Promise<void> {
   if (!file) throw new UsageError('inspect needs a file: hyperlora inspect <file.safetensors>')
-  const index = await inspectWeights(path.resolve(file), { sha256, onProgress: progressLine(flags, 'hashing') })
+  const index = await inspectWeights(path.resolve(file), { sha256, onProgress: progressBar(!flags.quiet && !flags.json) })
   if (flags.json) {
     console.log(JSON.stringify(index, null, 2))
     return
@@ -234,7 +238,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'identity': {
         const warn = (message: string): void => console.error(`warning: ${message}`)
         const run = command === 'generate' ? generateCommand : identityCommand
-        const result = await run(values, progressLine(flags, command === 'generate' ? 'denoise' : 'identity', command === 'generate' ? 'denoise' : undefined), warn)
+        const result = await run(values, progressBar(!flags.quiet && !flags.json), warn)
         if (flags.json) console.log(JSON.stringify(result, null, 2))
         else if (!flags.quiet) console.log(`wrote ${(result as { output: string }).output}`)
         return 0
