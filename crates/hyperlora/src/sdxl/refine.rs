@@ -922,33 +922,35 @@ mod tests {
         assert_eq!(steps, [1]);
     }
 
-    /// One face refined at the default 1024² on the tiny model, timed:
-    /// `cargo test -p hyperlora --release --lib sdxl::refine::tests::timing -- --ignored --nocapture`
+    /// One face refined at 512² and at the default 1024² on the tiny model, timed:
+    /// `cargo test -p hyperlora --lib sdxl::refine::tests::timing -- --ignored --nocapture`
     #[test]
     #[ignore = "timing, run by hand"]
-    fn timing_one_face_at_default_size() {
+    fn timing_one_face() {
         let pipe = tiny_pipeline();
-        let params = RefineParams {
-            prompt: PROMPT.into(),
-            ..RefineParams::default()
-        };
-        let start = std::time::Instant::now();
-        refine_faces(
-            &pipe,
-            &astronaut(),
-            &two_faces()[..1],
-            &params,
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-        .unwrap();
-        eprintln!(
-            "refine, 1 face, {}² crop → {}², {} of {} steps: {:.2} s",
-            156,
-            params.size,
-            params.denoise_steps(),
-            params.steps,
-            start.elapsed().as_secs_f64()
-        );
+        for size in [512, 1024] {
+            let params = RefineParams {
+                prompt: PROMPT.into(),
+                size,
+                ..RefineParams::default()
+            };
+            let start = std::time::Instant::now();
+            let face = &two_faces()[..1];
+            refine_faces(
+                &pipe,
+                &astronaut(),
+                face,
+                &params,
+                &CancelToken::new(),
+                &mut |_| {},
+            )
+            .unwrap();
+            eprintln!(
+                "refine, 1 face, 156² crop → {size}², {} of {} steps: {:.2} s",
+                params.denoise_steps(),
+                params.steps,
+                start.elapsed().as_secs_f64()
+            );
+        }
     }
 }
