@@ -64,6 +64,12 @@ export declare class Pipeline {
    * negative); resolves to raw RGB8 pixels, one entry per image.
    */
   generate(params: GenerateRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
+  /**
+   * Re-draws each face of `image` at high resolution with the given identities and LoRA
+   * files merged in (img2img on a square crop around the face, blended back with a feathered
+   * mask); pixels outside the masks are returned unchanged. Progress stage: `refine`.
+   */
+  refineFaces(image: RawImage, faces: Array<FaceBox>, request: RefineRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<RawImage>
 }
 
 /** Test hook: panics inside a worker task so tests can prove panics never cross into Node. */
@@ -127,6 +133,12 @@ export interface FaceAnalysisResult {
   faces: Array<AnalyzedFace>
   /** Photos without a usable face (only when at least one other photo had one). */
   skipped: Array<SkippedPhoto>
+}
+
+/** A face to refine, in image pixels. A `DetectedFace` from `FaceAnalyzer.detect` fits as is. */
+export interface FaceBox {
+  /** `[x1, y1, x2, y2]`; may reach past the image's edges. */
+  bbox: Array<number>
 }
 
 /** One photo's conditions: its ArcFace embedding and its CLIP-sized face crop. */
@@ -225,6 +237,36 @@ export interface RawImage {
   height: number
   /** width × height × 3 bytes, rows top to bottom. */
   data: Buffer
+}
+
+/** The refine pass's sampling and region options; unset options take the engine's defaults. */
+export interface RefineRequest {
+  /** The image's prompt or one written for the face. */
+  prompt: string
+  negativePrompt?: string
+  /** Scheduler steps; `int(steps × strength)` of them run per face. */
+  steps: number
+  cfg: number
+  /** `euler`, `euler_ancestral`, `dpmpp_2m`, `dpmpp_2m_sde`, `ddim`. */
+  sampler: string
+  /** `normal`, `karras`, `exponential`. */
+  scheduler: string
+  /** Face `i` (among the refined faces, in order) uses `seed + i`. */
+  seed: bigint
+  /** Re-noising strength in (0, 1] (default 0.5). */
+  strength?: number
+  /** Side the face's square crop is re-drawn at, rounded to a multiple of 8 (default 1024). */
+  size?: number
+  /** Crop side = the face box's longer side × padding (default 3). */
+  padding?: number
+  /** Smallest crop side in pixels (default 128). */
+  minSize?: number
+  /** Pixels the face box grows by in the blend mask (default 10). */
+  dilate?: number
+  /** Gaussian σ in pixels of the mask's soft edge (default 5). */
+  feather?: number
+  /** `all` (default) or `largest`. */
+  faces?: string
 }
 
 export interface SkippedPhoto {

@@ -16,6 +16,7 @@ mod identity;
 mod inspect;
 mod pipeline;
 mod progress;
+mod refine;
 mod resident;
 
 pub use progress::CancelHandle;

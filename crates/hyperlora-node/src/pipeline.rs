@@ -1,14 +1,14 @@
 //! `loadPipeline` and `Pipeline.generate`: SDXL text-to-image / image-to-image off the event loop.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyperlora::device::{device_name, select_device, select_dtype};
 use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
 use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, RgbImage, SdxlPipeline};
 use hyperlora::sdxl::sampler::{Sampler, SigmaSchedule};
 use hyperlora::Error;
-use napi::bindgen_prelude::{AsyncTask, Buffer, ClassInstance};
+use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, ClassInstance};
 use napi::{Env, Task};
 use napi_derive::napi;
 
@@ -32,13 +32,13 @@ pub struct LoadPipelineOptions {
 /// A loaded SDXL model. Weights stay resident until the object is garbage-collected.
 #[napi]
 pub struct Pipeline {
-    inner: Arc<Mutex<Loaded>>,
+    pub(crate) inner: Arc<Mutex<Loaded>>,
     device: &'static str,
 }
 
 /// The model and the LoRA set merged into it. Calls take turns: each needs its own LoRA set.
 pub struct Loaded {
-    pipeline: SdxlPipeline,
+    pub(crate) pipeline: SdxlPipeline,
     active: Vec<ActiveLora>,
 }
 
@@ -67,8 +67,22 @@ impl PartialEq for ActiveLora {
 }
 
 impl Loaded {
+    /// Takes the model for one call. A panic while merging poisons the lock; the active set is
+    /// then marked unknown, so the next merge is redone from the resident base weights and the
+    /// model stays usable.
+    pub(crate) fn lock(model: &Mutex<Loaded>) -> MutexGuard<'_, Loaded> {
+        model.lock().unwrap_or_else(|poisoned| {
+            let mut loaded = poisoned.into_inner();
+            loaded.active = vec![ActiveLora {
+                source: LoraSource::File(PathBuf::new()),
+                weight: f32::NAN,
+            }];
+            loaded
+        })
+    }
+
     /// Merges `loras` unless they are already the active set (switching never reloads the base).
-    fn activate(&mut self, loras: &[ActiveLora]) -> hyperlora::Result<()> {
+    pub(crate) fn activate(&mut self, loras: &[ActiveLora]) -> hyperlora::Result<()> {
         if self.active == loras {
             return Ok(());
         }
@@ -98,6 +112,40 @@ impl Loaded {
 pub struct LoraFile {
     pub path: String,
     pub weight: f64,
+}
+
+/// A request's LoRA set: the identities with their weights, then the files.
+pub(crate) fn lora_set(
+    identities: &[ClassInstance<Identity>],
+    identity_weights: Vec<f64>,
+    loras: Vec<LoraFile>,
+) -> hyperlora::Result<Vec<ActiveLora>> {
+    if identities.len() != identity_weights.len() {
+        return Err(Error::invalid_argument("one weight per identity"));
+    }
+    let identities = identities
+        .iter()
+        .zip(identity_weights)
+        .map(|(i, w)| ActiveLora {
+            source: LoraSource::Identity(i.lora.clone()),
+            weight: w as f32,
+        });
+    let files = loras.into_iter().map(|l| ActiveLora {
+        source: LoraSource::File(PathBuf::from(l.path)),
+        weight: l.weight as f32,
+    });
+    Ok(identities.chain(files).collect())
+}
+
+/// A seed from JavaScript (a bigint, so seeds above 2^53 survive).
+pub(crate) fn seed_u64(seed: &BigInt) -> hyperlora::Result<u64> {
+    let (sign, seed, lossless) = seed.get_u64();
+    if sign || !lossless {
+        return Err(Error::invalid_argument(
+            "seed must be an integer in [0, 2^64)",
+        ));
+    }
+    Ok(seed)
 }
 
 #[napi]
@@ -207,6 +255,26 @@ pub struct RawImage {
     pub height: u32,
     /// width × height × 3 bytes, rows top to bottom.
     pub data: Buffer,
+}
+
+impl From<&RawImage> for RgbImage {
+    fn from(image: &RawImage) -> Self {
+        RgbImage {
+            width: image.width as usize,
+            height: image.height as usize,
+            data: image.data.to_vec(),
+        }
+    }
+}
+
+impl From<RgbImage> for RawImage {
+    fn from(image: RgbImage) -> Self {
+        RawImage {
+            width: image.width as u32,
+            height: image.height as u32,
+            data: image.data.into(),
+        }
+    }
 }
 
 #[napi(object)]
