@@ -6,16 +6,17 @@
 import { HyperLoraError } from './errors.js'
 import { loadFaceAnalyzer, TINY_ANTELOPEV2, type FaceAnalyzer } from './face.js'
 import { Identity, loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYPERLORA, type IdentityEncoder, type IdentityPhoto } from './identity.js'
-import type { ImageInput } from './images.js'
+import { decodeRgb8, type ImageInput, type Rgb8 } from './images.js'
 import type { ProgressEvent } from './native.js'
-import { loadPipeline, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision } from './pipeline.js'
+import { finish, loadPipeline, prepare, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision, type Prepared, type RefineFaceOptions } from './pipeline.js'
 import { TaskQueue } from './queue.js'
 
 /** What every long call reports through `onProgress`. */
 export interface EngineProgress {
   /** `loading` (models), `face` (face analysis, per photo), `identity` (CLIP per photo, then the
-   * hypernetwork), `text` (prompt encoding), `denoise` (per step), `decode` (VAE). */
-  stage: 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode'
+   * hypernetwork), `text` (prompt encoding), `denoise` (per step), `decode` (VAE), `refine` (the
+   * face refine pass: its steps over all faces). */
+  stage: 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode' | 'refine'
   step: number
   totalSteps: number
   /** Milliseconds since the call started (queue time included). */
@@ -68,7 +69,18 @@ export interface CreateIdentityOptions extends EngineCallOptions {
   onWarning?: (warning: string) => void
 }
 
-export type EngineGenerateOptions = Omit<GenerateOptions, 'onProgress' | 'signal'> & EngineCallOptions
+export interface EngineGenerateOptions extends Omit<GenerateOptions, 'onProgress' | 'signal'>, EngineCallOptions {
+  /** Re-draw each face at high resolution with the identity after the picture is made (HyperLoRA
+   * keeps likeness best on large faces; this helps half-body and group shots). `true` uses the
+   * defaults of {@link RefineFaceOptions}. Progress then also reports stage `refine`. */
+  refineFace?: boolean | RefineFaceOptions
+}
+
+/** What {@link HyperLoRA.refineFaces} takes: the prompt, identity and sampling of a generation
+ * (size and batch come from the image) plus the refine pass's own settings. */
+export interface RefineFacesOptions
+  extends Omit<EngineGenerateOptions, 'width' | 'height' | 'batchSize' | 'initImage' | 'strength' | 'refineFace'>,
+    Omit<RefineFaceOptions, 'prompt'> {}
 
 const NATIVE_STAGES: Record<string, EngineProgress['stage']> = {
   faces: 'face',
@@ -77,6 +89,7 @@ const NATIVE_STAGES: Record<string, EngineProgress['stage']> = {
   text: 'text',
   denoise: 'denoise',
   decode: 'decode',
+  refine: 'refine',
 }
 
 /** Maps the native reports of one call onto {@link EngineProgress}, with the elapsed time. */
@@ -192,7 +205,67 @@ export class HyperLoRA {
   async generate(options: EngineGenerateOptions): Promise<GeneratedImage[]> {
     const started = performance.now()
     const report = reporter(options, started)
-    return this.#generation.run(options.signal, (signal) => this.#pipeline.generate({ ...options, signal, onProgress: nativeProgress(report) }))
+    return this.#generation.run(options.signal, (signal) => this.#draw(options, signal, nativeProgress(report)))
+  }
+
+  /**
+   * The face refine pass on a picture from anywhere (image-to-image on each face region): faces
+   * are found with the face models, re-drawn with the identity, and blended back; the rest of
+   * the picture is left exactly as it was. A picture without faces comes back unchanged.
+   */
+  async refineFaces(image: ImageInput, options: RefineFacesOptions): Promise<GeneratedImage> {
+    const started = performance.now()
+    const report = reporter(options, started)
+    const { signal: _, onProgress: __, ...rest } = options
+    return this.#generation.run(options.signal, async (signal) => {
+      const rgb = await decodeRgb8(image)
+      const refine = refineOptions(options)
+      const prepared = await prepare({ ...rest, width: rgb.width, height: rgb.height }, refineSettings(refine))
+      const refined = await this.#refine(rgb, prepared, refine, signal, nativeProgress(report))
+      return (await finish([refined], prepared))[0]!
+    })
+  }
+
+  /** `generate`, with the refine pass when asked for; runs inside the generation queue. */
+  async #draw(options: EngineGenerateOptions, signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<GeneratedImage[]> {
+    // The caller's own signal and progress are already folded into `signal` and `onProgress`.
+    const { refineFace, onProgress: _, signal: __, ...request } = options
+    if (!refineFace) return this.#pipeline.generate({ ...request, signal, onProgress })
+    const refine = refineFace === true ? {} : refineFace
+    const prepared = await prepare(request, refineSettings(refine))
+    const pixels = await this.#pipeline.generatePixels(prepared, { signal, onProgress })
+    const refined = []
+    for (const image of pixels) refined.push(await this.#refine(image, prepared, refine, signal, onProgress))
+    return finish(refined, prepared)
+  }
+
+  async #refine(image: Rgb8, prepared: Prepared, refine: RefineFaceOptions, signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<Rgb8> {
+    const faces = await this.#faces.detectFaces(image, { signal })
+    return this.#pipeline.refinePixels(image, faces, prepared, refine, { signal, onProgress })
+  }
+
+  /**
+   * Many requests, batched: requests that agree on size, steps, cfg, sampler, scheduler and LoRA
+   * files are drawn together in one UNet batch of up to `maxBatchSize` images, even when their
+   * identities differ (each sample gets its own identity's update). Yields each request's
+   * images as its batch finishes, tagged with the request's position; each request's pictures
+   * equal what {@link generate} draws for it alone (within float rounding). Other callers' calls
+   * may run between batches.
+   */
+  async *generateMany(requests: Iterable<EngineGenerateOptions>, options: GenerateManyOptions = {}): AsyncGenerator<GenerateManyResult> {
+    const maxBatchSize = options.maxBatchSize ?? 4
+    if (!Number.isSafeInteger(maxBatchSize) || maxBatchSize < 1) throw new HyperLoraError('INVALID_ARGUMENT', `maxBatchSize must be a positive integer, got ${maxBatchSize}`)
+    const started = performance.now()
+    const report = reporter(options, started)
+    for (const batch of batches([...requests], maxBatchSize)) {
+      const list = batch.map(({ options: { onProgress: _, signal: __, ...request } }) => request)
+      const images = await this.#generation.run(options.signal, (signal) =>
+        list.length === 1
+          ? this.#draw(list[0]!, signal, nativeProgress(report)).then((one) => [one])
+          : this.#pipeline.generateBatch(list, { signal, onProgress: nativeProgress(report) }),
+      )
+      for (const [k, item] of batch.entries()) yield { index: item.index, images: images[k]! }
+    }
   }
 
   /**
@@ -204,6 +277,56 @@ export class HyperLoRA {
     this.#encoder.dispose()
     this.#faces.dispose()
   }
+}
+
+export interface GenerateManyOptions extends EngineCallOptions {
+  /** Most images in one UNet batch (the sum of the requests' `batchSize`); default 4. Larger
+   * batches use the GPU better and need more memory. */
+  maxBatchSize?: number
+}
+
+export interface GenerateManyResult {
+  /** Position of the request in the list given to `generateMany`. */
+  index: number
+  images: GeneratedImage[]
+}
+
+/** Groups requests that can share a UNet batch, in order of first appearance, and cuts each
+ * group into batches of at most `maxBatchSize` images. A request with an `initImage` or the face
+ * refine pass goes alone. */
+function batches(requests: readonly EngineGenerateOptions[], maxBatchSize: number): { index: number; options: EngineGenerateOptions }[][] {
+  const groups = new Map<string, { index: number; options: EngineGenerateOptions }[][]>()
+  const order: { index: number; options: EngineGenerateOptions }[][][] = []
+  requests.forEach((options, index) => {
+    const key = options.initImage === undefined && !options.refineFace ? batchKey(options) : `alone:${index}`
+    let group = groups.get(key)
+    if (!group) {
+      group = [[]]
+      groups.set(key, group)
+      order.push(group)
+    }
+    const size = (r: { options: EngineGenerateOptions }): number => r.options.batchSize ?? 1
+    const current = group.at(-1)!
+    if (current.length > 0 && current.reduce((n, r) => n + size(r), 0) + size({ options }) > maxBatchSize) group.push([])
+    group.at(-1)!.push({ index, options })
+  })
+  return order.flat()
+}
+
+/** What requests in one batch must share (with `generate`'s defaults filled in). */
+function batchKey(o: EngineGenerateOptions): string {
+  const loras = (o.loras ?? []).map((l) => [l.path, l.weight])
+  return JSON.stringify([o.width ?? 1024, o.height ?? 1024, o.steps ?? 20, o.cfg ?? 5, o.sampler ?? 'dpmpp_2m', o.scheduler ?? 'karras', loras])
+}
+
+function refineOptions(o: RefineFacesOptions): RefineFaceOptions {
+  const keys = ['strength', 'steps', 'size', 'padding', 'minSize', 'dilate', 'feather', 'faces'] as const
+  return Object.fromEntries(keys.filter((k) => o[k] !== undefined).map((k) => [k, o[k]])) as RefineFaceOptions
+}
+
+/** The refine pass in the picture's parameters text. */
+function refineSettings(r: RefineFaceOptions): string[] {
+  return [`Face refine strength: ${r.strength ?? 0.5}`, `Face refine size: ${r.size ?? 1024}`]
 }
 
 const MODEL_ENV: Record<keyof ModelPaths, string> = {

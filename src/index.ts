@@ -17,6 +17,7 @@ export {
   type GeneratedImage,
   type LoadPipelineOptions,
   type Precision,
+  type RefineFaceOptions,
   type Sampler,
   type SigmaScheduler,
 } from './pipeline.js'
@@ -50,6 +51,9 @@ export {
   type EngineCallOptions,
   type EngineGenerateOptions,
   type EngineProgress,
+  type GenerateManyOptions,
+  type GenerateManyResult,
   type HyperLoRALoadOptions,
   type ModelPaths,
+  type RefineFacesOptions,
 } from './engine.js'

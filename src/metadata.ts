@@ -26,6 +26,8 @@ export interface ParametersInfo {
   /** Identity and LoRA weights, e.g. `identity: 0.85`. */
   loras: string[]
   strength?: number
+  /** More `Key: value` settings, e.g. the face refine pass's. */
+  extra?: readonly string[]
 }
 
 /** A1111's `parameters` text: prompt, negative prompt, then one line of settings. */
@@ -39,6 +41,7 @@ export function a1111Parameters(p: ParametersInfo): string {
     `Size: ${p.width}x${p.height}`,
     ...(p.strength === undefined ? [] : [`Denoising strength: ${p.strength}`]),
     ...(p.loras.length > 0 ? [`Lora weights: "${p.loras.join(', ')}"`] : []),
+    ...(p.extra ?? []),
     'Version: hyperlora',
   ]
   const negative = p.negativePrompt ? `\nNegative prompt: ${p.negativePrompt}` : ''

@@ -72,6 +72,29 @@ export interface GenerateOptions extends CallOptions {
   triggerWords?: string | false
 }
 
+/** The face refine pass ("face detailer"): each face is cropped with context, re-drawn at
+ * `size` with the same identity and sampler, and blended back with a feathered mask. */
+export interface RefineFaceOptions {
+  /** How much of the face is re-drawn, (0, 1]; default 0.5. */
+  strength?: number
+  /** Scheduler steps; `steps × strength` of them run. Default: the image's steps. */
+  steps?: number
+  /** Side the square face crop is re-drawn at (a multiple of 8); default 1024. */
+  size?: number
+  /** Crop side as a multiple of the face box's longer side; default 3 (head and shoulders). */
+  padding?: number
+  /** Smallest crop side in pixels; default 128. */
+  minSize?: number
+  /** Mask growth around the face box, pixels; default 10. */
+  dilate?: number
+  /** Mask edge softness (Gaussian sigma), pixels; default 5. */
+  feather?: number
+  /** `all` detected faces (default) or only the `largest`. */
+  faces?: 'all' | 'largest'
+  /** A prompt for the face pass; default: the image's prompt. */
+  prompt?: string
+}
+
 /** HyperLoRA's identity LoRAs were trained with these words at the start of the prompt. */
 export const TRIGGER_WORDS = 'fcsks fxhks fhyks, '
 
@@ -113,73 +136,148 @@ export class Pipeline {
    * `decode`; an aborted signal stops the run within one step.
    */
   async generate(options: GenerateOptions): Promise<GeneratedImage[]> {
-    const width = options.width ?? 1024
-    const height = options.height ?? 1024
-    const seed = BigInt(options.seed ?? randomInt(0, 2 ** 48))
-    const format = options.format ?? 'png'
-    if (!['png', 'jpeg', 'webp'].includes(format)) throw new HyperLoraError('INVALID_ARGUMENT', `unknown format ${format}`)
-    const initImage = options.initImage === undefined ? undefined : await decodeRgb8(options.initImage, { width, height })
-    const identities = [
-      ...(options.identity ? [{ identity: options.identity, weight: options.identityWeight ?? 0.85 }] : []),
-      ...(options.identities ?? []),
-    ]
-    if (typeof options.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'prompt must be a string')
-    const prompt = identities.length > 0 ? withTriggerWords(options.prompt, options.triggerWords ?? TRIGGER_WORDS) : options.prompt
-    const loras = (options.loras ?? []).map((l) => ({ path: path.resolve(l.path), weight: l.weight }))
-    const request: Binding.GenerateRequest = {
-      prompt,
-      negativePrompt: options.negativePrompt ?? '',
-      width: checkedInt('width', width),
-      height: checkedInt('height', height),
-      steps: checkedInt('steps', options.steps ?? 20),
-      cfg: options.cfg ?? 5,
-      sampler: options.sampler ?? 'dpmpp_2m',
-      scheduler: options.scheduler ?? 'karras',
-      seed,
-      batchSize: checkedInt('batchSize', options.batchSize ?? 1),
-      strength: options.strength ?? 0.75,
-      ...(initImage && { initImage }),
-    }
+    const prepared = await prepare(options)
     const raw = await callNative(options, (cancel, onProgress) =>
-      this.#native.generate(
-        request,
-        identities.map((i) => i.identity.native),
-        identities.map((i) => i.weight),
-        loras,
+      this.#native.generate(prepared.request, prepared.identities, prepared.identityWeights, prepared.loras, cancel, onProgress),
+    )
+    return finish(raw, prepared)
+  }
+
+  /**
+   * Draws several requests in one UNet batch, each with its own prompt, seed and identities:
+   * identities are applied per sample, so requests for different people share every step.
+   * The requests must agree on size, steps, cfg, sampler, scheduler and LoRA files, and have no
+   * `initImage`; each one's pictures equal what {@link generate} draws for it (within float
+   * rounding). Resolves to one list of images per request, in order.
+   */
+  async generateBatch(requests: readonly GenerateOptions[], options: CallOptions = {}): Promise<GeneratedImage[][]> {
+    const prepared = await Promise.all(requests.map((r) => prepare(r)))
+    const raw = await callNative(options, (cancel, onProgress) =>
+      this.#native.generateMany(
+        prepared.map((p) => p.request),
+        prepared.map((p) => p.identities),
+        prepared.map((p) => p.identityWeights),
+        prepared[0]?.loras ?? [],
         cancel,
         onProgress,
       ),
     )
-    const info = a1111Parameters({
-      prompt,
-      negativePrompt: request.negativePrompt ?? '',
-      steps: request.steps,
-      sampler: request.sampler,
-      scheduler: request.scheduler,
-      cfg: request.cfg,
-      seed,
-      width: request.width,
-      height: request.height,
-      loras: [
-        ...identities.map((i) => `identity: ${i.weight}`),
-        ...loras.map((l) => `${path.basename(l.path, '.safetensors')}: ${l.weight}`),
-      ],
-      ...(initImage && { strength: request.strength ?? 0.75 }),
-    })
-    return Promise.all(
-      raw.map(async (image, index) => {
-        return {
-          data: await encodeWithParameters(image, format, info),
-          format,
-          width: image.width,
-          height: image.height,
-          seed,
-          index,
-          info,
-        }
-      }),
+    return Promise.all(raw.map((images, i) => finish(images, prepared[i]!)))
+  }
+
+  /** @internal Pixels out, for callers that post-process before encoding. */
+  async generatePixels(prepared: Prepared, options: CallOptions): Promise<Binding.RawImage[]> {
+    return callNative(options, (cancel, onProgress) =>
+      this.#native.generate(prepared.request, prepared.identities, prepared.identityWeights, prepared.loras, cancel, onProgress),
     )
   }
+
+  /**
+   * @internal The face refine pass on `image` for the given faces (from a face detector), with
+   * the request's identities and LoRAs merged. Progress reports stage `refine`.
+   */
+  async refinePixels(image: Binding.RawImage, faces: readonly { bbox: number[] }[], prepared: Prepared, refine: RefineFaceOptions, options: CallOptions): Promise<Binding.RawImage> {
+    const r = prepared.request
+    const request: Binding.RefineRequest = {
+      prompt: refine.prompt === undefined ? r.prompt : refine.prompt,
+      negativePrompt: r.negativePrompt ?? '',
+      steps: checkedInt('refineFace.steps', refine.steps ?? r.steps),
+      cfg: r.cfg,
+      sampler: r.sampler,
+      scheduler: r.scheduler,
+      seed: prepared.seed,
+      ...(refine.strength !== undefined && { strength: refine.strength }),
+      ...(refine.size !== undefined && { size: checkedInt('refineFace.size', refine.size) }),
+      ...(refine.padding !== undefined && { padding: refine.padding }),
+      ...(refine.minSize !== undefined && { minSize: checkedInt('refineFace.minSize', refine.minSize) }),
+      ...(refine.dilate !== undefined && { dilate: refine.dilate }),
+      ...(refine.feather !== undefined && { feather: refine.feather }),
+      ...(refine.faces !== undefined && { faces: refine.faces }),
+    }
+    return callNative(options, (cancel, onProgress) =>
+      this.#native.refineFaces(image, faces.map((f) => ({ bbox: [...f.bbox] })), request, prepared.identities, prepared.identityWeights, prepared.loras, cancel, onProgress),
+    )
+  }
+}
+
+/** @internal A request validated and filled in, ready for the engine. */
+export interface Prepared {
+  request: Binding.GenerateRequest
+  identities: Binding.Identity[]
+  identityWeights: number[]
+  loras: { path: string; weight: number }[]
+  format: ImageFormat
+  seed: bigint
+  info: string
+}
+
+/** @internal Validates and fills in defaults; the generation parameters text is made here too. */
+export async function prepare(options: GenerateOptions, extraSettings: readonly string[] = []): Promise<Prepared> {
+  const width = options.width ?? 1024
+  const height = options.height ?? 1024
+  const seed = BigInt(options.seed ?? randomInt(0, 2 ** 48))
+  const format = options.format ?? 'png'
+  if (!['png', 'jpeg', 'webp'].includes(format)) throw new HyperLoraError('INVALID_ARGUMENT', `unknown format ${format}`)
+  const initImage = options.initImage === undefined ? undefined : await decodeRgb8(options.initImage, { width, height })
+  const identities = [
+    ...(options.identity ? [{ identity: options.identity, weight: options.identityWeight ?? 0.85 }] : []),
+    ...(options.identities ?? []),
+  ]
+  if (typeof options.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'prompt must be a string')
+  const prompt = identities.length > 0 ? withTriggerWords(options.prompt, options.triggerWords ?? TRIGGER_WORDS) : options.prompt
+  const loras = (options.loras ?? []).map((l) => ({ path: path.resolve(l.path), weight: l.weight }))
+  const request: Binding.GenerateRequest = {
+    prompt,
+    negativePrompt: options.negativePrompt ?? '',
+    width: checkedInt('width', width),
+    height: checkedInt('height', height),
+    steps: checkedInt('steps', options.steps ?? 20),
+    cfg: options.cfg ?? 5,
+    sampler: options.sampler ?? 'dpmpp_2m',
+    scheduler: options.scheduler ?? 'karras',
+    seed,
+    batchSize: checkedInt('batchSize', options.batchSize ?? 1),
+    strength: options.strength ?? 0.75,
+    ...(initImage && { initImage }),
+  }
+  const info = a1111Parameters({
+    prompt,
+    negativePrompt: request.negativePrompt ?? '',
+    steps: request.steps,
+    sampler: request.sampler,
+    scheduler: request.scheduler,
+    cfg: request.cfg,
+    seed,
+    width: request.width,
+    height: request.height,
+    loras: [...identities.map((i) => `identity: ${i.weight}`), ...loras.map((l) => `${path.basename(l.path, '.safetensors')}: ${l.weight}`)],
+    ...(initImage && { strength: request.strength ?? 0.75 }),
+    extra: extraSettings,
+  })
+  return {
+    request,
+    identities: identities.map((i) => i.identity.native),
+    identityWeights: identities.map((i) => i.weight),
+    loras,
+    format,
+    seed,
+    info,
+  }
+}
+
+/** @internal Encodes the engine's pixels, with the parameters as metadata. */
+export async function finish(raw: Binding.RawImage[], p: Prepared): Promise<GeneratedImage[]> {
+  return Promise.all(
+    raw.map(async (image, index) => ({
+      data: await encodeWithParameters(image, p.format, p.info),
+      format: p.format,
+      width: image.width,
+      height: image.height,
+      seed: p.seed,
+      index,
+      info: p.info,
+    })),
+  )
 }
 
 function checkedInt(name: string, value: number): number {
