@@ -42,3 +42,18 @@ export {
   type FaceAnalysis,
 } from './face.js'
 export type { Rgb8 } from './images.js'
+export {
+  DEFAULT_MODELS,
+  listModels,
+  pullModels,
+  resolveModel,
+  type InstalledModel,
+  type Manifest,
+  type ManifestEntry,
+  type ManifestFile,
+  type ModelEvent,
+  type ModelRole,
+  type ModelSource,
+  type PulledModel,
+  type ResolveOptions,
+} from './models/index.js'
