@@ -1,7 +1,7 @@
 /**
  * A small Hugging Face hub for tests, on 127.0.0.1: the hub's URL layout served from a temp
  * folder, with LFS files redirected to a "CDN" on another port (another origin, as on the real
- * hub), Range requests, a scripted dropped connection and a corrupted file.
+ * hub), Range requests, a scripted dropped or stalled connection and a corrupted file.
  *
  *   HEAD/GET /{org}/{name}/resolve/{revision}/{path}   small files: 200 + ETag (git blob SHA-1);
  *                                                      LFS files: 302 to the CDN + X-Linked-Etag (SHA-256), X-Linked-Size
@@ -37,6 +37,8 @@ export interface HubOptions {
   dropOnce?: string[]
   /** `org/name/path` of LFS files the CDN serves with one byte changed. */
   corrupt?: string[]
+  /** `org/name/path` of LFS files whose first CDN transfer stops halfway and hangs (to abort it). */
+  stallOnce?: string[]
 }
 
 export interface LoggedRequest {
@@ -74,7 +76,7 @@ function listen(server: http.Server): Promise<number> {
 }
 
 /** Serves `[start, end]` of a file, honouring a `Range: bytes=N-` header. */
-function serveBytes(req: http.IncomingMessage, res: http.ServerResponse, data: Buffer, headers: Record<string, string>, cut?: () => boolean): void {
+function serveBytes(req: http.IncomingMessage, res: http.ServerResponse, data: Buffer, headers: Record<string, string>, cut?: () => 'drop' | 'stall' | null): void {
   const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? '')
   const start = range ? Number(range[1]) : 0
   if (start > data.length) {
@@ -92,9 +94,10 @@ function serveBytes(req: http.IncomingMessage, res: http.ServerResponse, data: B
     res.end()
     return
   }
-  if (cut?.()) {
-    // Half the bytes, then the connection drops without finishing the response.
-    res.write(body.subarray(0, Math.floor(body.length / 2)), () => res.socket?.destroy())
+  const how = cut?.()
+  if (how) {
+    // Half the bytes, then the connection drops, or hangs until the client gives up.
+    res.write(body.subarray(0, Math.floor(body.length / 2)), () => how === 'drop' && res.socket?.destroy())
     return
   }
   res.end(body)
@@ -134,10 +137,11 @@ export async function startHub(options: HubOptions): Promise<HubServer> {
       data = Buffer.from(data)
       data[0] = data[0]! ^ 0xff
     }
-    const cut = (): boolean => {
-      if (!options.dropOnce?.includes(key) || dropped.has(key)) return false
+    const cut = (): 'drop' | 'stall' | null => {
+      const how = options.dropOnce?.includes(key) ? 'drop' : options.stallOnce?.includes(key) ? 'stall' : null
+      if (!how || dropped.has(key)) return null
       dropped.add(key)
-      return true
+      return how
     }
     serveBytes(req, res, data, { 'content-type': 'application/octet-stream' }, cut)
   })

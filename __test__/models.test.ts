@@ -52,6 +52,7 @@ const REPOS: HubRepo[] = [
     files: ['scrfd_10g_bnkps.onnx', '2d106det.onnx', 'glintr100.onnx', 'genderage.onnx'].map((f) => ({ path: f, content: bytes(4000) })),
   },
   { repo: 'test-org/broken', commit: commit(6), files: [{ path: 'bad.safetensors', content: bytes(10_000) }] },
+  { repo: 'test-org/slow', commit: commit(8), files: [{ path: 'slow.safetensors', content: bytes(400_000) }] },
   { repo: 'test-org/extra', commit: commit(7), files: [{ path: 'other.safetensors', content: bytes(3000) }, { path: 'README.md', content: Buffer.from('# x') }] },
 ]
 
@@ -119,6 +120,14 @@ const MANIFEST: Manifest = {
       files: files('test-org/faces', ['scrfd_10g_bnkps.onnx', '2d106det.onnx', 'glintr100.onnx']),
       comfyui: ['insightface/models/antelopev2'],
     },
+    'tiny-slow': {
+      role: 'checkpoint',
+      description: 'first transfer stalls',
+      repo: 'test-org/slow',
+      revision: 'main',
+      path: 'slow.safetensors',
+      files: files('test-org/slow', ['slow.safetensors']),
+    },
     'tiny-bad': {
       role: 'checkpoint',
       description: 'served corrupted',
@@ -134,7 +143,7 @@ const MANIFEST: Manifest = {
 let hub: HubServer
 
 beforeAll(async () => {
-  hub = await startHub({ repos: REPOS, token: TOKEN, dropOnce: ['test-org/single/model.safetensors'], corrupt: ['test-org/broken/bad.safetensors'] })
+  hub = await startHub({ repos: REPOS, token: TOKEN, dropOnce: ['test-org/single/model.safetensors'], corrupt: ['test-org/broken/bad.safetensors'], stallOnce: ['test-org/slow/slow.safetensors'] })
 })
 
 afterAll(async () => {
@@ -357,6 +366,22 @@ describe('model manager', () => {
     const aborted = await rejection(resolveModel('clipVision', 'tiny-clip', { env, manifest: MANIFEST, signal: controller.signal }))
     expect(aborted.code).toBe('ABORTED')
     expect(aborted.name).toBe('AbortError')
+  })
+
+  it('aborting mid-download rejects with ABORTED and keeps the partial data, which the next call resumes', async () => {
+    const { env, cache } = machine()
+    const controller = new AbortController()
+    // The transfer stalls halfway; the caller gives up a little after it started.
+    const options = { env, manifest: MANIFEST, signal: controller.signal, onProgress: () => setTimeout(() => controller.abort(), 300) }
+    const aborted = await rejection(resolveModel('checkpoint', 'tiny-slow', options))
+    expect(aborted.code).toBe('ABORTED')
+    const blob = path.join(cache, 'models--test-org--slow', 'blobs', sha256(file('test-org/slow', 'slow.safetensors')))
+    expect(fs.existsSync(blob)).toBe(false)
+    const kept = fs.statSync(`${blob}.incomplete`).size
+    expect(kept).toBeGreaterThan(0)
+    const { result, requests } = await requestsDuring(() => resolveModel('checkpoint', 'tiny-slow', { env, manifest: MANIFEST }))
+    expect(fs.readFileSync(result)).toEqual(file('test-org/slow', 'slow.safetensors'))
+    expect(requests.filter((r) => r.server === 'cdn').map((r) => r.range)).toEqual([`bytes=${kept}-`])
   })
 
   it('concurrent calls for the same model share one download', async () => {
