@@ -14,6 +14,7 @@ import { info, type RuntimeInfo } from './info.js'
 import { HyperLoRA, TINY_MODELS, type EngineProgress } from './engine.js'
 import { progressBar } from './progress-bar.js'
 import { inspectWeights, type WeightsIndex } from './weights.js'
+import { modelsCommand, pullCommand } from './models/commands.js'
 
 const packageRoot = path.resolve(__dirname, '..')
 
@@ -28,6 +29,8 @@ Commands:
   info      version, native backend, threads and where models are looked up
   demo      run the pipeline on the small bundled models (random weights)
   inspect   list the tensors of a .safetensors file
+  pull      download models (default: the ones generate uses) into the Hugging Face cache
+  models    list the known models: installed or not, where, sizes
 
 Options:
   --json    machine-readable output
@@ -40,6 +43,8 @@ Examples:
       --checkpoint RealVisXL_V4.0.safetensors --hyperlora sdxl_hyper_id_lora_v1_fidelity \\
       --clip-vision clip-vit-large-patch14 --face-models antelopev2
   npx hyperlora identity --face a.jpg --face b.jpg --out me.safetensors --tiny
+  npx hyperlora pull
+  npx hyperlora models
   npx hyperlora info --json
   npx hyperlora inspect model.safetensors --sha256`,
   info: `Usage: hyperlora info [--json]
@@ -77,6 +82,25 @@ Turns photos of one person into an identity LoRA (kohya format, loads in ComfyUI
 and in 'hyperlora generate --identity'). Photos without a face are skipped with a warning.
 Models: --hyperlora, --clip-vision, --face-models (or their environment variables, or --tiny);
 see 'hyperlora generate --help'.`,
+  pull: `Usage: hyperlora pull [name]... [--comfyui <models dir>] [--json] [--quiet]
+
+Makes models available, by manifest name (see 'hyperlora models'); without a name, the default
+set: RealVisXL V4.0, the HyperLoRA fidelity variant, CLIP ViT-L/14 and antelopev2 (about 9 GB).
+Models already in your Hugging Face cache, a ComfyUI models folder (--comfyui or COMFYUI_MODELS)
+or HYPERLORA_HOME are used where they are; the rest are downloaded into the Hugging Face cache
+(HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub, shared with Python tools), several files
+at a time, resumable, each checked against its SHA-256 before use.
+Environment: HF_TOKEN (gated/private repos), HF_ENDPOINT (a mirror), HF_HUB_OFFLINE=1 (no network).
+
+Examples:
+  npx hyperlora pull
+  npx hyperlora pull sdxl-base-1.0 hyperlora-edit
+  npx hyperlora pull --comfyui ~/ComfyUI/models --json`,
+  models: `Usage: hyperlora models [--comfyui <models dir>] [--json]
+
+Lists every model of the manifest: its role, whether it is installed, where (hf-cache, comfyui,
+hyperlora-home), its size on disk (or its download size) and the path the engine loads.
+Never touches the network.`,
   inspect: `Usage: hyperlora inspect <file.safetensors> [--sha256] [--json] [--quiet]
 
 Lists the tensors of a safetensors file (name, dtype, shape) without loading it.
@@ -201,6 +225,7 @@ export async function main(argv: string[]): Promise<number> {
         hyperlora: { type: 'string' },
         'clip-vision': { type: 'string' },
         'face-models': { type: 'string' },
+        comfyui: { type: 'string' },
         tiny: { type: 'boolean' },
         version: { type: 'boolean', short: 'v' },
       },
@@ -233,6 +258,13 @@ export async function main(argv: string[]): Promise<number> {
         return 0
       case 'inspect':
         await inspect(rest[0], values.sha256 ?? false, flags)
+        return 0
+      case 'pull':
+        await pullCommand(rest, { ...flags, comfyui: values.comfyui })
+        return 0
+      case 'models':
+        if (rest.length > 0) throw new UsageError(`models takes no arguments, got ${rest.join(' ')}`)
+        await modelsCommand({ ...flags, comfyui: values.comfyui })
         return 0
       case 'generate':
       case 'identity': {

@@ -57,3 +57,18 @@ export {
   type ModelPaths,
   type RefineFacesOptions,
 } from './engine.js'
+export {
+  DEFAULT_MODELS,
+  listModels,
+  pullModels,
+  resolveModel,
+  type InstalledModel,
+  type Manifest,
+  type ManifestEntry,
+  type ManifestFile,
+  type ModelEvent,
+  type ModelRole,
+  type ModelSource,
+  type PulledModel,
+  type ResolveOptions,
+} from './models/index.js'
