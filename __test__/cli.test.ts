@@ -51,7 +51,10 @@ describe('hyperlora CLI', () => {
     expect(noFace.code).toBe(1)
     expect(JSON.parse(noFace.stdout).error).toMatchObject({ code: 'NO_FACE', message: expect.stringMatching(/photo 0 \(grey\.png\)/) })
     expect(fs.existsSync(path.join(dir, 'x.safetensors'))).toBe(false)
-    expect(hyperlora('generate', '--prompt', 'x').code).toBe(2) // no models given
+    // No models given and none installed: the defaults are named, with a hint to pull them.
+    const missing = spawnSync('node', [cli, 'generate', '--prompt', 'x', '--json'], { encoding: 'utf8', env: { ...process.env, HF_HOME: dir, HYPERLORA_HOME: dir } })
+    expect(missing.status).toBe(1)
+    expect(JSON.parse(missing.stdout).error).toMatchObject({ code: 'MODEL_NOT_FOUND', message: expect.stringMatching(/hyperlora pull/) })
     expect(hyperlora('generate', '--tiny', '--prompt', 'x', '--seed', 'abc').code).toBe(2)
   })
 

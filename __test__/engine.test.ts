@@ -49,17 +49,13 @@ describe('HyperLoRA engine', () => {
     ])
   })
 
-  it('names the missing model when one is not given', async () => {
-    const saved = process.env['HYPERLORA_MODEL']
-    delete process.env['HYPERLORA_MODEL']
-    try {
-      const { hyperlora: _, ...others } = TINY_MODELS
-      const error = await rejection(HyperLoRA.load(others))
-      expect(error.code).toBe('MODEL_NOT_FOUND')
-      expect(error.message).toMatch(/hyperlora.*HYPERLORA_MODEL/)
-    } finally {
-      if (saved !== undefined) process.env['HYPERLORA_MODEL'] = saved
-    }
+  it('takes the default model for one not given, and names what is missing when it may not download', async () => {
+    const { hyperlora: _, ...others } = TINY_MODELS
+    const env = { HF_HOME: tempDir('hf'), HYPERLORA_HOME: tempDir('home') }
+    const error = await rejection(HyperLoRA.load({ ...others, models: { download: false, env } }))
+    expect(error.code).toBe('MODEL_NOT_FOUND')
+    expect(error.message).toMatch(/hyperlora-fidelity/)
+    expect(error.message).toMatch(/hyperlora pull/)
   })
 
   it('makes an identity from one photo, with the face and a preview', async () => {

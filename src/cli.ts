@@ -51,13 +51,15 @@ Examples:
 
 Prints the package version, the native backends in this binary, CPU threads and the model
 directories (HYPERLORA_HOME, the Hugging Face cache).`,
-  demo: `Usage: hyperlora demo [--out file.png] [--json] [--quiet]
+  demo: `Usage: hyperlora demo [--real] [--out file.png] [--json] [--quiet]
 
 Runs the whole pipeline on the small bundled models (models/tiny): face detection, landmarks
 and ArcFace on a bundled photo, CLIP + the HyperLoRA hypernetwork → an identity LoRA, then SDXL
 (both text encoders, UNet with DPM++ 2M Karras, VAE) with that identity merged in. The weights
 are random, so the picture is noise: the demo shows the install works end to end. Writes the
-PNG to --out (default: the system's temp folder).`,
+PNG to --out (default: the system's temp folder). With --real it runs the default real models
+instead (downloading what is missing, about 9 GB, like 'hyperlora pull') at 1024², and the
+picture is a portrait of the person in the bundled photo.`,
   generate: `Usage: hyperlora generate --prompt <text> [--face photo]... [--identity me.safetensors] [options]
 
 Draws one picture. With --face photos (one or more of the same person) or a saved --identity,
@@ -70,11 +72,15 @@ the person's identity LoRA is merged in and HyperLoRA's trigger words are prepen
   --identity-weight x   default 0.85
   --lora path[:weight]  another LoRA (repeatable)
   --keep-background     skip the face background removal
-Models (flag, else environment variable):
+  --refine-face         re-draw the faces at 1024² with the identity and blend them back
+Models: a path, a model name ('hyperlora models') or a Hugging Face repo id, from the flag, else
+the environment variable, else the default ('hyperlora pull' fetches the defaults; generate
+never downloads):
   --checkpoint (HYPERLORA_CHECKPOINT)   SDXL: diffusers folder or single-file .safetensors
   --hyperlora (HYPERLORA_MODEL)         HyperLoRA release folder
   --clip-vision (HYPERLORA_CLIP_VISION) CLIP ViT-L/14 vision folder (transformers layout)
   --face-models (HYPERLORA_FACE_MODELS) insightface antelopev2 folder
+  --comfyui dir (COMFYUI_MODELS)        also look in a ComfyUI models folder
   --tiny                                the bundled random-weight models (for trying the CLI)`,
   identity: `Usage: hyperlora identity --face photo [--face photo]... --out me.safetensors [models]
 
@@ -128,12 +134,14 @@ function summary(index: WeightsIndex): string {
 /** The bundled demo photo (NASA, public domain). */
 const DEMO_PHOTO = path.join(packageRoot, 'models', 'tiny', 'photos', 'astronaut.png')
 
-async function demo(flags: Flags, out: string | undefined): Promise<void> {
+async function demo(flags: Flags, out: string | undefined, real: boolean): Promise<void> {
   const runtime = info()
   if (!flags.json && !flags.quiet) printInfo(runtime)
   const bar = progressBar(!flags.quiet && !flags.json)
   const timings = stageTimings(bar)
-  const engine = await HyperLoRA.load({ ...TINY_MODELS, onProgress: timings.call() })
+  // Without model options, load() takes the manifest's defaults and downloads what is missing.
+  const engine = await HyperLoRA.load({ ...(real ? {} : TINY_MODELS), onProgress: timings.call() })
+  const size = real ? 1024 : 128
   try {
     const identity = await engine.createIdentity(DEMO_PHOTO, { onProgress: timings.call() })
     const steps = 20
@@ -141,8 +149,8 @@ async function demo(flags: Flags, out: string | undefined): Promise<void> {
       prompt: 'a portrait photo of a person in a spacesuit, (studio lighting:1.2)',
       negativePrompt: 'blurry, low quality',
       identity,
-      width: 128,
-      height: 128,
+      width: size,
+      height: size,
       steps,
       seed: 42,
       onProgress: timings.call(),
@@ -159,10 +167,10 @@ async function demo(flags: Flags, out: string | undefined): Promise<void> {
     const box = face.bbox.map((v) => v.toFixed(0)).join(', ')
     console.log(`photo:       ${path.relative(process.cwd(), DEMO_PHOTO) || DEMO_PHOTO} → face [${box}] score ${face.score.toFixed(2)}`)
     console.log(`identity:    LoRA of ${identity.modules} modules, rank ${identity.rank}`)
-    console.log(`generated:   128x128, ${steps} steps DPM++ 2M Karras on ${engine.device}`)
+    console.log(`generated:   ${size}x${size}, ${steps} steps DPM++ 2M Karras on ${engine.device}`)
     console.log(`timings:     ${Object.entries(stages).map(([stage, ms]) => `${stage} ${(ms / 1000).toFixed(2)} s`).join(', ')}`)
     console.log(`wrote:       ${file}`)
-    console.log('note:        the bundled models have random weights, so the picture is noise; real models give portraits.')
+    if (!real) console.log('note:        the bundled models have random weights, so the picture is noise; --real uses real models.')
   } finally {
     await engine.dispose()
   }
@@ -221,6 +229,8 @@ export async function main(argv: string[]): Promise<number> {
         scheduler: { type: 'string' },
         lora: { type: 'string', multiple: true },
         'keep-background': { type: 'boolean' },
+        'refine-face': { type: 'boolean' },
+        real: { type: 'boolean' },
         checkpoint: { type: 'string' },
         hyperlora: { type: 'string' },
         'clip-vision': { type: 'string' },
@@ -254,7 +264,7 @@ export async function main(argv: string[]): Promise<number> {
         return 0
       }
       case 'demo':
-        await demo(flags, values.out)
+        await demo(flags, values.out, values.real ?? false)
         return 0
       case 'inspect':
         await inspect(rest[0], values.sha256 ?? false, flags)

@@ -9,14 +9,16 @@ import { Identity, loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYP
 import { decodeRgb8, type ImageInput, type Rgb8 } from './images.js'
 import type { ProgressEvent } from './native.js'
 import { finish, loadPipeline, prepare, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision, type Prepared, type RefineFaceOptions } from './pipeline.js'
+import { DEFAULT_MODELS, resolveModel, type ModelEvent, type ModelRole, type ResolveOptions } from './models/index.js'
 import { TaskQueue } from './queue.js'
 
 /** What every long call reports through `onProgress`. */
 export interface EngineProgress {
-  /** `loading` (models), `face` (face analysis, per photo), `identity` (CLIP per photo, then the
+  /** `download` (models fetched on first use), `loading` (models), `face` (face analysis, per photo), `identity` (CLIP per photo, then the
    * hypernetwork), `text` (prompt encoding), `denoise` (per step), `decode` (VAE), `refine` (the
    * face refine pass: its steps over all faces). */
-  stage: 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode' | 'refine'
+  stage: 'download' | 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode' | 'refine'
+  /** For `download`: bytes so far of all files being fetched. */
   step: number
   totalSteps: number
   /** Milliseconds since the call started (queue time included). */
@@ -28,7 +30,8 @@ export interface EngineCallOptions {
   onProgress?: (event: EngineProgress) => void
 }
 
-/** The four models, each a local path (a folder or file). */
+/** The four models: local paths (a folder or file) once loaded; in `load`, also manifest names or
+ * Hugging Face repo ids. */
 export interface ModelPaths {
   /** SDXL: a diffusers folder, a Hugging Face cache entry or a single-file `.safetensors`. */
   checkpoint: string
@@ -40,7 +43,12 @@ export interface ModelPaths {
   faceModels: string
 }
 
+/** Each model as a local path, a manifest name (`hyperlora models` lists them) or a Hugging Face
+ * repo id (`org/name`, `org/name/file.safetensors`). */
 export interface HyperLoRALoadOptions extends Partial<ModelPaths>, EngineCallOptions {
+  /** Where models are looked up and whether missing ones are downloaded (default: yes, into the
+   * Hugging Face cache); see `resolveModel`. */
+  models?: Omit<ResolveOptions, 'signal' | 'onProgress'>
   /** Default `auto`: CUDA or Metal when this build has it and a device exists, else the CPU. */
   device?: DeviceName
   /** Default `auto`: f16 on GPUs, f32 on the CPU. */
@@ -130,14 +138,16 @@ export class HyperLoRA {
   }
 
   /**
-   * Loads the four models. Progress reports `loading` as each one is ready. A model left out
-   * falls back to its `HYPERLORA_*` environment variable (see the README), so `load({})` works in
-   * a configured environment; `load(TINY_MODELS)` runs the bundled random-weight models.
+   * Loads the four models. A model left out comes from its `HYPERLORA_*` environment variable,
+   * else the default of the manifest (`DEFAULT_MODELS`: RealVisXL V4.0, HyperLoRA fidelity, CLIP
+   * ViT-L/14, antelopev2). Models not on this machine are downloaded (progress stage `download`)
+   * unless `models.download` is false. Progress then reports `loading` as each model is ready.
+   * `load(TINY_MODELS)` runs the bundled random-weight models.
    */
   static async load(options: HyperLoRALoadOptions = {}): Promise<HyperLoRA> {
     const started = performance.now()
     const report = reporter(options, started)
-    const models = modelPaths(options)
+    const models = await resolveModels(options, report)
     const device = { device: options.device ?? 'auto', dtype: options.dtype ?? 'auto' } as const
     let loaded = 0
     const done = <T>(value: T): T => {
@@ -329,18 +339,35 @@ function refineSettings(r: RefineFaceOptions): string[] {
   return [`Face refine strength: ${r.strength ?? 0.5}`, `Face refine size: ${r.size ?? 1024}`]
 }
 
-const MODEL_ENV: Record<keyof ModelPaths, string> = {
+/** The environment variable each model falls back to (the CLI reads the same ones). */
+export const MODEL_ENV: Record<ModelRole, string> = {
   checkpoint: 'HYPERLORA_CHECKPOINT',
   hyperlora: 'HYPERLORA_MODEL',
   clipVision: 'HYPERLORA_CLIP_VISION',
   faceModels: 'HYPERLORA_FACE_MODELS',
 }
 
-function modelPaths(options: Partial<ModelPaths>): ModelPaths {
-  const pick = (role: keyof ModelPaths): string => {
-    const given = options[role] ?? process.env[MODEL_ENV[role]]
-    if (typeof given === 'string' && given.length > 0) return given
-    throw new HyperLoraError('MODEL_NOT_FOUND', `no ${role} model: pass { ${role}: '<path>' } or set ${MODEL_ENV[role]}`)
+/** Each role's spec (option, else environment, else the manifest default) as a local path. */
+async function resolveModels(options: HyperLoRALoadOptions, report: ReturnType<typeof reporter>): Promise<ModelPaths> {
+  const env = options.models?.env ?? process.env
+  const files = new Map<string, { bytes: number; totalBytes: number }>()
+  const onProgress = (e: ModelEvent): void => {
+    files.set(`${e.model}/${e.file}`, { bytes: e.bytes, totalBytes: e.totalBytes })
+    let bytes = 0
+    let totalBytes = 0
+    for (const f of files.values()) {
+      bytes += f.bytes
+      totalBytes += f.totalBytes
+    }
+    report('download', bytes, totalBytes)
   }
-  return { checkpoint: pick('checkpoint'), hyperlora: pick('hyperlora'), clipVision: pick('clipVision'), faceModels: pick('faceModels') }
+  const resolve = (role: ModelRole): Promise<string> => {
+    const given = options[role] ?? env[MODEL_ENV[role]]
+    const spec = typeof given === 'string' && given.length > 0 ? given : DEFAULT_MODELS[role]
+    return resolveModel(role, spec, { ...options.models, onProgress, ...(options.signal && { signal: options.signal }) })
+  }
+  const [checkpoint, hyperlora, clipVision, faceModels] = await Promise.all(ROLES.map(resolve))
+  return { checkpoint: checkpoint!, hyperlora: hyperlora!, clipVision: clipVision!, faceModels: faceModels! }
 }
+
+const ROLES = ['checkpoint', 'hyperlora', 'clipVision', 'faceModels'] as const
