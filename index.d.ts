@@ -60,6 +60,14 @@ export declare class Pipeline {
    * negative); resolves to raw RGB8 pixels, one entry per image.
    */
   generate(params: GenerateRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
+  /**
+   * Generates several requests in one UNet batch: they must share width, height, steps,
+   * cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
+   * batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
+   * `loras` apply to every request. Each request's images equal what `generate` gives it
+   * alone. Resolves to one array of images per request, in request order.
+   */
+  generateMany(requests: Array<GenerateRequest>, identities: Array<Array<Identity>>, identityWeights: Array<Array<number>>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<Array<RawImage>>>
 }
 
 /** Test hook: panics inside a worker task so tests can prove panics never cross into Node. */

@@ -1,6 +1,7 @@
 //! SDXL text-to-image: models, samplers and seeded noise, numerically faithful to diffusers.
 
 pub mod attention;
+pub mod batch;
 pub mod conv;
 pub mod noise;
 pub mod pipeline;
