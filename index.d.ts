@@ -55,15 +55,25 @@ export declare class IdentityEncoder {
   create(photos: Array<FaceConditionsInput>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Identity>
 }
 
-/** A loaded SDXL model. Weights stay resident until the object is garbage-collected. */
+/** A loaded SDXL model. Weights stay resident until `dispose()` or garbage collection. */
 export declare class Pipeline {
   /** `cpu`, `cuda` or `metal`: where the model runs. */
   get device(): string
+  /** Frees the model; a running call finishes first, later calls fail with `INVALID_ARGUMENT`. */
+  dispose(): void
   /**
    * Generates images with the given identities and LoRA files merged in (weights may be
    * negative); resolves to raw RGB8 pixels, one entry per image.
    */
   generate(params: GenerateRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
+  /**
+   * Generates several requests in one UNet batch: they must share width, height, steps,
+   * cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
+   * batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
+   * `loras` apply to every request. Each request's images equal what `generate` gives it
+   * alone. Resolves to one array of images per request, in request order.
+   */
+  generateMany(requests: Array<GenerateRequest>, identities: Array<Array<Identity>>, identityWeights: Array<Array<number>>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<Array<RawImage>>>
   /**
    * Re-draws each face of `image` at high resolution with the given identities and LoRA
    * files merged in (img2img on a square crop around the face, blended back with a feathered

@@ -284,6 +284,7 @@ export class HyperLoRA {
    */
   async dispose(): Promise<void> {
     await Promise.all([this.#generation.close(), this.#identities.close()])
+    this.#pipeline.dispose()
     this.#encoder.dispose()
     this.#faces.dispose()
   }

@@ -131,6 +131,11 @@ export class Pipeline {
     return this.#native.device as Exclude<DeviceName, 'auto'>
   }
 
+  /** Frees the native model; calls after this reject with `INVALID_ARGUMENT`. */
+  dispose(): void {
+    this.#native.dispose()
+  }
+
   /**
    * Draws `batchSize` images. Progress reports stages `text`, `denoise` (once per step) and
    * `decode`; an aborted signal stops the run within one step.

@@ -45,22 +45,6 @@ impl From<&FaceInfo> for DetectedFace {
     }
 }
 
-fn raw(image: RgbImage) -> RawImage {
-    RawImage {
-        width: image.width as u32,
-        height: image.height as u32,
-        data: image.data.into(),
-    }
-}
-
-fn rgb(image: &RawImage) -> RgbImage {
-    RgbImage {
-        width: image.width as usize,
-        height: image.height as usize,
-        data: image.data.to_vec(),
-    }
-}
-
 #[napi(object)]
 pub struct AnalyzeFacesOptions {
     /// Spec step 2: grey out everything outside the face outline (default true).
@@ -142,7 +126,7 @@ impl FaceAnalyzer {
     ) -> napi::Result<AsyncTask<DetectTask>> {
         Ok(AsyncTask::new(DetectTask {
             analyzer: self.inner.get()?,
-            image: rgb(&image),
+            image: RgbImage::from(&image),
             call: CallContext::new(cancel, None),
         }))
     }
@@ -162,7 +146,7 @@ impl FaceAnalyzer {
         let options = analyze_options(options).map_err(to_napi)?;
         Ok(AsyncTask::new(AnalyzeTask {
             analyzer: self.inner.get()?,
-            photos: photos.iter().map(rgb).collect(),
+            photos: photos.iter().map(RgbImage::from).collect(),
             names,
             options,
             call: CallContext::new(cancel, on_progress),
@@ -220,8 +204,8 @@ impl Task for AnalyzeTask {
                     index: index as u32,
                     face: DetectedFace::from(&a.face),
                     arcface: Float32Array::new(a.conditions.arcface),
-                    clip_crop: raw(a.conditions.clip_crop),
-                    preview: raw(a.preview),
+                    clip_crop: RawImage::from(a.conditions.clip_crop),
+                    preview: RawImage::from(a.preview),
                     det_size: a.det_size as u32,
                 })
                 .collect(),

@@ -1,10 +1,13 @@
-//! `loadPipeline` and `Pipeline.generate`: SDXL text-to-image / image-to-image off the event loop.
+//! `loadPipeline`, `Pipeline.generate` and `Pipeline.generateMany`: SDXL text-to-image /
+//! image-to-image off the event loop, one request or a batch of requests with different
+//! identities.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyperlora::device::{device_name, select_device, select_dtype};
 use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
+use hyperlora::sdxl::batch::BatchRequest;
 use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, RgbImage, SdxlPipeline};
 use hyperlora::sdxl::sampler::{Sampler, SigmaSchedule};
 use hyperlora::Error;
@@ -12,9 +15,10 @@ use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, ClassInstance};
 use napi::{Env, Task};
 use napi_derive::napi;
 
-use crate::errors::guarded;
+use crate::errors::{guarded, to_napi};
 use crate::identity::Identity;
 use crate::progress::{CallContext, ProgressCallback};
+use crate::resident::Resident;
 use crate::CancelHandle;
 
 #[napi(object)]
@@ -29,10 +33,10 @@ pub struct LoadPipelineOptions {
     pub merges_file: Option<String>,
 }
 
-/// A loaded SDXL model. Weights stay resident until the object is garbage-collected.
+/// A loaded SDXL model. Weights stay resident until `dispose()` or garbage collection.
 #[napi]
 pub struct Pipeline {
-    pub(crate) inner: Arc<Mutex<Loaded>>,
+    pub(crate) inner: Resident<Mutex<Loaded>>,
     device: &'static str,
 }
 
@@ -130,10 +134,7 @@ pub(crate) fn lora_set(
             source: LoraSource::Identity(i.lora.clone()),
             weight: w as f32,
         });
-    let files = loras.into_iter().map(|l| ActiveLora {
-        source: LoraSource::File(PathBuf::from(l.path)),
-        weight: l.weight as f32,
-    });
+    let files = loras.into_iter().map(ActiveLora::file);
     Ok(identities.chain(files).collect())
 }
 
@@ -148,12 +149,27 @@ pub(crate) fn seed_u64(seed: &BigInt) -> hyperlora::Result<u64> {
     Ok(seed)
 }
 
+impl ActiveLora {
+    fn file(l: LoraFile) -> Self {
+        Self {
+            source: LoraSource::File(PathBuf::from(l.path)),
+            weight: l.weight as f32,
+        }
+    }
+}
+
 #[napi]
 impl Pipeline {
     /// `cpu`, `cuda` or `metal`: where the model runs.
     #[napi(getter)]
     pub fn device(&self) -> String {
         self.device.to_string()
+    }
+
+    /// Frees the model; a running call finishes first, later calls fail with `INVALID_ARGUMENT`.
+    #[napi]
+    pub fn dispose(&self) {
+        self.inner.dispose();
     }
 
     /// Generates images with the given identities and LoRA files merged in (weights may be
@@ -172,25 +188,70 @@ impl Pipeline {
     ) -> napi::Result<AsyncTask<GenerateTask>> {
         // Convert on the JavaScript thread: the task must not touch JS-owned buffers.
         let params = guarded(|| engine_params(&params))?;
-        if identities.len() != identity_weights.len() {
-            return Err(crate::errors::to_napi(hyperlora::Error::invalid_argument(
-                "one weight per identity",
-            )));
-        }
+        let loras = lora_set(&identities, identity_weights, loras).map_err(to_napi)?;
+        Ok(AsyncTask::new(GenerateTask {
+            pipeline: self.inner.get()?,
+            loras,
+            params,
+            call: CallContext::new(cancel, on_progress),
+        }))
+    }
+
+    /// Generates several requests in one UNet batch: they must share width, height, steps,
+    /// cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
+    /// batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
+    /// `loras` apply to every request. Each request's images equal what `generate` gives it
+    /// alone. Resolves to one array of images per request, in request order.
+    #[napi(ts_return_type = "Promise<Array<Array<RawImage>>>")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_many(
+        &self,
+        requests: Vec<GenerateRequest>,
+        identities: Vec<Vec<ClassInstance<Identity>>>,
+        identity_weights: Vec<Vec<f64>>,
+        loras: Vec<LoraFile>,
+        cancel: Option<ClassInstance<CancelHandle>>,
+        #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
+        on_progress: Option<ProgressCallback>,
+    ) -> napi::Result<AsyncTask<GenerateManyTask>> {
+        let params = guarded(|| {
+            if identities.len() != requests.len() || identity_weights.len() != requests.len() {
+                return Err(Error::invalid_argument(format!(
+                    "identities and identityWeights need one entry per request ({} requests, {} identity sets, {} weight sets)",
+                    requests.len(),
+                    identities.len(),
+                    identity_weights.len()
+                )));
+            }
+            requests
+                .iter()
+                .enumerate()
+                .map(|(i, r)| engine_params(r).map_err(|e| e.context(format!("requests[{i}]"))))
+                .collect::<hyperlora::Result<Vec<_>>>()
+        })?;
         let identities = identities
             .iter()
             .zip(identity_weights)
-            .map(|(i, w)| ActiveLora {
-                source: LoraSource::Identity(i.lora.clone()),
-                weight: w as f32,
-            });
-        let files = loras.into_iter().map(|l| ActiveLora {
-            source: LoraSource::File(PathBuf::from(l.path)),
-            weight: l.weight as f32,
-        });
-        Ok(AsyncTask::new(GenerateTask {
-            pipeline: self.inner.clone(),
-            loras: identities.chain(files).collect(),
+            .enumerate()
+            .map(|(i, (set, weights))| {
+                if set.len() != weights.len() {
+                    return Err(crate::errors::to_napi(Error::invalid_argument(format!(
+                        "identityWeights[{i}]: one weight per identity ({} identities, {} weights)",
+                        set.len(),
+                        weights.len()
+                    ))));
+                }
+                Ok(set
+                    .iter()
+                    .zip(weights)
+                    .map(|(identity, w)| (identity.lora.clone(), w as f32))
+                    .collect())
+            })
+            .collect::<napi::Result<Vec<_>>>()?;
+        Ok(AsyncTask::new(GenerateManyTask {
+            pipeline: self.inner.get()?,
+            files: loras.into_iter().map(ActiveLora::file).collect(),
+            identities,
             params,
             call: CallContext::new(cancel, on_progress),
         }))
@@ -214,7 +275,7 @@ impl Task for LoadTask {
             let dtype = select_dtype(self.dtype.as_deref(), &device)?;
             let pipeline = SdxlPipeline::load(&self.path, &self.options, &device, dtype)?;
             Ok(Pipeline {
-                inner: Arc::new(Mutex::new(Loaded {
+                inner: Resident::new(Mutex::new(Loaded {
                     pipeline,
                     active: Vec::new(),
                 })),
@@ -304,18 +365,9 @@ pub struct GenerateTask {
 }
 
 fn engine_params(r: &GenerateRequest) -> hyperlora::Result<GenerateParams> {
-    let (sign, seed, lossless) = r.seed.get_u64();
-    if sign || !lossless {
-        return Err(Error::invalid_argument(
-            "seed must be an integer in [0, 2^64)",
-        ));
-    }
+    let seed = seed_u64(&r.seed)?;
     let init_image = r.init_image.as_ref().map(|image| InitImage {
-        image: RgbImage {
-            width: image.width as usize,
-            height: image.height as usize,
-            data: image.data.to_vec(),
-        },
+        image: image.into(),
         strength: r.strength.unwrap_or(0.75),
     });
     Ok(GenerateParams {
@@ -340,16 +392,7 @@ impl Task for GenerateTask {
     fn compute(&mut self) -> napi::Result<Vec<RgbImage>> {
         let mut report = self.call.reporter();
         guarded(|| {
-            // A panic while merging poisons the lock; the next call redoes the merge from the
-            // resident base weights, so the model stays usable.
-            let mut loaded = self.pipeline.lock().unwrap_or_else(|poisoned| {
-                let mut loaded = poisoned.into_inner();
-                loaded.active = vec![ActiveLora {
-                    source: LoraSource::File(PathBuf::new()),
-                    weight: f32::NAN,
-                }];
-                loaded
-            });
+            let mut loaded = Loaded::lock(&self.pipeline);
             loaded.activate(&self.loras)?;
             loaded
                 .pipeline
@@ -358,13 +401,98 @@ impl Task for GenerateTask {
     }
 
     fn resolve(&mut self, _env: Env, images: Vec<RgbImage>) -> napi::Result<Vec<RawImage>> {
+        Ok(images.into_iter().map(RawImage::from).collect())
+    }
+}
+
+pub struct GenerateManyTask {
+    pipeline: Arc<Mutex<Loaded>>,
+    /// LoRA files shared by every request.
+    files: Vec<ActiveLora>,
+    /// Each request's identities with their weights.
+    identities: Vec<Vec<(Arc<KohyaLora>, f32)>>,
+    params: Vec<GenerateParams>,
+    call: CallContext,
+}
+
+impl GenerateManyTask {
+    fn as_active(set: &[(Arc<KohyaLora>, f32)]) -> Vec<ActiveLora> {
+        set.iter()
+            .map(|(lora, weight)| ActiveLora {
+                source: LoraSource::Identity(lora.clone()),
+                weight: *weight,
+            })
+            .collect()
+    }
+}
+
+impl Task for GenerateManyTask {
+    type Output = Vec<Vec<RgbImage>>;
+    type JsValue = Vec<Vec<RawImage>>;
+
+    fn compute(&mut self) -> napi::Result<Vec<Vec<RgbImage>>> {
+        let mut report = self.call.reporter();
+        guarded(|| {
+            let mut loaded = Loaded::lock(&self.pipeline);
+            let shared = self
+                .identities
+                .windows(2)
+                .all(|w| Self::as_active(&w[0]) == Self::as_active(&w[1]));
+            if shared {
+                // One identity set for all: merged with the files, the batch needs no side path.
+                let mut set = Self::as_active(self.identities.first().map_or(&[], |s| s));
+                set.extend(self.files.iter().cloned());
+                loaded.activate(&set)?;
+                let requests: Vec<BatchRequest> = self
+                    .params
+                    .iter()
+                    .map(|p| BatchRequest {
+                        params: p.clone(),
+                        loras: Vec::new(),
+                    })
+                    .collect();
+                return loaded
+                    .pipeline
+                    .generate_many(&requests, &self.call.cancel, &mut report);
+            }
+            loaded.activate(&self.files)?;
+            // Each distinct identity's layers once: requests that share one share its rows' run.
+            let mut distinct: Vec<(&Arc<KohyaLora>, Vec<LoraLayer>)> = Vec::new();
+            for (lora, _) in self.identities.iter().flatten() {
+                if !distinct.iter().any(|(d, _)| Arc::ptr_eq(d, lora)) {
+                    distinct.push((lora, lora.to_layers()?));
+                }
+            }
+            let layers_of = |lora: &Arc<KohyaLora>| {
+                distinct
+                    .iter()
+                    .find(|(d, _)| Arc::ptr_eq(d, lora))
+                    .map(|(_, layers)| layers.as_slice())
+                    .unwrap_or_default()
+            };
+            let requests: Vec<BatchRequest> = self
+                .params
+                .iter()
+                .zip(&self.identities)
+                .map(|(p, set)| BatchRequest {
+                    params: p.clone(),
+                    loras: set.iter().map(|(l, w)| (layers_of(l), *w)).collect(),
+                })
+                .collect();
+            loaded
+                .pipeline
+                .generate_many(&requests, &self.call.cancel, &mut report)
+        })
+    }
+
+    fn resolve(
+        &mut self,
+        _env: Env,
+        images: Vec<Vec<RgbImage>>,
+    ) -> napi::Result<Vec<Vec<RawImage>>> {
         Ok(images
             .into_iter()
-            .map(|i| RawImage {
-                width: i.width as u32,
-                height: i.height as u32,
-                data: i.data.into(),
-            })
+            .map(|set| set.into_iter().map(RawImage::from).collect())
             .collect())
     }
 }

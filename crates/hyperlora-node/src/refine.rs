@@ -116,7 +116,7 @@ impl Pipeline {
         let faces = face_boxes(&faces).map_err(to_napi)?;
         let loras = lora_set(&identities, identity_weights, loras).map_err(to_napi)?;
         Ok(AsyncTask::new(RefineTask {
-            pipeline: self.inner.clone(),
+            pipeline: self.inner.get()?,
             loras,
             image: RgbImage::from(&image),
             faces,

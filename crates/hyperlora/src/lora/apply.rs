@@ -144,39 +144,14 @@ impl LoraMerger {
             }
             for layer in layers.iter() {
                 let key = (layer.component, canonical(layer.component, &layer.module));
-                let what = || {
-                    format!(
-                        "LoRA module {} ({} {})",
-                        layer.source,
-                        layer.component.as_str(),
-                        layer.module
-                    )
-                };
-                if layer.down.rank() != 2 || layer.up.rank() != 2 {
-                    return Err(Error::invalid_argument(format!(
-                        "{}: convolution LoRAs (down {:?}, up {:?}) are not supported; SDXL's transformer projections are linear",
-                        what(),
-                        layer.down.dims(),
-                        layer.up.dims()
-                    )));
-                }
+                check_linear(layer)?;
                 let Some(linear) = by_key.get(&key) else {
                     return Err(Error::invalid_argument(format!(
                         "{}: the model has no such layer (LoRAs can target the Linears of the UNet's transformers and of the text encoders' layers)",
-                        what()
+                        describe(layer)
                     )));
                 };
-                let (out_f, in_f) = linear.weight().dims2()?;
-                let (r, d_in) = layer.down.dims2()?;
-                let (u_out, u_r) = layer.up.dims2()?;
-                if d_in != in_f || u_out != out_f || u_r != r {
-                    return Err(Error::invalid_argument(format!(
-                        "{}: LoRA shapes up {:?} @ down {:?} do not fit the layer's weight [{out_f}, {in_f}]",
-                        what(),
-                        layer.up.dims(),
-                        layer.down.dims()
-                    )));
-                }
+                check_fits(layer, linear)?;
                 let contributions = plan.entry(key).or_default();
                 if *weight != 0.0 {
                     contributions.push((layer, *weight));
@@ -231,6 +206,46 @@ impl LoraMerger {
     pub fn merged(&self) -> HashSet<(LoraComponent, String)> {
         self.originals.keys().cloned().collect()
     }
+}
+
+/// How messages name a LoRA layer: its key in the file and the module it targets.
+pub(crate) fn describe(layer: &LoraLayer) -> String {
+    format!(
+        "LoRA module {} ({} {})",
+        layer.source,
+        layer.component.as_str(),
+        layer.module
+    )
+}
+
+/// Refuses (`INVALID_ARGUMENT`) a convolution LoRA (4-d `down`/`up`).
+pub(crate) fn check_linear(layer: &LoraLayer) -> Result<()> {
+    if layer.down.rank() != 2 || layer.up.rank() != 2 {
+        return Err(Error::invalid_argument(format!(
+            "{}: convolution LoRAs (down {:?}, up {:?}) are not supported; SDXL's transformer projections are linear",
+            describe(layer),
+            layer.down.dims(),
+            layer.up.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses (`INVALID_ARGUMENT`) a linear LoRA layer whose `up @ down` is not the shape of
+/// `linear`'s weight.
+pub(crate) fn check_fits(layer: &LoraLayer, linear: &Linear) -> Result<()> {
+    let (out_f, in_f) = linear.weight().dims2()?;
+    let (r, d_in) = layer.down.dims2()?;
+    let (u_out, u_r) = layer.up.dims2()?;
+    if d_in != in_f || u_out != out_f || u_r != r {
+        return Err(Error::invalid_argument(format!(
+            "{}: LoRA shapes up {:?} @ down {:?} do not fit the layer's weight [{out_f}, {in_f}]",
+            describe(layer),
+            layer.up.dims(),
+            layer.down.dims()
+        )));
+    }
+    Ok(())
 }
 
 /// `base + Σ weight · scale · (up @ down)`, computed in f32 on the base's device, returned in

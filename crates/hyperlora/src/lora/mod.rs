@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod format;
 pub mod names;
+pub mod per_sample;
 
 pub use apply::{sdxl_targets, LoraMerger, LoraTarget};
 pub use format::{KohyaLora, LoraWeights};
@@ -15,3 +16,4 @@ pub use names::{
     kohya_to_module, module_to_kohya, parse_lora, read_lora_file, sgm_to_diffusers, LoraComponent,
     LoraLayer, LoraNaming, ParsedLora, SkippedKey,
 };
+pub use per_sample::{forward_linear, RowLoras, SampleAdapters};

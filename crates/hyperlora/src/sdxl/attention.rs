@@ -3,13 +3,16 @@
 //! spatial self-attention (an `Attention` with its own `group_norm` and a residual).
 //!
 //! The q/k/v/out projections stay plain [`candle_nn::Linear`]s in pub fields, so a LoRA can be
-//! merged into (a copy of) their weights without touching the rest of the model.
+//! merged into (a copy of) their weights without touching the rest of the model. The transformer
+//! forwards also take optional per-sample LoRA updates ([`SampleAdapters`]) for batches whose
+//! samples carry different LoRAs.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
 
 use super::conv::{conv2d, Conv2d};
 
+use crate::lora::{forward_linear, SampleAdapters};
 use crate::Result;
 
 /// Upper bound on the elements of one score matrix chunk (f32: 256 MiB). Larger problems are
@@ -105,13 +108,19 @@ impl Attention {
         self.heads
     }
 
-    /// `x`: [B, S, query_dim]; `context`: [B, T, cross_dim] or `None` for self-attention.
+    /// `x`: [B, S, query_dim]; `context`: [B, T, cross_dim] or `None` for self-attention;
+    /// `adapters`: per-sample LoRA updates of the projections, if any.
     /// Returns [B, S, query_dim].
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        adapters: Option<&SampleAdapters>,
+    ) -> Result<Tensor> {
         let context = context.unwrap_or(x);
-        let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
+        let q = forward_linear(&self.to_q, x, adapters)?;
+        let k = forward_linear(&self.to_k, context, adapters)?;
+        let v = forward_linear(&self.to_v, context, adapters)?;
         let (b, s, inner) = q.dims3()?;
         let out = if self.heads == 1 {
             scaled_dot_product_attention(&q, &k, &v, self.scale, self.upcast)?
@@ -137,7 +146,7 @@ impl Attention {
                 .transpose(1, 2)?
                 .reshape((b, s, inner))?
         };
-        Ok(self.to_out.forward(&out)?)
+        forward_linear(&self.to_out, &out, adapters)
     }
 }
 
@@ -158,12 +167,12 @@ impl FeedForward {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
+    pub fn forward(&self, x: &Tensor, adapters: Option<&SampleAdapters>) -> Result<Tensor> {
+        let h = forward_linear(&self.proj, x, adapters)?;
         let inner = h.dim(D::Minus1)? / 2;
         let value = h.narrow(D::Minus1, 0, inner)?;
         let gate = h.narrow(D::Minus1, inner, inner)?;
-        Ok(self.out.forward(&(value * gate.gelu_erf()?)?)?)
+        forward_linear(&self.out, &(value * gate.gelu_erf()?)?, adapters)
     }
 }
 
@@ -209,13 +218,21 @@ impl BasicTransformerBlock {
     }
 
     /// `x`: [B, S, dim]; `context`: [B, T, cross_dim].
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        adapters: Option<&SampleAdapters>,
+    ) -> Result<Tensor> {
+        let x = (self
+            .attn1
+            .forward(&self.norm1.forward(x)?, None, adapters)?
+            + x)?;
         let x = (self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
+            .forward(&self.norm2.forward(&x)?, Some(context), adapters)?
             + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+        Ok((self.ff.forward(&self.norm3.forward(&x)?, adapters)? + &x)?)
     }
 }
 
@@ -296,6 +313,27 @@ impl Transformer2DModel {
         })
     }
 
+    /// Every Linear of this transformer by diffusers name, as [`Self::linears_mut`] lists them.
+    pub fn linears<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a Linear)>) {
+        if let Projection::Linear(l) = &self.proj_in {
+            out.push((format!("{prefix}.proj_in"), l));
+        }
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            let p = format!("{prefix}.transformer_blocks.{i}");
+            for (name, attn) in [("attn1", &block.attn1), ("attn2", &block.attn2)] {
+                out.push((format!("{p}.{name}.to_q"), &attn.to_q));
+                out.push((format!("{p}.{name}.to_k"), &attn.to_k));
+                out.push((format!("{p}.{name}.to_v"), &attn.to_v));
+                out.push((format!("{p}.{name}.to_out.0"), &attn.to_out));
+            }
+            out.push((format!("{p}.ff.net.0.proj"), &block.ff.proj));
+            out.push((format!("{p}.ff.net.2"), &block.ff.out));
+        }
+        if let Projection::Linear(l) = &self.proj_out {
+            out.push((format!("{prefix}.proj_out"), l));
+        }
+    }
+
     /// Every Linear of this transformer, named as diffusers names its weights under `prefix`
     /// (e.g. `down_blocks.1.attentions.0`): `proj_in`/`proj_out` when linear and, per block,
     /// `attn1|attn2.to_q|to_k|to_v|to_out.0`, `ff.net.0.proj`, `ff.net.2` — the layers UNet
@@ -336,8 +374,14 @@ impl Transformer2DModel {
         }
     }
 
-    /// `x`: [B, C, H, W]; `context`: [B, T, cross_dim]. Returns [B, C, H, W].
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// `x`: [B, C, H, W]; `context`: [B, T, cross_dim]; `adapters`: per-sample LoRA updates of
+    /// the Linears, if any. Returns [B, C, H, W].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        adapters: Option<&SampleAdapters>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.forward(x)?;
         // Pixels become tokens: [B, C, H, W] -> [B, H·W, C].
@@ -346,18 +390,18 @@ impl Transformer2DModel {
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
         };
         let mut tokens = match &self.proj_in {
-            Projection::Linear(l) => l.forward(&to_tokens(&normed)?)?,
+            Projection::Linear(l) => forward_linear(l, &to_tokens(&normed)?, adapters)?,
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
         };
         for block in &self.transformer_blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = block.forward(&tokens, context, adapters)?;
         }
         let to_map = |t: &Tensor| -> Result<Tensor> {
             let c = t.dim(2)?;
             Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?)
         };
         let out = match &self.proj_out {
-            Projection::Linear(l) => to_map(&l.forward(&tokens)?)?,
+            Projection::Linear(l) => to_map(&forward_linear(l, &tokens, adapters)?)?,
             Projection::Conv(conv) => conv.forward(&to_map(&tokens)?.contiguous()?)?,
         };
         debug_assert_eq!(out.dims(), &[b, c, h, w]);
@@ -402,7 +446,7 @@ impl SpatialSelfAttention {
             .forward(&x.reshape((b, c, h * w))?)?
             .transpose(1, 2)?
             .contiguous()?;
-        let out = self.attn.forward(&tokens, None)?;
+        let out = self.attn.forward(&tokens, None, None)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         let out = (out + x)?;
         if self.rescale_output_factor == 1.0 {

@@ -2,6 +2,7 @@
 //! the face refine pass on top.
 
 pub mod attention;
+pub mod batch;
 pub mod conv;
 pub mod noise;
 pub mod pipeline;

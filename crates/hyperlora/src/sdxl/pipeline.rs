@@ -267,12 +267,17 @@ impl SdxlPipeline {
         &self.device
     }
 
+    /// The scheduler settings every generation starts from.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
     /// Latent pixels per image pixel side (8 for SDXL).
     pub fn vae_scale_factor(&self) -> usize {
         1 << (self.vae.config().block_out_channels.len() - 1)
     }
 
-    fn validate(&self, p: &GenerateParams) -> Result<()> {
+    pub(crate) fn validate(&self, p: &GenerateParams) -> Result<()> {
         let f = self.vae_scale_factor();
         if p.width == 0
             || p.height == 0

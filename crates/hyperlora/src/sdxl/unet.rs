@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use super::attention::{Transformer2DModel, TransformerConfig};
 use super::conv::{conv2d, Conv2d};
 use super::resnet::{conv2d_same, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::lora::SampleAdapters;
 use crate::{Error, Result};
 
 /// A diffusers `unet/config.json`, restricted to the fields that change this architecture.
@@ -377,13 +378,14 @@ impl DownBlock {
         x: &Tensor,
         temb: &Tensor,
         context: &Tensor,
+        adapters: Option<&SampleAdapters>,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             x = resnet.forward(&x, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, context)?;
+                x = attn.forward(&x, context, adapters)?;
             }
             skips.push(x.clone());
         }
@@ -403,10 +405,16 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        adapters: Option<&SampleAdapters>,
+    ) -> Result<Tensor> {
         let mut x = self.resnets[0].forward(x, Some(temb))?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = attn.forward(&x, context)?;
+            x = attn.forward(&x, context, adapters)?;
             x = resnet.forward(&x, Some(temb))?;
         }
         Ok(x)
@@ -430,6 +438,7 @@ impl UpBlock {
         mut skips: Vec<Tensor>,
         temb: &Tensor,
         context: &Tensor,
+        adapters: Option<&SampleAdapters>,
         upsample_size: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let mut x = x.clone();
@@ -439,7 +448,7 @@ impl UpBlock {
                 .ok_or_else(|| Error::internal("up block ran out of skip connections"))?;
             x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, context)?;
+                x = attn.forward(&x, context, adapters)?;
             }
         }
         if let Some(up) = &self.upsampler {
@@ -653,6 +662,28 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
+    /// Every Linear inside the UNet's transformers by diffusers name, as
+    /// [`linears_mut`](Self::linears_mut) lists them (e.g. to prepare [`SampleAdapters`]).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            for (j, t) in block.attentions.iter().enumerate() {
+                t.linears(&format!("down_blocks.{i}.attentions.{j}"), &mut out);
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            for (j, t) in mid.attentions.iter().enumerate() {
+                t.linears(&format!("mid_block.attentions.{j}"), &mut out);
+            }
+        }
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            for (j, t) in block.attentions.iter().enumerate() {
+                t.linears(&format!("up_blocks.{i}.attentions.{j}"), &mut out);
+            }
+        }
+        out
+    }
+
     /// Every Linear inside the UNet's transformers with its diffusers name (without
     /// `.weight`), e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`; see
     /// [`Transformer2DModel::linears_mut`]. Replacing one (e.g. with LoRA-merged weights)
@@ -696,6 +727,27 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         text_embeds: &Tensor,
         time_ids: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with_adapters(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            text_embeds,
+            time_ids,
+            None,
+        )
+    }
+
+    /// [`forward`](Self::forward) with per-sample LoRA updates of the transformers' Linears
+    /// (`adapters`, prepared from [`linears`](Self::linears) for this batch's B rows).
+    pub fn forward_with_adapters(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+        adapters: Option<&SampleAdapters>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, _, h, w) = sample.dims4()?;
@@ -745,10 +797,10 @@ impl UNet2DConditionModel {
         x = self.conv_in.forward(&x)?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            x = block.forward(&x, &temb, &context, &mut skips)?;
+            x = block.forward(&x, &temb, &context, adapters, &mut skips)?;
         }
         if let Some(mid) = &self.mid_block {
-            x = mid.forward(&x, &temb, &context)?;
+            x = mid.forward(&x, &temb, &context, adapters)?;
         }
         for block in &self.up_blocks {
             let n = block.resnets.len();
@@ -765,7 +817,7 @@ impl UNet2DConditionModel {
                 .map(|s| s.dims4())
                 .transpose()?
                 .map(|(_, _, sh, sw)| (sh, sw));
-            x = block.forward(&x, own, &temb, &context, size)?;
+            x = block.forward(&x, own, &temb, &context, adapters, size)?;
         }
         let x = self.conv_norm_out.forward(&x)?.silu()?;
         let x = self.conv_out.forward(&x)?;
