@@ -9,6 +9,7 @@ pub mod face;
 pub mod hypernet;
 pub mod identity;
 pub mod lora;
+pub mod memory;
 pub mod sdxl;
 pub mod task;
 pub mod weights;

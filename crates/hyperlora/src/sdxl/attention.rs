@@ -17,7 +17,7 @@ use crate::Result;
 
 /// Upper bound on the elements of one score matrix chunk (f32: 256 MiB). Larger problems are
 /// split along the queries; the softmax is per query row, so the result is unchanged.
-const MAX_SCORE_ELEMENTS: usize = 1 << 26;
+pub(crate) const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 
 /// softmax(q kᵀ · scale) v for heads already folded into the batch.
 ///

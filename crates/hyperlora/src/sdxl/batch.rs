@@ -275,7 +275,8 @@ impl SdxlPipeline {
                 )));
             }
         }
-        Ok(())
+        let images = requests.iter().map(|r| r.params.batch_size).sum();
+        self.check_memory(images, first.width, first.height)
     }
 
     /// Groups the requests by text-context length, orders each group by LoRA set and assembles

@@ -18,6 +18,16 @@ use crate::sdxl::{unet, vae};
 use crate::task::{CancelToken, Progress, ProgressFn};
 use crate::weights::{Component, ModelSource};
 
+/// Request bounds: beyond them a request is a mistake or an attack, not a picture.
+const MIN_SIDE: usize = 64;
+const MAX_SIDE: usize = 4096;
+const MAX_STEPS: usize = 1000;
+const MAX_BATCH: usize = 64;
+const MAX_CFG: f64 = 100.0;
+/// Longer prompts are chunked (A1111); past this many chunks the cross-attention context grows
+/// without adding meaning, so such a prompt is refused rather than run.
+const MAX_PROMPT_CHUNKS: usize = 32;
+
 /// Where the parts a checkpoint does not carry come from.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
@@ -279,14 +289,32 @@ impl SdxlPipeline {
 
     pub(crate) fn validate(&self, p: &GenerateParams) -> Result<()> {
         let f = self.vae_scale_factor();
-        if p.width == 0
-            || p.height == 0
+        if !(MIN_SIDE..=MAX_SIDE).contains(&p.width)
+            || !(MIN_SIDE..=MAX_SIDE).contains(&p.height)
             || !p.width.is_multiple_of(f)
             || !p.height.is_multiple_of(f)
         {
             return Err(Error::invalid_argument(format!(
-                "width and height must be positive multiples of {f}, got {}x{}",
+                "width and height must be multiples of {f} in [{MIN_SIDE}, {MAX_SIDE}], got {}x{}",
                 p.width, p.height
+            )));
+        }
+        if p.steps > MAX_STEPS {
+            return Err(Error::invalid_argument(format!(
+                "steps must be at most {MAX_STEPS}, got {}",
+                p.steps
+            )));
+        }
+        if p.batch_size > MAX_BATCH {
+            return Err(Error::invalid_argument(format!(
+                "batchSize must be at most {MAX_BATCH}, got {}",
+                p.batch_size
+            )));
+        }
+        if !(0.0..=MAX_CFG).contains(&p.guidance_scale) {
+            return Err(Error::invalid_argument(format!(
+                "cfg must be a number in [0, {MAX_CFG}], got {}",
+                p.guidance_scale
             )));
         }
         if p.steps == 0 {
@@ -294,9 +322,6 @@ impl SdxlPipeline {
         }
         if p.batch_size == 0 {
             return Err(Error::invalid_argument("batchSize must be at least 1"));
-        }
-        if !p.guidance_scale.is_finite() {
-            return Err(Error::invalid_argument("cfg must be a finite number"));
         }
         if let Some(init) = &p.init_image {
             if !(0.0..=1.0).contains(&init.strength) {
@@ -306,7 +331,29 @@ impl SdxlPipeline {
                 )));
             }
         }
-        Ok(())
+        self.check_memory(p.batch_size, p.width, p.height)
+    }
+
+    /// `OUT_OF_MEMORY` when denoising and decoding `images` pictures at this size cannot fit in
+    /// the memory available now (weights are already resident; this is the working memory).
+    pub(crate) fn check_memory(&self, images: usize, width: usize, height: usize) -> Result<()> {
+        let images = images as u64;
+        let latent_pixels = (width / 8 * height / 8) as u64;
+        // UNet: about 24 live activations the size of its first level (skip connections
+        // included) for each image's two guidance rows, plus one attention score chunk (f32
+        // scores and probabilities).
+        let c0 = self.unet.config().block_out_channels[0] as u64;
+        let act = self.unet.dtype().size_in_bytes() as u64;
+        let unet = 2 * images * 24 * c0 * latent_pixels * act
+            + 2 * 4 * crate::sdxl::attention::MAX_SCORE_ELEMENTS as u64;
+        // VAE decode: about 6 live full-resolution maps of its top level, in f32.
+        let top = self.vae.config().block_out_channels[0] as u64;
+        let vae = images * 6 * top * (width * height) as u64 * 4;
+        crate::memory::check(
+            unet.max(vae),
+            &self.device,
+            &format!("{images} image(s) at {width}x{height}"),
+        )
     }
 
     /// One prompt through both tokenizers and encoders: ([1, 77·C, 2048], [1, 1280]).
@@ -339,6 +386,19 @@ impl SdxlPipeline {
             negative_prompt,
             &PromptOptions::default(),
         )?;
+        let longest = chunks
+            .positive
+            .iter()
+            .chain(&chunks.negative)
+            .map(TokenChunks::len)
+            .max()
+            .unwrap_or(0);
+        if longest > MAX_PROMPT_CHUNKS {
+            return Err(Error::invalid_argument(format!(
+                "a prompt is {longest} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS} ({} tokens) are accepted",
+                MAX_PROMPT_CHUNKS * 75
+            )));
+        }
         let (context, pooled) = self.encode_chunks(&chunks.positive)?;
         let (context, pooled) = (context.repeat((batch, 1, 1))?, pooled.repeat((batch, 1))?);
         let size = [
@@ -738,6 +798,31 @@ mod tests {
                 guidance_scale: f64::NAN,
                 ..params("euler_cfg5")
             },
+            GenerateParams {
+                guidance_scale: -1.0,
+                ..params("euler_cfg5")
+            },
+            GenerateParams {
+                width: 8,
+                height: 8,
+                ..params("euler_cfg5")
+            },
+            GenerateParams {
+                width: 4104,
+                ..params("euler_cfg5")
+            },
+            GenerateParams {
+                steps: 1001,
+                ..params("euler_cfg5")
+            },
+            GenerateParams {
+                batch_size: 65,
+                ..params("euler_cfg5")
+            },
+            GenerateParams {
+                prompt: "word ".repeat(2500),
+                ..params("euler_cfg5")
+            },
         ];
         for p in cases {
             let err = pipe
@@ -745,6 +830,26 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
         }
+    }
+
+    /// A request whose working memory cannot fit is refused before anything is allocated.
+    #[test]
+    fn refuses_requests_that_cannot_fit_in_memory() {
+        let pipe = tiny_pipeline();
+        if crate::memory::available(pipe.device()).is_none() {
+            return; // no figure to check against on this system
+        }
+        let p = GenerateParams {
+            width: 4096,
+            height: 4096,
+            batch_size: 64,
+            ..params("euler_cfg5")
+        };
+        let err = pipe
+            .generate(&p, &CancelToken::new(), &mut |_| {})
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::OutOfMemory, "{err}");
+        assert!(err.message.contains("64 image(s) at 4096x4096"), "{err}");
     }
 
     /// LoRA sets switch in place: a text-encoder + UNet LoRA and a concept slider change the
