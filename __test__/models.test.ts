@@ -353,6 +353,10 @@ describe('model manager', () => {
     expect(unknown.message).toContain('tiny-faces')
     expect((await rejection(resolveModel('hyperlora', 'tiny-faces', { env, manifest: MANIFEST }))).code).toBe('INVALID_ARGUMENT')
     expect((await rejection(pullModels(['tiny-faces', 'nope'], { env, manifest: MANIFEST }))).code).toBe('MODEL_NOT_FOUND')
+    // A repo path or manifest file that would leave the cache folder is refused before any request.
+    expect((await rejection(resolveModel('faceModels', 'org/name/../../../etc', { env, manifest: MANIFEST }))).code).toBe('INVALID_ARGUMENT')
+    const escaping = { ...MANIFEST, models: { evil: { ...MANIFEST.models['tiny-faces']!, files: [{ path: 'a/../../x.onnx', size: 1, sha256: null }] } } }
+    expect((await rejection(resolveModel('faceModels', 'evil', { env, manifest: escaping }))).code).toBe('INVALID_ARGUMENT')
   })
 
   it('without the token a gated hub says so; an aborted call rejects with ABORTED', async () => {

@@ -141,6 +141,17 @@ function cleanEtag(value: string | null): string | null {
   return value?.replace(/^W\//, '').replace(/"/g, '').trim() || null
 }
 
+/** A commit id names a folder in the cache: only a git hash may (no `/`, no `..`). */
+function isCommit(value: string): boolean {
+  return /^[0-9a-f]{40}$/.test(value)
+}
+
+/** A file path from a hub (or a mirror posing as one) lands under the snapshot folder: refuse
+ * any that could leave it. */
+export function isRepoPath(file: string): boolean {
+  return file.length > 0 && !file.startsWith('/') && !file.includes('\\') && !file.split('/').some((part) => part === '..' || part === '.' || part === '')
+}
+
 /** HEAD `resolve/...`: commit, ETag and size, as huggingface_hub reads them. */
 export async function fileMetadata(hub: Hub, repo: string, revision: string, repoPath: string): Promise<FileMetadata> {
   const what = `${repo}/${repoPath}`
@@ -150,7 +161,7 @@ export async function fileMetadata(hub: Hub, repo: string, revision: string, rep
     const commit = response.headers.get('x-repo-commit')
     const etag = cleanEtag(response.headers.get('x-linked-etag') ?? response.headers.get('etag'))
     const size = Number(response.headers.get('x-linked-size') ?? response.headers.get('content-length'))
-    if (!commit || !etag || !/^[0-9a-f]{40}$|^[0-9a-f]{64}$/.test(etag) || !Number.isSafeInteger(size)) {
+    if (!commit || !isCommit(commit) || !etag || !/^[0-9a-f]{40}$|^[0-9a-f]{64}$/.test(etag) || !Number.isSafeInteger(size)) {
       throw new HyperLoraError('IO', `${what}: ${hub.endpoint} did not send the hub's file headers (X-Repo-Commit, ETag, size); is HF_ENDPOINT a Hugging Face hub?`)
     }
     return { commit, etag, size }
@@ -164,8 +175,8 @@ export async function listRepoFiles(hub: Hub, repo: string, revision: string): P
     const response = await request(hub, url, { method: 'GET' })
     if (!response.ok) throw httpError(hub, response, repo)
     const body = (await response.json()) as { sha?: string; siblings?: { rfilename?: string }[] }
-    const files = (body.siblings ?? []).map((s) => s.rfilename).filter((f): f is string => typeof f === 'string')
-    if (!body.sha) throw new HyperLoraError('IO', `${repo}: the hub's listing has no commit`)
+    const files = (body.siblings ?? []).map((s) => s.rfilename).filter((f): f is string => typeof f === 'string' && isRepoPath(f))
+    if (!body.sha || !isCommit(body.sha)) throw new HyperLoraError('IO', `${repo}: the hub's listing has no commit`)
     return { commit: body.sha, files }
   })
 }

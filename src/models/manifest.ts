@@ -6,6 +6,7 @@
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 
+import { isRepoPath } from './hub.js'
 import { HyperLoraError } from '../errors.js'
 
 /** What a model is for in the pipeline. */
@@ -76,7 +77,7 @@ export function validateManifest(value: unknown, source: string): Manifest {
     if (typeof entry.path !== 'string') throw invalid(source, `${where}: path missing`)
     if (!Array.isArray(entry.files) || entry.files.length === 0) throw invalid(source, `${where}: files missing`)
     for (const file of entry.files) {
-      if (typeof file.path !== 'string' || file.path === '' || file.path.split('/').includes('..')) throw invalid(source, `${where}: bad file path ${String(file.path)}`)
+      if (typeof file.path !== 'string' || !isRepoPath(file.path)) throw invalid(source, `${where}: bad file path ${String(file.path)}`)
       if (file.size !== null && !(Number.isSafeInteger(file.size) && file.size >= 0)) throw invalid(source, `${where}: ${file.path}: size must be a byte count or null`)
       if (file.sha256 !== null && !isSha256(file.sha256)) throw invalid(source, `${where}: ${file.path}: sha256 must be 64 lowercase hex digits or null`)
       if (entry.path !== '' && file.path !== entry.path && !file.path.startsWith(`${entry.path}/`)) {

@@ -11,7 +11,7 @@ import * as path from 'node:path'
 import { HyperLoraError } from '../errors.js'
 import { huggingFaceCache, modelDir } from '../info.js'
 import { blobFile, findInCache, linkIntoSnapshot, repoCacheDir, snapshotDirs, snapshotFile, snapshotHasBlob, writeRef } from './hfcache.js'
-import { downloadBlob, fileMetadata, hubFromEnv, isOffline, listRepoFiles, resolveUrl, type FileMetadata, type Hub } from './hub.js'
+import { downloadBlob, fileMetadata, hubFromEnv, isOffline, isRepoPath, listRepoFiles, resolveUrl, type FileMetadata, type Hub } from './hub.js'
 import { lookInComfyui, lookInHome, type LocalModel, type Lookup } from './local.js'
 import { activeManifest, knownSize, type Manifest, type ManifestEntry, type ManifestFile, type ModelRole } from './manifest.js'
 import { missingForRole, selectFiles } from './select.js'
@@ -314,6 +314,9 @@ export async function resolveModel(role: ModelRole, spec: string, options: Resol
     return (await resolveEntry(ctx, given, entry)).path
   }
   const repoId = REPO_ID.exec(given)
+  if (repoId && (repoId[2] ?? '') !== '' && !isRepoPath(repoId[2]!.replace(/\/+$/, ''))) {
+    throw new HyperLoraError('INVALID_ARGUMENT', `${role} model '${spec}': a path inside a repository may not contain '.', '..' or empty parts`)
+  }
   if (repoId) {
     const [, repo, prefix = ''] = repoId
     const known = Object.entries(ctx.manifest.models).find(([, e]) => e.role === role && e.repo === repo && e.path === prefix)
