@@ -1,8 +1,8 @@
 /** The CLI's `generate` and `identity` commands: photos and models in, files out. */
-import * as fs from 'node:fs'
 import * as path from 'node:path'
 
 import { HyperLoraError } from './errors.js'
+import { writeAtomic } from './files.js'
 import { TINY_ANTELOPEV2 } from './face.js'
 import { loadIdentity, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from './identity.js'
 import { HyperLoRA, MODEL_ENV, type EngineGenerateOptions } from './engine.js'
@@ -56,13 +56,6 @@ function strings(values: CommandValues, key: string): string[] {
 function parseSeed(value: unknown): bigint {
   if (typeof value === 'string' && /^\d+$/.test(value)) return BigInt(value)
   throw new UsageError(`--seed must be a non-negative integer, got ${String(value)}`)
-}
-
-/** Writes next to the target, then renames: a reader never sees a half-written file. */
-export function writeAtomic(file: string, data: Buffer): void {
-  const temp = `${file}.${process.pid}.tmp`
-  fs.writeFileSync(temp, data)
-  fs.renameSync(temp, file)
 }
 
 type OnProgress = ((e: StageEvent) => void) | undefined

@@ -12,6 +12,8 @@
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 
+import { writeAtomic } from '../files.js'
+
 import { inspectFiles, type ExpectedFile, type Lookup } from './local.js'
 
 /** `<cache>/models--org--name` */
@@ -110,5 +112,5 @@ export function writeRef(repoDir: string, revision: string, commit: string): voi
   if (revision === commit) return
   const file = path.join(repoDir, 'refs', ...revision.split('/'))
   fs.mkdirSync(path.dirname(file), { recursive: true })
-  fs.writeFileSync(file, commit)
+  writeAtomic(file, commit)
 }

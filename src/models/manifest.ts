@@ -73,7 +73,7 @@ export function validateManifest(value: unknown, source: string): Manifest {
     const where = `model '${name}'`
     if (!MODEL_ROLES.includes(entry.role)) throw invalid(source, `${where}: role must be one of ${MODEL_ROLES.join(', ')}`)
     if (typeof entry.repo !== 'string' || !/^[\w.-]+\/[\w.-]+$/.test(entry.repo)) throw invalid(source, `${where}: repo must be 'org/name'`)
-    if (typeof entry.revision !== 'string' || entry.revision === '') throw invalid(source, `${where}: revision missing`)
+    if (typeof entry.revision !== 'string' || !isRepoPath(entry.revision)) throw invalid(source, `${where}: revision must be a branch, tag or commit`)
     if (typeof entry.path !== 'string') throw invalid(source, `${where}: path missing`)
     if (!Array.isArray(entry.files) || entry.files.length === 0) throw invalid(source, `${where}: files missing`)
     for (const file of entry.files) {
