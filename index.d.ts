@@ -62,6 +62,11 @@ export declare class Pipeline {
   /** Frees the model; a running call finishes first, later calls fail with `INVALID_ARGUMENT`. */
   dispose(): void
   /**
+   * Test hook: panics in a worker while holding the model (poisoning its lock), so tests can
+   * prove the call fails with `INTERNAL` and the model keeps working.
+   */
+  __panicWhileBusyForTests(): Promise<void>
+  /**
    * Generates images with the given identities and LoRA files merged in (weights may be
    * negative); resolves to raw RGB8 pixels, one entry per image.
    */

@@ -172,6 +172,15 @@ impl Pipeline {
         self.inner.dispose();
     }
 
+    /// Test hook: panics in a worker while holding the model (poisoning its lock), so tests can
+    /// prove the call fails with `INTERNAL` and the model keeps working.
+    #[napi(js_name = "__panicWhileBusyForTests", ts_return_type = "Promise<void>")]
+    pub fn panic_while_busy_for_tests(&self) -> napi::Result<AsyncTask<PanicWhileBusyTask>> {
+        Ok(AsyncTask::new(PanicWhileBusyTask {
+            pipeline: self.inner.get()?,
+        }))
+    }
+
     /// Generates images with the given identities and LoRA files merged in (weights may be
     /// negative); resolves to raw RGB8 pixels, one entry per image.
     #[napi(ts_return_type = "Promise<Array<RawImage>>")]
@@ -255,6 +264,26 @@ impl Pipeline {
             params,
             call: CallContext::new(cancel, on_progress),
         }))
+    }
+}
+
+pub struct PanicWhileBusyTask {
+    pipeline: Arc<Mutex<Loaded>>,
+}
+
+impl Task for PanicWhileBusyTask {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> napi::Result<()> {
+        guarded(|| {
+            let _busy = Loaded::lock(&self.pipeline);
+            panic!("injected test panic while the model is busy")
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, _: ()) -> napi::Result<()> {
+        Ok(())
     }
 }
 
