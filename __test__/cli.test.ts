@@ -44,6 +44,9 @@ describe('hyperlora CLI', () => {
     expect(gen.code, gen.stderr).toBe(0)
     expect(JSON.parse(gen.stdout)).toMatchObject({ output: out, seed: '7', width: 64 })
     expect(fs.readFileSync(out).subarray(8, 12).toString()).toBe('WEBP')
+    const refined = hyperlora('generate', '--tiny', '--face', photo, '--refine-face', '--prompt', 'a portrait', '--width', '64', '--height', '64', '--steps', '2', '--out', path.join(dir, 'r.png'), '--json')
+    expect(refined.code, refined.stderr).toBe(0)
+    expect(JSON.parse(refined.stdout).info).toMatch(/Face refine strength: 0.5/)
 
     const grey = path.join(dir, 'grey.png')
     await sharp({ create: { width: 120, height: 90, channels: 3, background: { r: 127, g: 127, b: 127 } } }).toFile(grey)

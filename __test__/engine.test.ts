@@ -139,6 +139,15 @@ describe('HyperLoRA engine', () => {
     expect(lora!.info).toMatch(/Lora weights: "identity: 0.85, me: 0.3"/)
   })
 
+  it('picks a random seed when none is given and reports it', async () => {
+    const { seed: _, ...unseeded } = base
+    const [a] = await engine.generate(unseeded)
+    const [b] = await engine.generate({ ...base, seed: a!.seed })
+    expect(typeof a!.seed).toBe('bigint')
+    expect(a!.info).toContain(`Seed: ${a!.seed}`)
+    expect(b!.data.equals(a!.data)).toBe(true)
+  })
+
   it('writes the parameters into JPEG and WebP as the EXIF UserComment', async () => {
     for (const format of ['jpeg', 'webp'] as const) {
       const [image] = await engine.generate({ ...base, steps: 1, format, prompt: 'Ångström 漢字' })

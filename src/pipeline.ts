@@ -220,7 +220,7 @@ export interface Prepared {
 export async function prepare(options: GenerateOptions, extraSettings: readonly string[] = []): Promise<Prepared> {
   const width = options.width ?? 1024
   const height = options.height ?? 1024
-  const seed = BigInt(options.seed ?? randomInt(0, 2 ** 48))
+  const seed = BigInt(options.seed ?? randomInt(0, 2 ** 48 - 1))
   const format = options.format ?? 'png'
   if (!['png', 'jpeg', 'webp'].includes(format)) throw new HyperLoraError('INVALID_ARGUMENT', `unknown format ${format}`)
   const initImage = options.initImage === undefined ? undefined : await decodeRgb8(options.initImage, { width, height })
