@@ -19,7 +19,7 @@ use crate::task::{CancelToken, Progress, ProgressFn};
 use crate::weights::{Component, ModelSource};
 
 /// Request bounds: beyond them a request is a mistake or an attack, not a picture.
-const MIN_SIDE: usize = 64;
+const MIN_SIDE: usize = 8;
 const MAX_SIDE: usize = 4096;
 const MAX_STEPS: usize = 1000;
 const MAX_BATCH: usize = 64;
@@ -803,8 +803,7 @@ mod tests {
                 ..params("euler_cfg5")
             },
             GenerateParams {
-                width: 8,
-                height: 8,
+                width: 0,
                 ..params("euler_cfg5")
             },
             GenerateParams {
