@@ -15,6 +15,8 @@
 //! attention Linears, rank 8): a switch by merge took ~5 s (f16 weights, 2 shared cores), while the
 //! side path added ~6.5% to those Linears, ~1.1 s per denoising step at 1024² — more than a merge
 //! after 5 steps of a 20-step generation — so merge is the mechanism (diffusers' `fuse_lora`).
+//! A batch whose samples carry different LoRAs cannot be merged; it takes the side path
+//! ([`super::per_sample`]).
 //!
 //! Only the Linears of the UNet's transformers (`attn1/attn2.to_q|to_k|to_v|to_out.0`,
 //! `ff.net.0.proj`, `ff.net.2`, `proj_in`/`proj_out` when linear) and of the text encoders'

@@ -17,12 +17,15 @@
 //!
 //! Why one padded batched matmul rather than two thin matmuls per run on its rows (then joining
 //! the rows back), one matmul against all runs' ranks with a row mask, or each run's weight
-//! merged on the fly: measured on the CPU with SDXL's attention shapes at 1024² (see
-//! `bench_grouping_strategies` below), the padded batched matmul added the least (about +4 to
-//! +19% on those Linears, against +7 to +30% for per-run matmuls, the runner-up). The update is
-//! memory-bound, not compute-bound: what costs is passes over the activations, and this way
-//! makes one product and one sum over the whole batch, with no narrowing and no re-joining; the
-//! padded rank columns and the rows without LoRAs cost a little arithmetic, nothing more.
+//! merged on the fly: measured on the CPU (2 shared cores, f32) with SDXL's attention Linears
+//! and a batch of 4 requests under guidance (see `bench_grouping_strategies` below), at 1024²
+//! the padded batched matmul added the least in each of three runs (+5 to +23% on those
+//! Linears' time; per-run matmuls +10 to +32%, masked +17 to +26%, merged per run +16 to +32%);
+//! at 512² the first three were within noise of each other (+11 to +13%) and merging per run
+//! cost +50%. The update is memory-bound, not compute-bound: what costs is passes over the
+//! activations, and this way makes one product and one sum over the whole batch, with no
+//! narrowing and no re-joining (and, on a GPU, the same two kernels whatever the number of
+//! runs); the padded rank columns and the rows without LoRAs cost a little arithmetic only.
 //!
 //! Layers are found by their weight tensor's id ([`candle_core::TensorId`]): the adapters are
 //! built against the model's current Linears (after any merge) and the model is borrowed
