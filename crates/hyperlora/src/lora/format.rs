@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
+use crate::weights::inspect::check_tensors;
 use crate::{Error, ErrorCode, Result};
 
 /// Metadata key listing the module names in their original order (a JSON array), so that a
@@ -452,6 +453,7 @@ pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<Safetenso
         .into_iter()
         .collect();
     let mut views = st.tensors();
+    check_tensors(&name, views.iter().map(|(k, v)| (k.clone(), v.clone())))?;
     views.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
     let mut out = Vec::with_capacity(views.len());
     for (key, view) in views {

@@ -236,7 +236,7 @@ impl ClipTextConfig {
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::model_not_found(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| Error::from(e).context(format!("cannot read {}", path.display())))?;
         Self::from_json(&text).map_err(|e| e.context(path.display()))
     }
 

@@ -20,6 +20,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::weights::diffusers::{Component, DiffusersModel};
+use crate::weights::inspect::check_tensors;
 use crate::weights::sgm_names::{NameTable, SgmTensor, Transform, UnetLayout, VaeLayout};
 use crate::{Error, Result};
 
@@ -67,6 +68,7 @@ impl SingleFileCheckpoint {
         let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
             Error::bad_weights(format!("{shown}: not a readable safetensors file: {e}"))
         })?;
+        check_tensors(&shown, st.tensors())?;
         let keys: HashSet<String> = st.tensors().into_iter().map(|(k, _)| k).collect();
         let has = |prefix: &str| keys.iter().any(|k| k.starts_with(prefix));
         let not_sdxl = |why: &str| {
