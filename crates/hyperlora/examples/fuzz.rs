@@ -4,7 +4,8 @@
 //! ```text
 //! fuzz <target|all> [--seconds N] [--seed S] [--work DIR] [--case-timeout S]
 //!      [--max-alloc-mb M] [--corpus DIR]
-//! fuzz --replay <target> FILE...
+//! fuzz --replay <target> FILE...      outcome and time of each file
+//! fuzz --minimise <target> FILE...    shrink each file keeping its outcome, into the corpus
 //! ```
 //! Targets are `hyperlora::fuzz_targets::Target` (safetensors, configs, onnx, lora, hyperlora,
 //! prompts). Inputs start from the real files in `models/tiny/` and the test fixtures and are
@@ -1176,16 +1177,26 @@ impl Pool {
     }
 
     /// A mutated input, with its variant byte where the target has variants.
-    fn next(&self, rng: &mut Rng) -> Vec<u8> {
+    fn next<'a>(&'a self, rng: &mut Rng) -> Vec<u8> {
         // Each file of the target equally often, however many of its inputs the pool keeps.
         let variant = rng.below(self.target.variants().len().max(1));
-        let same: Vec<&Vec<u8>> = self
+        let (seeds, finds): (Vec<_>, Vec<_>) = self
             .inputs
             .iter()
-            .filter(|(v, _)| *v == variant)
-            .map(|(_, b)| b)
-            .collect();
-        let mut data = (*rng.pick(&same)).clone();
+            .enumerate()
+            .filter(|(_, (v, _))| *v == variant)
+            .map(|(i, (_, b))| (i, b.as_slice()))
+            .partition(|(i, _)| *i < self.seeds);
+        let strip = |v: Vec<(usize, &'a [u8])>| v.into_iter().map(|(_, b)| b).collect::<Vec<_>>();
+        let (seeds, finds) = (strip(seeds), strip(finds));
+        // Half the time a real file: finds are mostly already broken, and breaking them further
+        // rarely gets past the first check.
+        let same = if finds.is_empty() || rng.chance(50) {
+            &seeds
+        } else {
+            &finds
+        };
+        let mut data = rng.pick(same).to_vec();
         let format = format_of(self.target, variant);
         for _ in 0..1 + rng.below(3) {
             // A mutator bug must not pass for a crash of the engine: it only costs the mutation.
@@ -1207,7 +1218,7 @@ impl Pool {
             match structured {
                 Some(d) => data = d,
                 None => {
-                    let other = rng.pick(&same);
+                    let other = rng.pick(same);
                     mutate_bytes(rng, &mut data, other);
                 }
             }
@@ -1326,40 +1337,69 @@ fn run_case(harness: &Harness, target: Target, input: &[u8]) -> Outcome {
     }
 }
 
-/// Shrinks a crashing input while it still crashes the same way (a few seconds): whole
-/// tensors out of a safetensors file first, then chunks of bytes.
-fn minimise(harness: &Harness, target: Target, input: &[u8], signature: &str) -> Vec<u8> {
+/// Shrinks an input while its outcome keeps the same signature (so a crash stays the same
+/// crash, and an input that reaches a fix keeps reaching it), within `budget`: whole tensors
+/// out of a safetensors file, whole fields out of a protobuf, then chunks of bytes.
+fn minimise(harness: &Harness, target: Target, input: &[u8], budget: Duration) -> Vec<u8> {
+    let signature = run_case(harness, target, input).signature();
     let keep = usize::from(!target.variants().is_empty());
-    let deadline = Instant::now() + Duration::from_secs(4);
-    let same = |candidate: &[u8]| {
-        let o = run_case(harness, target, candidate);
-        o.is_crash() && o.signature() == signature
+    let deadline = Instant::now() + budget;
+    let same = |body: &[u8]| {
+        let mut candidate = input[..keep].to_vec();
+        candidate.extend_from_slice(body);
+        run_case(harness, target, &candidate).signature() == signature
     };
-    let mut best = input.to_vec();
     let (variant, _) = target.split(input);
-    if format_of(target, variant) == Format::Safetensors {
-        if let Some(mut st) = Safetensors::parse(&input[keep..]) {
-            let mut i = st.entries.len();
-            while i > 0 && Instant::now() < deadline {
-                i -= 1;
-                let mut fewer = Safetensors {
-                    entries: st.entries.clone(),
-                    body: st.body.clone(),
-                };
-                fewer.entries.remove(i);
-                fewer.compact();
-                let mut candidate = input[..keep].to_vec();
-                candidate.extend(fewer.encode(None));
-                if same(&candidate) {
-                    st = fewer;
-                    best = candidate;
+    let mut best = input[keep..].to_vec();
+    match format_of(target, variant) {
+        Format::Safetensors => {
+            if let Some(mut st) = Safetensors::parse(&best) {
+                let mut i = st.entries.len();
+                while i > 0 && Instant::now() < deadline {
+                    i -= 1;
+                    let mut fewer = Safetensors {
+                        entries: st.entries.clone(),
+                        body: st.body.clone(),
+                    };
+                    fewer.entries.remove(i);
+                    fewer.compact();
+                    let encoded = fewer.encode(None);
+                    if same(&encoded) {
+                        st = fewer;
+                        best = encoded;
+                    }
                 }
             }
         }
+        Format::Protobuf => {
+            if let Some(mut fields) = pb_parse(&best, 0) {
+                // Pre-order, so a whole message goes before its parts are tried.
+                let mut at = 0;
+                loop {
+                    let mut paths = Vec::new();
+                    pb_paths(&fields, &mut Vec::new(), &mut paths);
+                    if at >= paths.len() || Instant::now() >= deadline {
+                        break;
+                    }
+                    let mut fewer = fields.clone();
+                    let (list, i) = pb_parent(&mut fewer, &paths[at]);
+                    list.remove(i);
+                    let mut encoded = Vec::new();
+                    pb_encode(&fewer, &mut encoded);
+                    if same(&encoded) {
+                        fields = fewer;
+                        best = encoded;
+                    } else {
+                        at += 1;
+                    }
+                }
+            }
+        }
+        Format::Json | Format::Prompt => {}
     }
-    let mut chunk = best.len().saturating_sub(keep) / 2;
+    let mut chunk = best.len() / 2;
     while chunk > 0 && Instant::now() < deadline {
-        let mut at = keep;
+        let mut at = 0;
         while at < best.len() && Instant::now() < deadline {
             let end = (at + chunk).min(best.len());
             let mut candidate = best[..at].to_vec();
@@ -1372,7 +1412,9 @@ fn minimise(harness: &Harness, target: Target, input: &[u8], signature: &str) ->
         }
         chunk /= 2;
     }
-    best
+    let mut out = input[..keep].to_vec();
+    out.extend(best);
+    out
 }
 
 fn short_hash(bytes: &[u8]) -> String {
@@ -1410,6 +1452,7 @@ struct Stats {
     max_ms: f64,
     max_peak: usize,
     big_alloc: u64,
+    caught_panics: u64,
     seconds: f64,
 }
 
@@ -1425,10 +1468,14 @@ impl Stats {
             "max_ms": self.max_ms,
             "max_peak_bytes": self.max_peak,
             "big_alloc": self.big_alloc,
+            "caught_panics": self.caught_panics,
             "seconds": self.seconds,
         })
     }
 }
+
+/// How `face::onnx` reports a panic of the ONNX engine that it caught.
+const CAUGHT_PANIC: &str = "the ONNX engine failed on this graph";
 
 const SLOW: Duration = Duration::from_secs(1);
 const BIG_ALLOC: usize = 512 << 20;
@@ -1482,6 +1529,9 @@ fn worker(target: Target, o: &Options) {
         if outcome.peak_bytes > BIG_ALLOC {
             stats.big_alloc += 1;
         }
+        if outcome.message.contains(CAUGHT_PANIC) {
+            stats.caught_panics += 1;
+        }
         if (outcome.elapsed > SLOW || outcome.peak_bytes > BIG_ALLOC) && stats.slow.len() < 20 {
             let dir = o.work.join("slow").join(target.name());
             std::fs::create_dir_all(&dir).expect("slow folder");
@@ -1497,7 +1547,7 @@ fn worker(target: Target, o: &Options) {
         }
         let signature = outcome.signature();
         if outcome.is_crash() && crash_signatures.insert(signature.clone()) {
-            let small = minimise(&harness, target, &input, &signature);
+            let small = minimise(&harness, target, &input, Duration::from_secs(4));
             let path = save_crash(&o.corpus, &o.work, target, &small);
             stats.crashes.push(json!({
                 "kind": outcome.label,
@@ -1536,7 +1586,7 @@ fn stderr_tail(path: &Path) -> String {
     if let Ok(mut f) = std::fs::File::open(path) {
         let _ = f.read_to_string(&mut text);
     }
-    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    let lines: Vec<&str> = text.lines().rev().take(2).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
@@ -1552,7 +1602,9 @@ fn supervise(target: Target, o: &Options) -> Value {
             break;
         }
         let _ = std::fs::remove_file(&inflight);
-        let stderr_path = o.work.join(format!("worker-{}.stderr", target.name()));
+        let stderr_path = o
+            .work
+            .join(format!("worker-{}-{restarts}.stderr", target.name()));
         let mut child = Command::new(&exe)
             .arg("--worker")
             .arg(target.name())
@@ -1563,6 +1615,7 @@ fn supervise(target: Target, o: &Options) -> Value {
             .arg("--corpus")
             .arg(&o.corpus)
             .args(["--max-alloc-mb", &o.max_alloc_mb.to_string()])
+            .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
             .spawn()
@@ -1605,7 +1658,8 @@ fn supervise(target: Target, o: &Options) -> Value {
     // Sum the workers' statistics.
     let mut total = json!({
         "target": target.name(), "cases": 0, "outcomes": {}, "variants": {}, "crashes": dead,
-        "slow": [], "max_ms": 0.0, "max_peak_bytes": 0, "big_alloc": 0, "restarts": restarts,
+        "slow": [], "max_ms": 0.0, "max_peak_bytes": 0, "big_alloc": 0, "caught_panics": 0,
+        "restarts": restarts,
         "seconds": start.elapsed().as_secs_f64(),
     });
     for seed in o.seed..=o.seed + restarts {
@@ -1642,8 +1696,9 @@ fn merge_stats(total: &mut Value, s: &Value) {
     let max = |a: &Value, b: &Value| a.as_f64().unwrap_or(0.0).max(b.as_f64().unwrap_or(0.0));
     total["max_ms"] = json!(max(&total["max_ms"], &s["max_ms"]));
     total["max_peak_bytes"] = json!(max(&total["max_peak_bytes"], &s["max_peak_bytes"]) as u64);
-    total["big_alloc"] =
-        json!(total["big_alloc"].as_u64().unwrap() + s["big_alloc"].as_u64().unwrap_or(0));
+    for key in ["big_alloc", "caught_panics"] {
+        total[key] = json!(total[key].as_u64().unwrap() + s[key].as_u64().unwrap_or(0));
+    }
 }
 
 const CODES: [&str; 8] = [
@@ -1658,13 +1713,13 @@ const CODES: [&str; 8] = [
 ];
 
 fn print_table(results: &[Value]) {
-    let mut header = format!("{:<28} {:>8}", "target", "cases");
+    let mut header = format!("{:<38} {:>8}", "target", "cases");
     for c in CODES {
         header.push_str(&format!(" {:>9}", abbreviate(c)));
     }
     header.push_str(&format!(
-        " {:>7} {:>6} {:>8} {:>8} {:>6}",
-        "crashes", "slow", "max ms", "peak MB", "secs"
+        " {:>7} {:>6} {:>6} {:>8} {:>8} {:>6}",
+        "crashes", "caught", "slow", "max ms", "peak MB", "secs"
     ));
     println!("{header}");
     for r in results {
@@ -1673,14 +1728,15 @@ fn print_table(results: &[Value]) {
                 .as_object()
                 .map(|m| m.values().filter_map(Value::as_u64).sum())
                 .unwrap_or(0);
-            let mut line = format!("{name:<28} {cases:>8}");
+            let mut line = format!("{name:<38} {cases:>8}");
             for c in CODES {
                 line.push_str(&format!(" {:>9}", counts[c].as_u64().unwrap_or(0)));
             }
             if whole {
                 line.push_str(&format!(
-                    " {:>7} {:>6} {:>8.0} {:>8} {:>6.0}",
+                    " {:>7} {:>6} {:>6} {:>8.0} {:>8} {:>6.0}",
                     r["crashes"].as_array().map_or(0, Vec::len),
+                    r["caught_panics"].as_u64().unwrap_or(0),
                     r["slow"].as_array().map_or(0, Vec::len),
                     r["max_ms"].as_f64().unwrap_or(0.0),
                     r["max_peak_bytes"].as_u64().unwrap_or(0) >> 20,
@@ -1731,8 +1787,12 @@ fn abbreviate(code: &str) -> &str {
 
 // ---------------------------------------------------------------------------------------------
 
+/// The default `--max-alloc-mb`; also what `--replay` and `--minimise` run with.
+const MAX_ALLOC_MB: usize = 3072;
+
 fn replay(target: Target, files: &[String]) {
     quiet_panics();
+    MAX_SINGLE.store(MAX_ALLOC_MB << 20, Ordering::Relaxed);
     let scratch =
         std::env::temp_dir().join(format!("hyperlora-fuzz-replay-{}", std::process::id()));
     let harness = Harness::new(&scratch);
@@ -1751,10 +1811,39 @@ fn replay(target: Target, files: &[String]) {
     let _ = std::fs::remove_dir_all(&scratch);
 }
 
+/// Shrinks each file keeping its outcome (see [`minimise`]) and keeps it in the corpus: how an
+/// input that crashed before a fix becomes a small regression input after it.
+fn minimise_into_corpus(target: Target, files: &[String], corpus: &Path) {
+    quiet_panics();
+    MAX_SINGLE.store(MAX_ALLOC_MB << 20, Ordering::Relaxed);
+    let scratch =
+        std::env::temp_dir().join(format!("hyperlora-fuzz-minimise-{}", std::process::id()));
+    let harness = Harness::new(&scratch);
+    harness.warm(target);
+    let dir = corpus.join(target.name());
+    std::fs::create_dir_all(&dir).expect("corpus folder");
+    for f in files {
+        let input = std::fs::read(f).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let small = minimise(&harness, target, &input, Duration::from_secs(30));
+        let o = run_case(&harness, target, &small);
+        let path = dir.join(format!("{}.bin", short_hash(&small)));
+        std::fs::write(&path, &small).expect("corpus file");
+        println!(
+            "{f} ({} bytes) -> {} ({} bytes): {}",
+            input.len(),
+            path.display(),
+            small.len(),
+            o.signature()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: fuzz <target|all> [--seconds N] [--seed S] [--work DIR] [--case-timeout S] \
          [--max-alloc-mb M] [--corpus DIR]\n       fuzz --replay <target> FILE...\n\
+         \x20      fuzz --minimise <target> FILE...\n\
          targets: {}",
         Target::ALL.map(Target::name).join(", ")
     );
@@ -1764,9 +1853,16 @@ fn usage() -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let target_of = |name: &str| Target::parse(name).unwrap_or_else(|| usage());
-    if args.first().map(String::as_str) == Some("--replay") {
-        let Some(name) = args.get(1) else { usage() };
-        return replay(target_of(name), &args[2..]);
+    match args.first().map(String::as_str) {
+        Some("--replay") => {
+            let Some(name) = args.get(1) else { usage() };
+            return replay(target_of(name), &args[2..]);
+        }
+        Some("--minimise") => {
+            let Some(name) = args.get(1) else { usage() };
+            return minimise_into_corpus(target_of(name), &args[2..], &corpus_dir());
+        }
+        _ => {}
     }
     let mut o = Options {
         seconds: 60.0,
@@ -1774,7 +1870,7 @@ fn main() {
         work: std::env::temp_dir().join("hyperlora-fuzz"),
         corpus: corpus_dir(),
         case_timeout: 20.0,
-        max_alloc_mb: 3072,
+        max_alloc_mb: MAX_ALLOC_MB,
     };
     let mut worker_target = None;
     let mut targets = Vec::new();

@@ -103,6 +103,57 @@ fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> TractResult<T>) -> Re
     }
 }
 
+/// Checks the node attributes that size what tract builds: a `Transpose` whose `perm` is not a
+/// permutation sends tract's graph builder into unbounded growth, and kernel, stride, padding
+/// or axis values far outside any image model's make it allocate for shapes that cannot exist.
+fn check_attributes(graph: &pb::GraphProto) -> std::result::Result<(), String> {
+    for node in &graph.node {
+        for a in &node.attribute {
+            let fail = |why: &str| {
+                Err(format!(
+                    "node {:?} ({}): attribute {} = {:?} {why}",
+                    node.name, node.op_type, a.name, a.ints
+                ))
+            };
+            let within =
+                |lo: i64, hi: i64| a.ints.iter().chain([&a.i]).all(|v| (lo..=hi).contains(v));
+            match a.name.as_str() {
+                "perm" => {
+                    let mut seen = vec![false; a.ints.len()];
+                    for &p in &a.ints {
+                        match usize::try_from(p).ok().and_then(|p| seen.get_mut(p)) {
+                            Some(s) if !*s => *s = true,
+                            _ => return fail("is not a permutation"),
+                        }
+                    }
+                }
+                "kernel_shape" | "strides" | "dilations" | "pads" | "group"
+                    if !within(0, MAX_DECLARED_SIDE) =>
+                {
+                    return fail(&format!("is outside 0..={MAX_DECLARED_SIDE}"))
+                }
+                "axis" | "axes" if !within(-MAX_RANK, MAX_RANK) => {
+                    return fail(&format!("is outside -{MAX_RANK}..={MAX_RANK}"))
+                }
+                _ => {}
+            }
+        }
+        for a in &node.attribute {
+            for g in a.g.iter().chain(&a.graphs) {
+                check_attributes(g)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Largest tensor rank an attribute may refer to (image models use 4).
+const MAX_RANK: i64 = 16;
+
+/// Largest tensor an execution plan may hold between two nodes, in elements (1 GiB of f32):
+/// the largest in antelopev2 at 640 px holds 13 M.
+const MAX_PLANNED_ELEMENTS: usize = 1 << 28;
+
 /// Checks that every stored tensor of a graph (initializers, constants, subgraphs) holds as
 /// many values as its dims say. tract allocates a tensor from its dims before copying the data
 /// in, so dims that lie would make it allocate without bound (or panic on the copy).
@@ -192,7 +243,9 @@ impl OnnxModel {
             .graph
             .as_ref()
             .ok_or_else(|| bad("not an ONNX model", &"the file holds no graph"))?;
-        check_stored_tensors(graph).map_err(|e| bad("not a usable ONNX model", &e))?;
+        check_stored_tensors(graph)
+            .and_then(|()| check_attributes(graph))
+            .map_err(|e| bad("not a usable ONNX model", &e))?;
         let initializers: std::collections::HashSet<&str> =
             graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let inputs: Vec<ValueInfo> = graph
@@ -260,13 +313,31 @@ impl OnnxModel {
             return Ok(p.clone());
         }
         let what = format!("cannot prepare the graph for a 1x3x{h}x{w} input");
-        let plan = guarded(&self.path, &what, || {
+        let optimized = guarded(&self.path, &what, || {
             self.model
                 .clone()
                 .with_input_fact(0, f32::fact([1, 3, h, w]).into())?
-                .into_optimized()?
-                .into_runnable()
+                .into_optimized()
         })?;
+        // Every shape is known now: refuse before running what would not fit in memory.
+        for node in optimized.nodes() {
+            for outlet in &node.outputs {
+                let elements = outlet
+                    .fact
+                    .shape
+                    .as_concrete()
+                    .and_then(|s| s.iter().try_fold(1usize, |n, &d| n.checked_mul(d)));
+                if elements.is_none_or(|n| n > MAX_PLANNED_ELEMENTS) {
+                    return Err(Error::bad_weights(format!(
+                        "{}: {what}: node {:?} would produce a tensor of shape {:?}",
+                        self.path.display(),
+                        node.name,
+                        outlet.fact.shape
+                    )));
+                }
+            }
+        }
+        let plan = guarded(&self.path, &what, || optimized.into_runnable())?;
         let plan = Arc::new(plan);
         self.plans.lock().unwrap().insert((h, w), plan.clone());
         Ok(plan)
