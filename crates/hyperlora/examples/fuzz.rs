@@ -1296,15 +1296,15 @@ impl Outcome {
             "PANIC" => self.message.split(": ").next().unwrap_or("").to_string(),
             _ => self.message.clone(),
         };
-        let mut sig: String = text
+        let sig: String = text
             .split_whitespace()
             .filter(|w| !w.contains('/'))
             .collect::<Vec<_>>()
             .join(" ")
             .chars()
             .filter(|c| !c.is_ascii_digit())
+            .take(120)
             .collect();
-        sig.truncate(120);
         format!("{} {sig}", self.label)
     }
 }

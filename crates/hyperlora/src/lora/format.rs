@@ -348,6 +348,14 @@ impl KohyaLora {
                 Some(a) => scalar(&a).map_err(|e| e.context(format!("{name}.alpha")))?,
                 None => down.dims().first().copied().unwrap_or(0) as f32,
             };
+            // Merged into the model, one infinite or NaN value would blank every picture.
+            for (part, t) in [("lora_down", &down), ("lora_up", &up)] {
+                if !all_finite(t)? {
+                    return Err(Error::bad_weights(format!(
+                        "{name}.{part}.weight holds infinite or NaN values"
+                    )));
+                }
+            }
             lora.insert(name, LoraWeights { down, up, alpha })?;
         }
         if lora.is_empty() {
@@ -363,6 +371,15 @@ fn format_alpha(a: f32) -> String {
     } else {
         a.to_string()
     }
+}
+
+/// Whether every value of a (float) tensor is finite; integer tensors always are.
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    let values = t.flatten_all()?.to_dtype(DType::F32)?;
+    Ok(values.to_vec1::<f32>()?.iter().all(|v| v.is_finite()))
 }
 
 /// A one-element tensor (`[]` or `[1]`, any float dtype) as f32.

@@ -228,10 +228,13 @@ impl SgmBackend {
     fn load(&self, m: &SgmTensor, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let view = self.file.st.get(&m.key)?;
         let stored = DType::try_from(view.dtype())?;
+        // A stored shape the transform cannot apply to (an `in_proj` whose rows do not split
+        // in three, say) is a shape mismatch: BAD_WEIGHTS.
         let shape = m.transform.shape(view.shape()).ok_or_else(|| {
             candle_core::Error::Msg(format!(
-                "{}: stored shape {:?} does not allow {:?}",
+                "shape mismatch for '{}' in {}: stored shape {:?} does not allow {:?}",
                 m.key,
+                self.file.path.display(),
                 view.shape(),
                 m.transform
             ))
