@@ -134,3 +134,25 @@ impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
         self.map_err(|e| e.into().context(context))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_file_errors_keep_their_codes_through_wrappers() {
+        let bad = candle_core::Error::from(safetensors::SafeTensorError::InvalidOffset("w".into()))
+            .with_path("model.safetensors")
+            .context("unet weights");
+        let e = Error::from(bad);
+        assert_eq!(e.code, ErrorCode::BadWeights, "{e}");
+        assert!(e.message.contains("model.safetensors"), "{e}");
+        let missing = candle_core::Error::from(std::io::Error::from(std::io::ErrorKind::NotFound))
+            .with_path("shard.safetensors");
+        assert_eq!(Error::from(missing).code, ErrorCode::ModelNotFound);
+        let other = candle_core::Error::Msg("a bug".into());
+        assert_eq!(Error::from(other).code, ErrorCode::Internal);
+        let not_utf8 = std::io::Error::from(std::io::ErrorKind::InvalidData);
+        assert_eq!(Error::from(not_utf8).code, ErrorCode::BadWeights);
+    }
+}
