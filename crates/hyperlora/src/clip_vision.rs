@@ -91,7 +91,7 @@ impl ClipVisionConfig {
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::model_not_found(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| Error::from(e).context(format!("cannot read {}", path.display())))?;
         Self::from_json(&text).map_err(|e| e.context(path.display()))
     }
 
@@ -262,6 +262,8 @@ impl ClipVisionModel {
                     dir.display()
                 ))
             })?;
+        // Candle's own var builder trusts the header: check it first.
+        crate::weights::inspect::check_loadable(&weights)?;
         // SAFETY: model files are not modified while they are mapped (as for every
         // memory-mapped weights file in this crate).
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }

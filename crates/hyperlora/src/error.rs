@@ -83,6 +83,8 @@ impl From<candle_core::Error> for Error {
         let text = e.to_string();
         let code = if text.contains("out of memory") || text.contains("OUT_OF_MEMORY") {
             ErrorCode::OutOfMemory
+        } else if let Some(code) = source_code(&e) {
+            code
         } else if text.contains("cannot find tensor") || text.contains("shape mismatch") {
             ErrorCode::BadWeights
         } else {
@@ -92,10 +94,28 @@ impl From<candle_core::Error> for Error {
     }
 }
 
+/// The code of a candle error that comes from reading a file: a malformed safetensors file or a
+/// dtype candle cannot load is `BAD_WEIGHTS`, an I/O failure as [`From<std::io::Error>`] says.
+/// Looks through candle's context, path and backtrace wrappers.
+fn source_code(e: &candle_core::Error) -> Option<ErrorCode> {
+    use candle_core::Error as E;
+    match e {
+        E::SafeTensor(_) | E::UnsupportedSafeTensorDtype(_) => Some(ErrorCode::BadWeights),
+        E::Io(io) => Some(Error::from(std::io::Error::from(io.kind())).code),
+        E::WithBacktrace { inner, .. } | E::Context { inner, .. } | E::WithPath { inner, .. } => {
+            source_code(inner)
+        }
+        _ => None,
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         let code = match e.kind() {
             std::io::ErrorKind::NotFound => ErrorCode::ModelNotFound,
+            // Reading a model file as text found bytes that are not UTF-8: a bad file, not a
+            // failing disk.
+            std::io::ErrorKind::InvalidData => ErrorCode::BadWeights,
             _ => ErrorCode::Io,
         };
         Self::new(code, e.to_string())
@@ -112,5 +132,27 @@ pub trait ResultExt<T> {
 impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
     fn context(self, context: impl fmt::Display) -> Result<T> {
         self.map_err(|e| e.into().context(context))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_file_errors_keep_their_codes_through_wrappers() {
+        let bad = candle_core::Error::from(safetensors::SafeTensorError::InvalidOffset("w".into()))
+            .with_path("model.safetensors")
+            .context("unet weights");
+        let e = Error::from(bad);
+        assert_eq!(e.code, ErrorCode::BadWeights, "{e}");
+        assert!(e.message.contains("model.safetensors"), "{e}");
+        let missing = candle_core::Error::from(std::io::Error::from(std::io::ErrorKind::NotFound))
+            .with_path("shard.safetensors");
+        assert_eq!(Error::from(missing).code, ErrorCode::ModelNotFound);
+        let other = candle_core::Error::Msg("a bug".into());
+        assert_eq!(Error::from(other).code, ErrorCode::Internal);
+        let not_utf8 = std::io::Error::from(std::io::ErrorKind::InvalidData);
+        assert_eq!(Error::from(not_utf8).code, ErrorCode::BadWeights);
     }
 }

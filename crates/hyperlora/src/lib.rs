@@ -6,6 +6,9 @@ pub mod clip_vision;
 pub mod device;
 pub mod error;
 pub mod face;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod hypernet;
 pub mod identity;
 pub mod lora;

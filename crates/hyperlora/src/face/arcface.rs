@@ -64,9 +64,11 @@ impl ArcFaceModel {
         }
         let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
         if !(n > 0.0 && n.is_finite()) {
-            return Err(Error::internal(
-                "ArcFace produced a zero or non-finite embedding",
-            ));
+            // Pixels are bounded, so only broken weights make this.
+            return Err(Error::bad_weights(format!(
+                "{}: ArcFace produced a zero or non-finite embedding",
+                self.model.path().display()
+            )));
         }
         e.iter_mut().for_each(|v| *v /= n);
         Ok(e)

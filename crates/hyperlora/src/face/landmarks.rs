@@ -106,7 +106,14 @@ impl LandmarkModel {
             .model
             .run(&blob(&crop, self.mean, self.std), self.size, self.size)?;
         let pred = &outs[0].1;
-        let pred = &pred[pred.len() - self.points * 2..];
+        let Some(start) = pred.len().checked_sub(self.points * 2) else {
+            return Err(self.model.signature_error(format!(
+                "the landmark output has {} values, expected {}",
+                pred.len(),
+                self.points * 2
+            )));
+        };
+        let pred = &pred[start..];
         let im = invert_affine(&m);
         let k = (self.size / 2) as f32;
         Ok((0..self.points)

@@ -453,14 +453,14 @@ fn infer_resampler(
     check("dim", rc.dim, dim, "tensor latents")?;
     check("depth", rc.depth, depth, "the layers.* tensors")?;
     if let Some(m) = rc.ff_mult {
-        if m * dim != ff_inner {
+        if m.checked_mul(dim) != Some(ff_inner) {
             return Err(f.err(format!(
                 "{CONFIG_FILE} says resampler.ff_mult = {m}, but tensor layers.0.ff.net.0.proj.weight has {ff_inner} rows for dim {dim}"
             )));
         }
     }
     let (heads, dim_head) = match (rc.heads, rc.dim_head) {
-        (Some(h), Some(d)) if h * d == inner => (h, d),
+        (Some(h), Some(d)) if h.checked_mul(d) == Some(inner) => (h, d),
         (Some(h), Some(d)) => {
             return Err(f.err(format!(
                 "{CONFIG_FILE} says resampler.heads × dim_head = {h} × {d}, but tensor layers.0.attn1.to_q.weight has {inner} rows"

@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
+use crate::weights::inspect::check_tensors;
 use crate::{Error, ErrorCode, Result};
 
 /// Metadata key listing the module names in their original order (a JSON array), so that a
@@ -347,6 +348,14 @@ impl KohyaLora {
                 Some(a) => scalar(&a).map_err(|e| e.context(format!("{name}.alpha")))?,
                 None => down.dims().first().copied().unwrap_or(0) as f32,
             };
+            // Merged into the model, one infinite or NaN value would blank every picture.
+            for (part, t) in [("lora_down", &down), ("lora_up", &up)] {
+                if !all_finite(t)? {
+                    return Err(Error::bad_weights(format!(
+                        "{name}.{part}.weight holds infinite or NaN values"
+                    )));
+                }
+            }
             lora.insert(name, LoraWeights { down, up, alpha })?;
         }
         if lora.is_empty() {
@@ -362,6 +371,15 @@ fn format_alpha(a: f32) -> String {
     } else {
         a.to_string()
     }
+}
+
+/// Whether every value of a (float) tensor is finite; integer tensors always are.
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    let values = t.flatten_all()?.to_dtype(DType::F32)?;
+    Ok(values.to_vec1::<f32>()?.iter().all(|v| v.is_finite()))
 }
 
 /// A one-element tensor (`[]` or `[1]`, any float dtype) as f32.
@@ -452,6 +470,7 @@ pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<Safetenso
         .into_iter()
         .collect();
     let mut views = st.tensors();
+    check_tensors(&name, views.iter().map(|(k, v)| (k.clone(), v.clone())))?;
     views.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
     let mut out = Vec::with_capacity(views.len());
     for (key, view) in views {

@@ -29,7 +29,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::format::{read_safetensors, scalar, KohyaLora};
+use super::format::{all_finite, read_safetensors, scalar, KohyaLora};
 use crate::{Error, Result};
 
 /// Which model a LoRA layer targets.
@@ -302,6 +302,19 @@ pub fn parse_lora(
             Some((key, t)) => Some(scalar(&t).map_err(|e| e.context(&key))?),
             None => peft_alphas.alpha(component, &module, d[0]),
         };
+        // Merged into the model, one infinite or NaN value would blank every picture.
+        if let Some(a) = alpha.filter(|a| !a.is_finite()) {
+            return Err(Error::bad_weights(format!(
+                "{prefix}: alpha {a} is not finite"
+            )));
+        }
+        for (key, t) in [(&down_key, &down), (&up_key, &up)] {
+            if !all_finite(t)? {
+                return Err(Error::bad_weights(format!(
+                    "{key} holds infinite or NaN values"
+                )));
+            }
+        }
         resolved.push((
             LoraLayer {
                 component,

@@ -31,6 +31,10 @@ use crate::error::{Error, Result};
 pub const CHUNK_TOKENS: usize = CONTEXT_LENGTH - 2;
 /// A1111's default `comma_padding_backtrack`.
 pub const COMMA_PADDING_BACKTRACK: usize = 20;
+/// Brackets open at once, at most. A1111 has no limit, but applying a group's multiplier costs
+/// one multiplication per piece inside it (100k nested `(` take seconds), and `1.1^256` is
+/// already a weight of 4·10^10: deeper nesting is refused.
+pub const MAX_BRACKET_DEPTH: usize = 256;
 const ROUND_BRACKET_MULTIPLIER: f64 = 1.1;
 const SQUARE_BRACKET_MULTIPLIER: f64 = 1.0 / 1.1;
 
@@ -218,8 +222,10 @@ fn decimal_digit_value(c: char) -> Option<u32> {
 }
 
 /// A1111's `parse_prompt_attention`: the prompt as runs of text with their weights (neighbours
-/// of equal weight merged; `[("", 1.0)]` for an empty prompt). Fails only where A1111 fails: a
-/// weight such as `(a:1.2.3)` that Python's `float()` rejects.
+/// of equal weight merged; `[("", 1.0)]` for an empty prompt). Fails where A1111 fails: a
+/// weight such as `(a:1.2.3)` that Python's `float()` rejects; and where A1111 would go on with
+/// nonsense: more than [`MAX_BRACKET_DEPTH`] brackets open at once, or a weight that is not a
+/// finite f32 (`(a:1e39)`, `(a:1e309)`: the text encoder's states would become infinite).
 pub fn parse_prompt_attention(text: &str) -> Result<Vec<WeightedText>> {
     let mut res: Vec<WeightedText> = Vec::new();
     let mut round_brackets: Vec<usize> = Vec::new();
@@ -236,10 +242,18 @@ pub fn parse_prompt_attention(text: &str) -> Result<Vec<WeightedText>> {
         let weight = caps.get(1).map(|m| m.as_str());
         if let Some(escaped) = piece.strip_prefix('\\') {
             res.push(WeightedText::new(escaped, 1.0));
-        } else if piece == "(" {
-            round_brackets.push(res.len());
-        } else if piece == "[" {
-            square_brackets.push(res.len());
+        } else if piece == "(" || piece == "[" {
+            let stack = if piece == "(" {
+                &mut round_brackets
+            } else {
+                &mut square_brackets
+            };
+            if stack.len() == MAX_BRACKET_DEPTH {
+                return Err(Error::invalid_argument(format!(
+                    "the prompt opens more than {MAX_BRACKET_DEPTH} {piece} brackets at once"
+                )));
+            }
+            stack.push(res.len());
         } else if let (Some(weight), false) = (weight, round_brackets.is_empty()) {
             let value = py_float(weight).ok_or_else(|| {
                 Error::invalid_argument(format!(
@@ -275,16 +289,23 @@ pub fn parse_prompt_attention(text: &str) -> Result<Vec<WeightedText>> {
         res.push(WeightedText::new("", 1.0));
     }
 
-    let mut i = 0;
-    while i + 1 < res.len() {
-        if res[i].weight == res[i + 1].weight {
-            let next = res.remove(i + 1);
-            res[i].text.push_str(&next.text);
-        } else {
-            i += 1;
+    // Neighbours of equal weight merge (in one pass: removing from the vector one by one is
+    // quadratic, seconds for a long prompt of many unmatched brackets).
+    let mut merged: Vec<WeightedText> = Vec::with_capacity(res.len());
+    for piece in res {
+        match merged.last_mut() {
+            Some(last) if last.weight == piece.weight => last.text.push_str(&piece.text),
+            _ => merged.push(piece),
         }
     }
-    Ok(res)
+    if let Some(p) = merged.iter().find(|p| !(p.weight as f32).is_finite()) {
+        let text: String = p.text.chars().take(40).collect();
+        return Err(Error::invalid_argument(format!(
+            "prompt weight {} of {text:?} is out of range",
+            p.weight
+        )));
+    }
+    Ok(merged)
 }
 
 /// A prompt's chunks for one tokenizer, with A1111's defaults (emphasis on, comma backtrack 20).
@@ -646,6 +667,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn out_of_range_weights_and_deep_nesting_are_refused() {
+        // Weights are plain digits (`1e309` is text to A1111's regex): 10^309, 10^39 (finite
+        // in f64, not in f32), 10^200 twice, and 0 × ∞.
+        let power = |n: usize| format!("1{}", "0".repeat(n));
+        for prompt in [
+            format!("(a:{})", power(309)),
+            format!("(a:{})", power(39)),
+            format!("((a:{}):{})", power(200), power(200)),
+            format!("(b (a:0):{})", power(309)),
+        ] {
+            let err = parse_prompt_attention(&prompt).unwrap_err();
+            assert_eq!(err.code, crate::ErrorCode::InvalidArgument, "{prompt}");
+            assert!(err.message.contains("out of range"), "{err}");
+        }
+        // A weight that stays finite is A1111's, however odd.
+        assert_eq!(
+            parse_prompt_attention(&format!("(a:{})", power(30))).unwrap(),
+            vec![WeightedText::new("a", 1e30)]
+        );
+        assert_eq!(
+            parse_prompt_attention("(a:1e309)").unwrap(),
+            vec![WeightedText::new("a:1e309", 1.1)]
+        );
+        let deep = |n: usize| format!("{}a", "(".repeat(n));
+        assert_eq!(
+            parse_prompt_attention(&deep(MAX_BRACKET_DEPTH)).unwrap(),
+            vec![WeightedText::new(
+                "a",
+                (0..MAX_BRACKET_DEPTH).fold(1.0, |w, _| w * ROUND_BRACKET_MULTIPLIER)
+            )]
+        );
+        let err = parse_prompt_attention(&deep(MAX_BRACKET_DEPTH + 1)).unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::InvalidArgument);
+        // Closed groups do not count: only brackets open at once.
+        let flat = "(a) ".repeat(10 * MAX_BRACKET_DEPTH);
+        assert!(parse_prompt_attention(&flat).is_ok());
+    }
+
+    #[test]
+    fn long_prompts_of_many_pieces_parse_in_linear_time() {
+        // 40k unmatched closers and weights: 120k pieces of weight 1 to merge.
+        let prompt = "x:1e309)".repeat(40_000);
+        let start = std::time::Instant::now();
+        let parsed = parse_prompt_attention(&prompt).unwrap();
+        assert_eq!(parsed, vec![WeightedText::new(&prompt, 1.0)]);
+        assert!(start.elapsed().as_secs_f64() < 2.0, "{:?}", start.elapsed());
     }
 
     #[test]

@@ -182,6 +182,7 @@ impl SchedulerConfig {
     /// Parses the text of a diffusers `scheduler_config.json`; unknown keys are ignored, missing
     /// ones take diffusers' defaults.
     pub fn from_json_str(text: &str) -> Result<Self> {
+        const MAX_TRAIN_TIMESTEPS: usize = 100_000;
         // Python's json writes -inf (DPM-Solver's lambda_min_clipped) as a bare -Infinity.
         let cleaned = text
             .replace("-Infinity", "null")
@@ -224,7 +225,8 @@ impl SchedulerConfig {
 
         let mut c = Self::default();
         if let Some(n) = num("num_train_timesteps")? {
-            if n < 2.0 || n.fract() != 0.0 {
+            // The tables are this long (diffusers' models train with 1000).
+            if !(2.0..=MAX_TRAIN_TIMESTEPS as f64).contains(&n) || n.fract() != 0.0 {
                 return Err(Error::invalid_argument(format!(
                     "scheduler config: num_train_timesteps {n}"
                 )));
@@ -273,7 +275,7 @@ impl SchedulerConfig {
             });
         }
         if let Some(n) = num("steps_offset")? {
-            if n < 0.0 || n.fract() != 0.0 {
+            if n < 0.0 || n >= c.num_train_timesteps as f64 || n.fract() != 0.0 {
                 return Err(Error::invalid_argument(format!(
                     "scheduler config: steps_offset {n}"
                 )));

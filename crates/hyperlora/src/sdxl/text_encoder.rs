@@ -148,13 +148,25 @@ impl ClipConfigJson {
     pub(crate) fn layer_norm_eps(&self) -> Result<f64> {
         match self.fields().get("layer_norm_eps") {
             None | Some(serde_json::Value::Null) => Ok(1e-5),
-            Some(x) => x.as_f64().ok_or_else(|| {
-                Error::invalid_argument(format!(
-                    "{}: layer_norm_eps must be a number, got {x}",
-                    self.what
-                ))
-            }),
+            // LayerNorm divides by sqrt(variance + eps): a zero or negative eps gives NaN.
+            Some(x) => x
+                .as_f64()
+                .filter(|e| *e > 0.0 && e.is_finite())
+                .ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "{}: layer_norm_eps must be a positive number, got {x}",
+                        self.what
+                    ))
+                }),
         }
+    }
+
+    /// A token id (a 32-bit non-negative integer).
+    pub(crate) fn token_id(&self, key: &str, default: u32) -> Result<u32> {
+        let id = self.int(key, default as usize)?;
+        u32::try_from(id).map_err(|_| {
+            Error::invalid_argument(format!("{}: {key} {id} is not a token id", self.what))
+        })
     }
 }
 
@@ -213,9 +225,9 @@ impl ClipTextConfig {
             hidden_act,
             layer_norm_eps,
             projection_dim: int("projection_dim", 512)?,
-            bos_token_id: int("bos_token_id", 49406)? as u32,
-            eos_token_id: int("eos_token_id", 49407)? as u32,
-            pad_token_id: int("pad_token_id", 1)? as u32,
+            bos_token_id: json.token_id("bos_token_id", 49406)?,
+            eos_token_id: json.token_id("eos_token_id", 49407)?,
+            pad_token_id: json.token_id("pad_token_id", 1)?,
         };
         if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
         {
@@ -236,7 +248,7 @@ impl ClipTextConfig {
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::model_not_found(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| Error::from(e).context(format!("cannot read {}", path.display())))?;
         Self::from_json(&text).map_err(|e| e.context(path.display()))
     }
 

@@ -132,6 +132,27 @@ impl Config {
                 "vae config: unsupported up block {t}"
             )));
         }
+        // Every GroupNorm splits a block's channels into norm_num_groups groups.
+        let g = self.norm_num_groups;
+        if g == 0
+            || self
+                .block_out_channels
+                .iter()
+                .any(|&c| c == 0 || c % g != 0)
+        {
+            return Err(Error::bad_weights(format!(
+                "vae config: norm_num_groups {g} does not divide block_out_channels {:?}",
+                self.block_out_channels
+            )));
+        }
+        // Latents are divided by the scaling factor before decoding.
+        let shift = self.shift_factor.unwrap_or(0.0);
+        if !(self.scaling_factor.is_normal() && shift.is_finite()) {
+            return Err(Error::bad_weights(format!(
+                "vae config: scaling_factor {} / shift_factor {shift} is unusable",
+                self.scaling_factor
+            )));
+        }
         Ok(())
     }
 

@@ -18,6 +18,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::error::ResultExt;
+use crate::weights::inspect::check_tensors;
 use crate::{Error, Result};
 
 /// The weighted components of an SDXL pipeline.
@@ -302,13 +303,11 @@ impl ComponentFiles {
     fn mmap(&self) -> Result<MmapedSafetensors> {
         // SAFETY: the files are mapped read-only; like every safetensors reader we rely on
         // them not being truncated or rewritten while the model is loaded.
-        unsafe { MmapedSafetensors::multi(&self.weights) }.map_err(|e| {
-            Error::from(e).context(format!(
-                "{} weights in {}",
-                self.component,
-                self.dir.display()
-            ))
-        })
+        let context = || format!("{} weights in {}", self.component, self.dir.display());
+        let st = unsafe { MmapedSafetensors::multi(&self.weights) }
+            .map_err(|e| Error::from(e).context(context()))?;
+        check_tensors(&context(), st.tensors())?;
+        Ok(st)
     }
 
     /// A builder serving this component's tensors by their diffusers/transformers names,

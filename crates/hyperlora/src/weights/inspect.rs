@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::Path;
 
 use memmap2::Mmap;
-use safetensors::SafeTensors;
+use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -47,6 +47,60 @@ pub struct InspectOptions {
 /// Bytes hashed between progress reports and cancellation checks.
 const HASH_CHUNK: usize = 16 << 20;
 
+/// Largest element count a shape may describe, zero dimensions left out. A zero-size tensor
+/// passes safetensors' size check whatever its other dimensions are, and candle's stride
+/// arithmetic overflows on such a shape (a panic); no real weight comes near (SDXL's largest
+/// holds 2^25 elements).
+const MAX_ELEMENTS: u128 = 1 << 48;
+
+/// Checks one tensor of a safetensors header before its data is read: a shape candle can
+/// index and a dtype it can convert to a float type. Everything else the header says (offsets
+/// inside the file, byte size matching shape × dtype) the safetensors parser has checked.
+pub(crate) fn check_tensor(name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
+    let count = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1u128, |n, &d| n.checked_mul(d as u128));
+    if count.is_none_or(|n| n > MAX_ELEMENTS) {
+        return Err(Error::bad_weights(format!(
+            "tensor {name}: shape {shape:?} is too large"
+        )));
+    }
+    // Candle holds the micro-scaling formats as opaque bytes that nothing converts.
+    if matches!(
+        dtype,
+        Dtype::F4 | Dtype::F6_E2M3 | Dtype::F6_E3M2 | Dtype::F8_E8M0
+    ) {
+        return Err(Error::bad_weights(format!(
+            "tensor {name}: dtype {dtype:?} is not supported"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks every tensor of a parsed file (see [`check_tensor`]), naming the file.
+pub(crate) fn check_tensors<'a>(
+    file: &dyn std::fmt::Display,
+    tensors: impl IntoIterator<Item = (String, safetensors::tensor::TensorView<'a>)>,
+) -> Result<()> {
+    for (name, view) in tensors {
+        check_tensor(&name, view.dtype(), view.shape()).map_err(|e| e.context(file))?;
+    }
+    Ok(())
+}
+
+/// Checks that `path` is a safetensors file whose every tensor candle can load, for callers
+/// that hand the file to candle's own var builder.
+pub(crate) fn check_loadable(path: &Path) -> Result<()> {
+    inspect_safetensors(
+        path,
+        InspectOptions::default(),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .map(drop)
+}
+
 pub fn inspect_safetensors(
     path: &Path,
     options: InspectOptions,
@@ -79,6 +133,9 @@ pub fn inspect_safetensors(
     }
     let (_, st_meta) = SafeTensors::read_metadata(&mmap[..])
         .map_err(|e| Error::bad_weights(format!("{name}: not a valid safetensors file: {e}")))?;
+    for (tensor_name, info) in st_meta.tensors() {
+        check_tensor(&tensor_name, info.dtype, &info.shape).map_err(|e| e.context(&name))?;
+    }
     let data_start = 8 + header_size as usize;
     let mut tensors: Vec<TensorInfo> = st_meta
         .tensors()

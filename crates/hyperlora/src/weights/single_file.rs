@@ -20,6 +20,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::weights::diffusers::{Component, DiffusersModel};
+use crate::weights::inspect::check_tensors;
 use crate::weights::sgm_names::{NameTable, SgmTensor, Transform, UnetLayout, VaeLayout};
 use crate::{Error, Result};
 
@@ -67,6 +68,7 @@ impl SingleFileCheckpoint {
         let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
             Error::bad_weights(format!("{shown}: not a readable safetensors file: {e}"))
         })?;
+        check_tensors(&shown, st.tensors())?;
         let keys: HashSet<String> = st.tensors().into_iter().map(|(k, _)| k).collect();
         let has = |prefix: &str| keys.iter().any(|k| k.starts_with(prefix));
         let not_sdxl = |why: &str| {
@@ -226,10 +228,13 @@ impl SgmBackend {
     fn load(&self, m: &SgmTensor, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let view = self.file.st.get(&m.key)?;
         let stored = DType::try_from(view.dtype())?;
+        // A stored shape the transform cannot apply to (an `in_proj` whose rows do not split
+        // in three, say) is a shape mismatch: BAD_WEIGHTS.
         let shape = m.transform.shape(view.shape()).ok_or_else(|| {
             candle_core::Error::Msg(format!(
-                "{}: stored shape {:?} does not allow {:?}",
+                "shape mismatch for '{}' in {}: stored shape {:?} does not allow {:?}",
                 m.key,
+                self.file.path.display(),
                 view.shape(),
                 m.transform
             ))
