@@ -252,6 +252,21 @@ impl Config {
         ] {
             per_block(v, n, name)?;
         }
+        // Heads divide each block's channels, and GroupNorm's groups divide every width it sees.
+        let heads = per_block(&self.attention_head_dim, n, "attention_head_dim")?;
+        for (i, (&channels, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
+            if h == 0 || !channels.is_multiple_of(h) {
+                return Err(Error::bad_weights(format!(
+                    "unet config: block {i} has {channels} channels, which {h} attention heads do not divide"
+                )));
+            }
+            if self.norm_num_groups == 0 || !channels.is_multiple_of(self.norm_num_groups) {
+                return Err(Error::bad_weights(format!(
+                    "unet config: norm_num_groups {} does not divide block {i}'s {channels} channels",
+                    self.norm_num_groups
+                )));
+            }
+        }
         for t in &self.down_block_types {
             if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
                 return Err(Error::bad_weights(format!(
