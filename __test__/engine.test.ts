@@ -4,8 +4,8 @@ import * as path from 'node:path'
 import sharp from 'sharp'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 
-import { HyperLoRA, HyperLoraError, Identity, loadFaceAnalyzer, TINY_MODELS, type EngineProgress } from '../src/index.js'
-import { tempDir } from './helpers.js'
+import { HyperLoRA, Identity, loadFaceAnalyzer, TINY_MODELS, type EngineProgress } from '../src/index.js'
+import { tempDir, rejection } from './helpers.js'
 
 const PHOTO = path.join(__dirname, '..', 'models', 'tiny', 'photos', 'astronaut.png')
 const base = { prompt: 'a portrait photo', width: 64, height: 64, steps: 3, seed: 7 }
@@ -22,15 +22,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await engine.dispose()
 })
-
-async function rejection(promise: Promise<unknown>): Promise<HyperLoraError> {
-  const error = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  )
-  expect(error).toBeInstanceOf(HyperLoraError)
-  return error as HyperLoraError
-}
 
 /** The decoded pixels of an encoded image. */
 async function pixels(data: Buffer): Promise<Buffer> {

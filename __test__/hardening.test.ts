@@ -8,7 +8,7 @@ import { HyperLoRA, HyperLoraError, TINY_MODELS, TINY_SDXL, type Identity } from
 import { CLIP_MERGES } from '../src/pipeline.js'
 import { fromNativeError } from '../src/errors.js'
 import { native } from '../src/native.js'
-import { tempDir } from './helpers.js'
+import { rejection, tempDir } from './helpers.js'
 
 const PHOTO = path.join(__dirname, '..', 'models', 'tiny', 'photos', 'astronaut.png')
 const base = { prompt: 'a portrait photo', width: 64, height: 64, steps: 2, seed: 5 }
@@ -26,12 +26,7 @@ afterAll(async () => {
 })
 
 async function code(promise: Promise<unknown>): Promise<string> {
-  const error = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  )
-  expect(error).toBeInstanceOf(HyperLoraError)
-  return (error as HyperLoraError).code
+  return (await rejection(promise)).code
 }
 
 /** A small deterministic PRNG, so the "random" abort points are the same on every run. */

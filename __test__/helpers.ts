@@ -2,6 +2,10 @@ import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 
+import { expect } from 'vitest'
+
+import { HyperLoraError } from '../src/index.js'
+
 export function tempDir(prefix: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `hyperlora-${prefix}-`))
 }
@@ -30,4 +34,16 @@ export function smallSafetensors(file: string): Buffer {
   const bytes = Buffer.concat([length, header, Buffer.alloc(20, 1)])
   fs.writeFileSync(file, bytes)
   return bytes
+}
+
+/** The error a promise rejects with, which must be a `HyperLoraError`. */
+export async function rejection(promise: Promise<unknown>): Promise<HyperLoraError> {
+  const error = await promise.then(
+    () => {
+      throw new Error('expected a rejection')
+    },
+    (e: unknown) => e,
+  )
+  expect(error).toBeInstanceOf(HyperLoraError)
+  return error as HyperLoraError
 }

@@ -5,9 +5,9 @@ import * as path from 'node:path'
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 
-import { HyperLoraError, listModels, pullModels, resolveModel, type Manifest, type ModelEvent } from '../src/index.js'
+import { listModels, pullModels, resolveModel, type Manifest, type ModelEvent } from '../src/index.js'
 import { gitSha1, sha256, startHub, type HubRepo, type HubServer } from './hub-server.js'
-import { tempDir } from './helpers.js'
+import { tempDir, rejection } from './helpers.js'
 
 const cli = path.resolve(__dirname, '..', 'bin', 'hyperlora.js')
 
@@ -162,17 +162,6 @@ async function requestsDuring<T>(run: () => Promise<T>): Promise<{ result: T; re
   const before = hub.requests.length
   const result = await run()
   return { result, requests: hub.requests.slice(before) }
-}
-
-async function rejection(promise: Promise<unknown>): Promise<HyperLoraError> {
-  const error = await promise.then(
-    () => {
-      throw new Error('expected a rejection')
-    },
-    (e: unknown) => e,
-  )
-  expect(error).toBeInstanceOf(HyperLoraError)
-  return error as HyperLoraError
 }
 
 describe('model manager', () => {

@@ -3,7 +3,8 @@ import * as path from 'node:path'
 import sharp from 'sharp'
 import { beforeAll, describe, expect, it } from 'vitest'
 
-import { HyperLoraError, loadPipeline, TINY_SDXL, type Pipeline, type ProgressEvent } from '../src/index.js'
+import { loadPipeline, TINY_SDXL, type Pipeline, type ProgressEvent } from '../src/index.js'
+import { rejection } from './helpers.js'
 
 let pipeline: Pipeline
 
@@ -12,15 +13,6 @@ beforeAll(async () => {
 })
 
 const base = { prompt: 'a photo of an astronaut riding a horse', width: 64, height: 64, steps: 4, seed: 42 }
-
-async function rejection(promise: Promise<unknown>): Promise<HyperLoraError> {
-  const error = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  )
-  expect(error).toBeInstanceOf(HyperLoraError)
-  return error as HyperLoraError
-}
 
 describe('SDXL pipeline from TypeScript', () => {
   it('generates a valid PNG and reports every stage and step', async () => {

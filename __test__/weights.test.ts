@@ -4,20 +4,11 @@ import * as path from 'node:path'
 
 import { describe, expect, it } from 'vitest'
 
-import { HyperLoraError, inspectWeights } from '../src/index.js'
+import { inspectWeights } from '../src/index.js'
 import { native } from '../src/native.js'
-import { smallSafetensors, tempDir } from './helpers.js'
+import { smallSafetensors, tempDir, rejection } from './helpers.js'
 
 const dir = tempDir('weights')
-
-async function rejection(promise: Promise<unknown>): Promise<HyperLoraError> {
-  const error = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  )
-  expect(error).toBeInstanceOf(HyperLoraError)
-  return error as HyperLoraError
-}
 
 describe('inspectWeights', () => {
   it('lists tensors in file order with dtype, shape, metadata and hash', async () => {
