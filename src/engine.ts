@@ -25,6 +25,7 @@ export interface EngineProgress {
   elapsedMs: number
 }
 
+/** What every engine call takes: an `AbortSignal` and a progress callback. */
 export interface EngineCallOptions {
   signal?: AbortSignal
   onProgress?: (event: EngineProgress) => void
@@ -66,6 +67,7 @@ export const TINY_MODELS: ModelPaths = {
   faceModels: TINY_ANTELOPEV2,
 }
 
+/** Options of {@link HyperLoRA.createIdentity}. */
 export interface CreateIdentityOptions extends EngineCallOptions {
   /** Grey out everything around the face before CLIP sees it (default true, as HyperLoRA does). */
   removeBackground?: boolean
@@ -77,6 +79,7 @@ export interface CreateIdentityOptions extends EngineCallOptions {
   onWarning?: (warning: string) => void
 }
 
+/** Options of {@link HyperLoRA.generate}: those of `Pipeline.generate`, with engine progress and the face refine pass. */
 export interface EngineGenerateOptions extends Omit<GenerateOptions, 'onProgress' | 'signal'>, EngineCallOptions {
   /** Re-draw each face at high resolution with the identity after the picture is made (HyperLoRA
    * keeps likeness best on large faces; this helps half-body and group shots). `true` uses the
@@ -290,12 +293,14 @@ export class HyperLoRA {
   }
 }
 
+/** Options of {@link HyperLoRA.generateMany} as a whole (each request has its own). */
 export interface GenerateManyOptions extends EngineCallOptions {
   /** Most images in one UNet batch (the sum of the requests' `batchSize`); default 4. Larger
    * batches use the GPU better and need more memory. */
   maxBatchSize?: number
 }
 
+/** One request's pictures from {@link HyperLoRA.generateMany}. */
 export interface GenerateManyResult {
   /** Position of the request in the list given to `generateMany`. */
   index: number

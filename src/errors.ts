@@ -10,6 +10,7 @@ export const ERROR_CODES = [
   'INTERNAL',
 ] as const
 
+/** One of {@link ERROR_CODES}. */
 export type ErrorCode = (typeof ERROR_CODES)[number]
 
 /**

@@ -11,6 +11,7 @@ export const TINY_ANTELOPEV2 = path.join(path.resolve(__dirname, '..'), 'models'
 /** A face in image pixels: box, detector score, 5 keypoints and the 106 landmarks. */
 export type DetectedFace = Binding.DetectedFace
 
+/** Options of {@link FaceAnalyzer.analyzeFaces}. */
 export interface AnalyzeFacesOptions extends CallOptions {
   /** Grey out everything outside the face outline before CLIP sees it (default true). */
   removeBackground?: boolean
@@ -25,6 +26,7 @@ export interface AnalyzeFacesOptions extends CallOptions {
   onWarning?: (warning: { index: number; name?: string; message: string }) => void
 }
 
+/** One photo's result: the face used and what the identity encoder takes from it. */
 export interface AnalyzedFace {
   /** Position of the photo in the request. */
   index: number
@@ -37,6 +39,7 @@ export interface AnalyzedFace {
   detSize: number
 }
 
+/** The result of {@link FaceAnalyzer.analyzeFaces}: faces found, photos skipped. */
 export interface FaceAnalysis {
   faces: AnalyzedFace[]
   /** Photos without a usable face (reported only when some other photo had one). */

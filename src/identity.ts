@@ -9,8 +9,9 @@ import type { DeviceName, Precision } from './pipeline.js'
 
 const packageRoot = path.resolve(__dirname, '..')
 
-/** The small random-weight HyperLoRA folder and CLIP vision tower bundled for the demo and tests. */
+/** The small random-weight HyperLoRA folder bundled for the demo and tests. */
 export const TINY_HYPERLORA = path.join(packageRoot, 'models', 'tiny', 'hyperlora')
+/** The bundled random-weight CLIP vision tower (transformers layout). */
 export const TINY_CLIP_VISION = path.join(packageRoot, 'models', 'tiny', 'clip-vision')
 
 /** What one photo of the person contributes (face analysis produces these from a photo). */
@@ -82,6 +83,7 @@ export async function loadIdentity(file: string): Promise<Identity> {
   return new Identity(await callNative({}, () => native().loadIdentity(path.resolve(file))))
 }
 
+/** Where {@link loadIdentityEncoder} runs the models. */
 export interface LoadIdentityEncoderOptions {
   device?: DeviceName
   dtype?: Precision

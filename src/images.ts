@@ -8,8 +8,10 @@ import { withJpegComment, withPngText, withWebpComment } from './metadata.js'
  * …), or already-decoded RGB8 pixels. */
 export type ImageInput = string | Buffer | Uint8Array | Rgb8
 
+/** Encodings of generated pictures. */
 export type ImageFormat = 'png' | 'jpeg' | 'webp'
 
+/** Decoded pixels: packed 8-bit RGB, rows top to bottom. */
 export interface Rgb8 {
   width: number
   height: number

@@ -3,6 +3,7 @@ import * as path from 'node:path'
 
 import { native } from './native.js'
 
+/** A compute backend a native binary can contain. */
 export type Backend = 'cpu' | 'cuda' | 'metal'
 
 /** What this installation can do and where it looks for models. */
@@ -19,10 +20,12 @@ export interface RuntimeInfo {
   huggingFaceCache: string
 }
 
+/** `HYPERLORA_HOME`, default `~/.cache/hyperlora`. */
 export function modelDir(env: NodeJS.ProcessEnv = process.env): string {
   return env['HYPERLORA_HOME'] ?? path.join(os.homedir(), '.cache', 'hyperlora')
 }
 
+/** The Hugging Face hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`. */
 export function huggingFaceCache(env: NodeJS.ProcessEnv = process.env): string {
   if (env['HF_HUB_CACHE']) return env['HF_HUB_CACHE']
   if (env['HF_HOME']) return path.join(env['HF_HOME'], 'hub')

@@ -10,6 +10,7 @@ import type * as Binding from '../index.js'
 import { HyperLoraError, fromNativeError } from './errors.js'
 
 export type NativeBinding = typeof Binding
+/** A native progress report: `stage`, `step` of `total`. */
 export type ProgressEvent = Binding.ProgressEvent
 
 const packageRoot = path.resolve(__dirname, '..')
@@ -38,6 +39,7 @@ export function native(): NativeBinding {
   return binding
 }
 
+/** Cancellation and progress for one native call. */
 export interface CallOptions {
   /** Stops the call at its next step; the promise then rejects with an `AbortError`. */
   signal?: AbortSignal | undefined

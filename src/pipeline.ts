@@ -8,9 +8,13 @@ import { decodeRgb8, encodeWithParameters, type ImageFormat, type ImageInput } f
 import { a1111Parameters } from './metadata.js'
 import { callNative, native, type CallOptions } from './native.js'
 
+/** Samplers, as diffusers' schedulers of the same names (A1111: Euler, Euler a, DPM++ 2M, DPM++ 2M SDE, DDIM). */
 export type Sampler = 'euler' | 'euler_ancestral' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'ddim'
+/** Sigma schedules (A1111's "Schedule type"). */
 export type SigmaScheduler = 'normal' | 'karras' | 'exponential'
+/** Where models run; `auto` picks CUDA or Metal when the binary and the machine have it. */
 export type DeviceName = 'auto' | 'cpu' | 'cuda' | 'metal'
+/** Weight and activation precision; `auto` is f16 on GPUs, f32 on the CPU. */
 export type Precision = 'auto' | 'f32' | 'f16' | 'bf16'
 
 const packageRoot = path.resolve(__dirname, '..')
@@ -21,6 +25,7 @@ export const TINY_SDXL = path.join(packageRoot, 'models', 'tiny', 'sdxl')
 /** CLIP's BPE merges, for single-file checkpoints (they carry no tokenizer). */
 export const CLIP_MERGES = path.join(packageRoot, 'models', 'clip-tokenizer', 'merges.txt')
 
+/** Options of {@link loadPipeline}. */
 export interface LoadPipelineOptions {
   /** Default `auto`: CUDA or Metal when this build has it and a device exists, else the CPU. */
   device?: DeviceName
@@ -32,6 +37,7 @@ export interface LoadPipelineOptions {
   signal?: AbortSignal
 }
 
+/** One generation request. */
 export interface GenerateOptions extends CallOptions {
   prompt: string
   negativePrompt?: string
@@ -103,6 +109,7 @@ function withTriggerWords(prompt: string, words: string | false): string {
   return prompt.startsWith(words.trim()) ? prompt : words + prompt
 }
 
+/** A generated picture, encoded, with its settings. */
 export interface GeneratedImage {
   /** The encoded image. */
   data: Buffer

@@ -25,6 +25,7 @@ export interface WeightsIndex {
   sha256?: string
 }
 
+/** Options of {@link inspectWeights}. */
 export interface InspectWeightsOptions extends CallOptions {
   /** Also hash the whole file (reads every byte, reports `hash` progress). Default false. */
   sha256?: boolean
