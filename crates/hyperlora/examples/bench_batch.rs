@@ -21,9 +21,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device};
 use hyperlora::lora::{LoraComponent, LoraLayer};
 use hyperlora::sdxl::batch::BatchRequest;
 use hyperlora::sdxl::noise::TorchGenerator;
@@ -34,47 +32,9 @@ use hyperlora::sdxl::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2
 use hyperlora::sdxl::{unet, vae};
 use hyperlora::CancelToken;
 
-/// Random weights on demand: each layer's own initialisation hint, ones for norm scales and a
-/// scaled normal for matrices loaded without a hint.
-struct RandomWeights;
-
-impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let h = match h {
-            Init::Const(v) if v == 0.0 && s.rank() == 1 && name.ends_with("weight") => {
-                Init::Const(1.0)
-            }
-            Init::Const(v) if v == 0.0 && s.rank() >= 2 => Init::Randn {
-                mean: 0.0,
-                stdev: 1.0 / (s.dims()[s.rank() - 1] as f64).sqrt(),
-            },
-            h => h,
-        };
-        h.var(s, DType::F32, dev)?
-            .into_inner()
-            .detach()
-            .to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights: {name} requested without a shape")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        false
-    }
-}
-
-fn random_vb() -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu)
-}
+#[path = "common/random_weights.rs"]
+mod random_weights;
+use random_weights::random_vb;
 
 struct Args {
     size: usize,
@@ -196,13 +156,13 @@ fn main() -> hyperlora::Result<()> {
         ..c
     };
     let t0 = Instant::now();
-    let unet = unet::UNet2DConditionModel::new(random_vb(), &unet_config)?;
+    let unet = unet::UNet2DConditionModel::new(random_vb(DType::F32, &Device::Cpu), &unet_config)?;
     let vae_config = vae::Config::from_json(root.join("models/tiny/sdxl/vae/config.json"))?;
-    let vae = vae::AutoencoderKL::new(random_vb(), &vae_config)?;
+    let vae = vae::AutoencoderKL::new(random_vb(DType::F32, &Device::Cpu), &vae_config)?;
     let text = SdxlTextEncoders::load(
-        random_vb(),
+        random_vb(DType::F32, &Device::Cpu),
         &shallow(ClipTextConfig::sdxl_clip_l()),
-        random_vb(),
+        random_vb(DType::F32, &Device::Cpu),
         &shallow(ClipTextConfig::sdxl_clip_g()),
     )?;
     let merges = root.join("models/clip-tokenizer/merges.txt");
