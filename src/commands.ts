@@ -32,12 +32,10 @@ export interface CommandValues {
 async function model(values: CommandValues, role: keyof typeof MODELS): Promise<string> {
   const m = MODELS[role]
   const given = values[m.flag] ?? process.env[MODEL_ENV[role]]
-  if (typeof given !== 'string' || given.length === 0) {
-    if (values['tiny']) return m.tiny
-  }
-  const spec = typeof given === 'string' && given.length > 0 ? given : DEFAULT_MODELS[role]
+  const named = typeof given === 'string' && given.length > 0 ? given : undefined
+  if (named === undefined && values['tiny']) return m.tiny
   const comfyui = values['comfyui']
-  return resolveModel(role, spec, { download: false, ...(typeof comfyui === 'string' && { comfyuiModels: comfyui }) })
+  return resolveModel(role, named ?? DEFAULT_MODELS[role], { download: false, ...(typeof comfyui === 'string' && { comfyuiModels: comfyui }) })
 }
 
 function number(values: CommandValues, key: string): number | undefined {

@@ -149,10 +149,7 @@ export class Pipeline {
    */
   async generate(options: GenerateOptions): Promise<GeneratedImage[]> {
     const prepared = await prepare(options)
-    const raw = await callNative(options, (cancel, onProgress) =>
-      this.#native.generate(prepared.request, prepared.identities, prepared.identityWeights, prepared.loras, cancel, onProgress),
-    )
-    return finish(raw, prepared)
+    return finish(await this.generatePixels(prepared, options), prepared)
   }
 
   /**
