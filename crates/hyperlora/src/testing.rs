@@ -23,6 +23,17 @@ pub fn tiny_model(name: &str) -> PathBuf {
 }
 
 /// Loads every tensor of a fixture safetensors file onto the CPU.
+/// The bundled tiny SDXL (`models/tiny/sdxl`), in f32 on the CPU.
+pub fn tiny_sdxl() -> crate::sdxl::pipeline::SdxlPipeline {
+    crate::sdxl::pipeline::SdxlPipeline::load(
+        &tiny_model("sdxl"),
+        &Default::default(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
 pub fn load_fixture(stage: &str, name: &str) -> std::collections::HashMap<String, Tensor> {
     let path = fixture(stage, name);
     candle_core::safetensors::load(&path, &Device::Cpu)

@@ -350,24 +350,14 @@ impl SdxlPipeline {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     use super::*;
     use crate::error::ErrorCode;
     use crate::lora::{read_lora_file, LoraComponent};
-    use crate::sdxl::pipeline::{InitImage, LoadOptions};
+    use crate::sdxl::pipeline::InitImage;
     use crate::sdxl::sampler::{Sampler, SigmaSchedule};
-    use crate::testing::{assert_close, fixture, max_abs_diff, tiny_model};
-
-    fn tiny_pipeline() -> SdxlPipeline {
-        SdxlPipeline::load(
-            &tiny_model("sdxl"),
-            &LoadOptions::default(),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap()
-    }
+    use crate::testing::{assert_close, fixture, max_abs_diff, tiny_sdxl};
 
     /// An identity-like LoRA: rank 4 on every attention projection of the tiny UNet (the layers
     /// HyperLoRA's identities target), from a seeded generator.
@@ -421,7 +411,7 @@ mod tests {
     /// samplers (their per-step noise comes from each request's own generator).
     #[test]
     fn a_mixed_identity_batch_equals_each_request_run_alone() {
-        let mut pipe = tiny_pipeline();
+        let mut pipe = tiny_sdxl();
         let (x, y) = (identity(&pipe, 7), identity(&pipe, 8));
         let shared = read_lora_file(
             fixture("lora_apply", "kohya_diffusers.safetensors"),
@@ -481,7 +471,7 @@ mod tests {
 
     #[test]
     fn requests_that_cannot_share_a_batch_are_refused_by_field() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         let base = params(Sampler::Euler, "a", "", 1, 1);
         let with = |f: &dyn Fn(&mut GenerateParams)| {
             let mut p = base.clone();
@@ -547,7 +537,7 @@ mod tests {
 
     #[test]
     fn reports_every_stage_and_stops_within_one_step_of_abort() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         let x = identity(&pipe, 7);
         let requests = [
             BatchRequest {

@@ -618,19 +618,9 @@ impl SdxlPipeline {
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
-    use crate::testing::{assert_close, fixture, load_fixture, tiny_model};
+    use crate::testing::{assert_close, fixture, load_fixture, tiny_model, tiny_sdxl};
 
     const STAGE: &str = "sdxl_pipeline";
-
-    fn tiny_pipeline() -> SdxlPipeline {
-        SdxlPipeline::load(
-            &tiny_model("sdxl"),
-            &LoadOptions::default(),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap()
-    }
 
     /// The case's parameters, as the generator script recorded them.
     fn params(case: &str) -> GenerateParams {
@@ -688,7 +678,7 @@ mod tests {
 
     #[test]
     fn text_to_image_matches_diffusers() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         for case in [
             "euler_cfg5",
             "dpmpp_2m_karras_negative_batch2",
@@ -703,7 +693,7 @@ mod tests {
 
     #[test]
     fn image_to_image_matches_diffusers() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         let case = "img2img_euler_strength06";
         let expected = load_fixture(STAGE, &format!("{case}.safetensors"));
         let init = &expected["init"];
@@ -723,7 +713,7 @@ mod tests {
 
     #[test]
     fn single_file_checkpoint_gives_identical_outputs() {
-        let folder = tiny_pipeline();
+        let folder = tiny_sdxl();
         let options = LoadOptions {
             config_dir: Some(tiny_model("sdxl")),
             merges_file: None,
@@ -744,7 +734,7 @@ mod tests {
 
     #[test]
     fn reports_every_step_and_stops_within_one_step_of_abort() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         let mut p = params("euler_cfg5");
         p.steps = 6;
         let cancel = CancelToken::new();
@@ -779,7 +769,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_parameters() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         let cases = [
             GenerateParams {
                 width: 60,
@@ -834,7 +824,7 @@ mod tests {
     /// A request whose working memory cannot fit is refused before anything is allocated.
     #[test]
     fn refuses_requests_that_cannot_fit_in_memory() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         if crate::memory::available(pipe.device()).is_none() {
             return; // no figure to check against on this system
         }
@@ -856,7 +846,7 @@ mod tests {
     /// base model's latents bit for bit.
     #[test]
     fn set_loras_switches_in_place_and_the_empty_set_restores_the_base() {
-        let mut pipe = tiny_pipeline();
+        let mut pipe = tiny_sdxl();
         let p = params("euler_cfg5");
         let base = run(&pipe, &p).0;
         let read = |name: &str| {

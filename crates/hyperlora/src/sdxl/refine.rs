@@ -450,9 +450,8 @@ pub fn refine_faces(
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
-    use crate::sdxl::pipeline::LoadOptions;
-    use crate::testing::{assert_close, fixture, load_fixture, max_abs_diff, tiny_model};
-    use candle_core::{DType, Device, Tensor};
+    use crate::testing::{assert_close, fixture, load_fixture, max_abs_diff, tiny_sdxl};
+    use candle_core::Tensor;
 
     fn face(b: [f64; 4]) -> FaceBox {
         FaceBox::from_xyxy(b)
@@ -716,16 +715,6 @@ mod tests {
 
     const PROMPT: &str = "a photo of an astronaut riding a horse on the moon";
 
-    fn tiny_pipeline() -> SdxlPipeline {
-        SdxlPipeline::load(
-            &tiny_model("sdxl"),
-            &LoadOptions::default(),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap()
-    }
-
     fn rgb(t: &Tensor) -> RgbImage {
         let (height, width, _) = t.dims3().unwrap();
         RgbImage {
@@ -775,7 +764,7 @@ mod tests {
         let init = pil_resize_bicubic(&crop(&photo, r), params.size, params.size);
         assert_eq!(init, rgb(&expected["init"]), "crop + Pillow bicubic");
 
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         let latents = pipe
             .generate_latents(
                 &params.face_params(init, 0),
@@ -826,7 +815,7 @@ mod tests {
     /// 2 denoising steps + 1 paste per face as stage `refine`.
     #[test]
     fn refine_changes_only_the_masked_faces_and_is_deterministic() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         let photo = astronaut();
         let faces = two_faces();
         let params = small_params();
@@ -903,7 +892,7 @@ mod tests {
 
     #[test]
     fn refine_stops_within_one_step_of_abort() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         let cancel = CancelToken::new();
         let mut steps = Vec::new();
         let err = refine_faces(
@@ -927,7 +916,7 @@ mod tests {
     #[test]
     #[ignore = "timing, run by hand"]
     fn timing_one_face() {
-        let pipe = tiny_pipeline();
+        let pipe = tiny_sdxl();
         for size in [512, 1024] {
             let params = RefineParams {
                 prompt: PROMPT.into(),
