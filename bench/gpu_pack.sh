@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Assembles the folder a GPU host needs for bench/gpu_run.sh (see bench/README.md, "GPU"):
-# builds bench_gpu with --features cuda (dev profile, separate target dir), strips its debug info
-# and compresses it (bench_gpu.xz), and copies the scripts, SDXL's tokenizer folders and the diffusers wheels beside it.
+# builds, with the `cuda` feature and in a separate target dir,
+#   bench_gpu        --features cudnn (cuDNN convolutions; the default GPU build of the bench)
+#   bench_gpu_im2col --features cuda  (candle's im2col convolutions, for comparison)
+#   cuda_tests       the engine's unit tests (`cuda::tests` are the GPU parity tests)
+# strips and xz-compresses each, and copies the scripts, SDXL's tokenizer folders and the
+# diffusers wheels beside them.
 #
 #   bash bench/gpu_pack.sh [DEST]        # DEST default: .gpubench (add it to .git/info/exclude)
 #
@@ -11,22 +15,30 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest=${1:-$root/.gpubench}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-cuda}
 eval "$(bash "$root/scripts/cuda-env.sh" | sed 's/^/export /')"
-
 cd "$root"
-exe=$(cargo build -p hyperlora --features cuda --example bench_gpu --message-format=json-render-diagnostics |
-  python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bench_gpu" and m.get("executable"):
-        print(m["executable"])')
-[ -n "$exe" ] || { echo "no bench_gpu executable" >&2; exit 1; }
+
+# cargo ARGS... → the path of the one executable it builds.
+executable() {
+  cargo "$@" --message-format=json-render-diagnostics | python3 -c 'import json,sys
+exes = [m["executable"] for m in map(json.loads, sys.stdin)
+        if m.get("reason") == "compiler-artifact" and m.get("executable")]
+print(exes[-1] if exes else "")'
+}
+
+pack() { # NAME EXECUTABLE
+  [ -n "$2" ] || { echo "no executable for $1" >&2; exit 1; }
+  # The binaries are mostly candle's PTX text: xz takes ~57 MB to ~7 MB.
+  strip --strip-debug -o "$dest/$1" "$2"
+  xz -f -6 "$dest/$1"
+}
 
 mkdir -p "$dest/whl" "$dest/tokenizers"
-# The binary is mostly candle's PTX text: xz takes it from ~57 MB to ~7 MB.
-strip --strip-debug -o "$dest/bench_gpu" "$exe"
-ldd "$dest/bench_gpu" | sed 's/^/  /' >"$dest/ldd-here.txt"
-xz -f -6 "$dest/bench_gpu"
-cp bench/gpu_run.sh bench/gpu_diffusers.py bench/gpu_table.py "$dest/"
+pack bench_gpu "$(executable build -p hyperlora --features cudnn --example bench_gpu)"
+pack bench_gpu_im2col "$(executable build -p hyperlora --features cuda --example bench_gpu)"
+pack cuda_tests "$(executable test -p hyperlora --features cudnn --lib --no-run)"
+xz -dc "$dest/bench_gpu.xz" >/tmp/bench_gpu.ldd && chmod +x /tmp/bench_gpu.ldd
+ldd /tmp/bench_gpu.ldd | sed 's/^/  /' >"$dest/ldd-here.txt"
+cp bench/gpu_run.sh bench/gpu_diffusers.py bench/gpu_table.py bench/ncu_summary.py "$dest/"
 cp -r models/tiny/sdxl/tokenizer models/tiny/sdxl/tokenizer_2 "$dest/tokenizers/"
 if ! ls "$dest"/whl/diffusers-*.whl >/dev/null 2>&1; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -48,17 +48,22 @@ for lib in cublas cublasLt curand nvrtc cudart; do
   [ -e "$prefix/lib/lib$lib.so" ] || echo "warning: lib$lib.so.* not found in $wheel/lib (pip install the matching nvidia-* wheel)" >&2
 done
 
-# The libcuda stub: every driver-API function cudarc declares, as an empty symbol.
-stub="$prefix/lib/stubs/libcuda.so"
-if [ ! -e "$stub" ]; then
-  cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys/mod.rs 2>/dev/null | sort -V | tail -1)
-  [ -n "$cudarc" ] || { echo "cudarc sources not found: run 'cargo fetch' first" >&2; exit 1; }
+# Link-time stubs: every function cudarc declares for the library, as an empty symbol, under the
+# real library's soname. libcuda comes with the driver; libcudnn (feature `cudnn` only) with cuDNN 9
+# on the GPU host (PyTorch's nvidia-cudnn wheel carries it).
+stub() { # NAME SONAME CUDARC_SYS_FILE PREFIX
+  local out="$prefix/lib/stubs/lib$1.so" sys src
+  [ -e "$out" ] && return
+  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/"$3" 2>/dev/null | sort -V | tail -1)
+  [ -n "$sys" ] || { echo "cudarc sources not found: run 'cargo fetch' first" >&2; exit 1; }
   src=$(mktemp --suffix=.c)
-  grep -oE '^\s*(pub )?fn cu[A-Za-z0-9_]+\(' "$cudarc" | grep -oE 'cu[A-Za-z0-9_]+' | sort -u |
+  grep -oE "^\s*(pub )?fn $4[A-Za-z0-9_]+\(" "$sys" | grep -oE "$4[A-Za-z0-9_]+" | sort -u |
     sed 's/.*/void &(void) {}/' >"$src"
-  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$src"
+  cc -shared -fPIC -Wl,-soname,"$2" -o "$out" "$src"
   rm -f "$src"
-fi
+}
+stub cuda libcuda.so.1 driver/sys/mod.rs cu
+stub cudnn libcudnn.so.9 cudnn/sys/mod.rs cudnn
 
 echo "CUDA_ROOT=$prefix"
 echo "CUDA_HOME=$prefix"

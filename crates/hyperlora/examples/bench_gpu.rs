@@ -7,8 +7,11 @@
 //! cargo build --release -p hyperlora --features cuda --example bench_gpu   # with scripts/cuda-env.sh
 //! bench_gpu [--device cuda|cpu] [--configs DIR] [--dtype f16] [--vae-dtype f32] [--size 1024]
 //!           [--steps 20] [--warmup 2] [--iters 10] [--gen-iters 3] [--json out.json] [--build-only]
-//!           [--phase-budget 40]
+//!           [--phase-budget 40] [--phases text_encode,unet_forward_b2,...] [--profile unet|vae]
 //! ```
+//! `--profile unet|vae` runs that model twice as warm-up, then once between
+//! `cuProfilerStart`/`cuProfilerStop` and exits: for `ncu --profile-from-start off`, which then
+//! measures the kernels of exactly one UNet forward (batch 2) or one VAE decode.
 //! Times: UNet forward (batch 2 = one CFG step), text encoding (prompt + negative prompt through
 //! both encoders, tokenizer included), VAE decode, the 20-step denoising loop, the full
 //! `generate()` (text, loop, decode, RGB8 on the host), and the device memory in use (polled).
@@ -53,6 +56,8 @@ struct Args {
     json: Option<PathBuf>,
     build_only: bool,
     phase_budget: f64,
+    profile: Option<String>,
+    phases: Option<Vec<String>>,
 }
 
 fn parse_args() -> Args {
@@ -69,6 +74,8 @@ fn parse_args() -> Args {
         json: None,
         build_only: false,
         phase_budget: 40.0,
+        profile: None,
+        phases: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -85,6 +92,8 @@ fn parse_args() -> Args {
             "--gen-iters" => a.gen_iters = v().parse().expect("--gen-iters"),
             "--json" => a.json = Some(v().into()),
             "--build-only" => a.build_only = true,
+            "--profile" => a.profile = Some(v()),
+            "--phases" => a.phases = Some(v().split(',').map(str::to_string).collect()),
             "--phase-budget" => a.phase_budget = v().parse().expect("--phase-budget"),
             "-h" | "--help" => {
                 println!("see the header of crates/hyperlora/examples/bench_gpu.rs");
@@ -177,6 +186,26 @@ fn device_name(device: &Device) -> String {
 fn device_name(_: &Device) -> String {
     "cpu".into()
 }
+
+/// Brackets the region `ncu --profile-from-start off` measures.
+#[cfg(feature = "cuda")]
+fn profiler(start: bool) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    // SAFETY: plain driver calls on the current context, which candle has made.
+    let r = unsafe {
+        if start {
+            sys::cuProfilerStart()
+        } else {
+            sys::cuProfilerStop()
+        }
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        eprintln!("cuProfiler{}: {r:?}", if start { "Start" } else { "Stop" });
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profiler(_: bool) {}
 
 fn stats(times: &[f64]) -> Value {
     let mut s = times.to_vec();
@@ -293,6 +322,42 @@ fn main() -> hyperlora::Result<()> {
     let (lh, lw) = (args.size / f, args.size / f);
     let in_ch = pipe.unet.config().in_channels;
 
+    if let Some(what) = &args.profile {
+        let run: Box<dyn Fn() -> hyperlora::Result<()>> = match what.as_str() {
+            "unet" => {
+                let cond = pipe.condition(PROMPT, NEGATIVE, args.size, args.size, 1, true)?;
+                let cond = pipe
+                    .unet
+                    .condition(&cond.context, &cond.pooled, &cond.time_ids)?;
+                let sample =
+                    Tensor::randn(0f32, 1.0, (2, in_ch, lh, lw), &device)?.to_dtype(dtype)?;
+                let pipe = &pipe;
+                Box::new(move || {
+                    pipe.unet
+                        .forward_conditioned(&sample, 500.0, &cond, None)
+                        .map(|_| ())
+                })
+            }
+            "vae" => {
+                let lc = pipe.vae.config().latent_channels;
+                let z = Tensor::randn(0f32, 1.0, (1, lc, lh, lw), &device)?;
+                let pipe = &pipe;
+                Box::new(move || pipe.vae.decode(&z).map(|_| ()))
+            }
+            other => panic!("--profile takes unet or vae, not {other}"),
+        };
+        for _ in 0..2 {
+            run()?;
+        }
+        device.synchronize()?;
+        profiler(true);
+        run()?;
+        device.synchronize()?;
+        profiler(false);
+        eprintln!("profiled one {what} run");
+        return Ok(());
+    }
+
     // The report grows phase by phase and is rewritten after each, so a phase that fails (or a
     // run cut short) still leaves the others' figures; a failed phase records its error.
     let mut report = json!({
@@ -321,6 +386,13 @@ fn main() -> hyperlora::Result<()> {
                  key: &str,
                  mem_key: &str,
                  run: &mut dyn FnMut() -> hyperlora::Result<Vec<f64>>| {
+        if args
+            .phases
+            .as_ref()
+            .is_some_and(|p| !p.iter().any(|p| p == key))
+        {
+            return;
+        }
         match run() {
             Ok(times) => {
                 let s = stats(&times);
@@ -347,10 +419,13 @@ fn main() -> hyperlora::Result<()> {
     // UNet forward, batch 2 (one classifier-free-guidance step).
     phase(&mut report, "unet_forward_b2", "unet_b2_peak", &mut || {
         let cond = pipe.condition(PROMPT, NEGATIVE, args.size, args.size, 1, true)?;
+        let cond = pipe
+            .unet
+            .condition(&cond.context, &cond.pooled, &cond.time_ids)?;
         let sample = Tensor::randn(0f32, 1.0, (2, in_ch, lh, lw), &device)?.to_dtype(dtype)?;
         time(&device, args.warmup, args.iters, || {
             pipe.unet
-                .forward(&sample, 500.0, &cond.context, &cond.pooled, &cond.time_ids)
+                .forward_conditioned(&sample, 500.0, &cond, None)
                 .map(|_| ())
         })
     });
@@ -391,8 +466,7 @@ fn main() -> hyperlora::Result<()> {
             })
         },
     );
-    // One more loop, synchronising after each step (the step already waits for the host once,
-    // reading the time ids), for the spread of step times.
+    // One more loop, synchronising after each step, for the spread of step times.
     phase(&mut report, "denoise_step", "step_peak", &mut || {
         let mut steps = Vec::new();
         let mut last = None;

@@ -3,6 +3,7 @@
 //! No Node.js in here: `crates/hyperlora-node` wraps this crate for JavaScript.
 
 pub mod clip_vision;
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod face;

@@ -4,15 +4,18 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-/// Repository root (two levels above this crate).
+/// Repository root: `HYPERLORA_REPO` when set (a test binary run from another checkout, as on a
+/// GPU host), else two levels above this crate.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    std::env::var_os("HYPERLORA_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
 /// `crates/hyperlora/tests/fixtures/<stage>/<name>`.
 pub fn fixture(stage: &str, name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    repo_root()
+        .join("crates/hyperlora/tests/fixtures")
         .join(stage)
         .join(name)
 }
@@ -79,4 +82,70 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
         "{what}: max abs diff {d} > {tol} at flat index {i} (shape {:?}): ours {a}, reference {e}",
         expected.dims()
     );
+}
+
+const PIPELINE_STAGE: &str = "sdxl_pipeline";
+
+/// A whole-pipeline fixture case's parameters, as the generator script recorded them.
+pub fn pipeline_case_params(case: &str) -> crate::sdxl::pipeline::GenerateParams {
+    use crate::sdxl::sampler::{Sampler, SigmaSchedule};
+    let text = std::fs::read_to_string(fixture(PIPELINE_STAGE, &format!("{case}.json"))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let p = &json["params"];
+    let s = |k: &str| p[k].as_str().unwrap().to_string();
+    let n = |k: &str| p[k].as_u64().unwrap() as usize;
+    crate::sdxl::pipeline::GenerateParams {
+        prompt: s("prompt"),
+        negative_prompt: s("negative_prompt"),
+        width: n("width"),
+        height: n("height"),
+        steps: n("steps"),
+        guidance_scale: p["cfg"].as_f64().unwrap(),
+        sampler: Sampler::parse(&s("sampler")).unwrap(),
+        schedule: SigmaSchedule::parse(&s("schedule")).unwrap(),
+        seed: p["seed"].as_u64().unwrap(),
+        batch_size: n("batch"),
+        init_image: None,
+    }
+}
+
+/// Latents and decoded images of one generation.
+pub fn run_pipeline(
+    pipe: &crate::sdxl::pipeline::SdxlPipeline,
+    p: &crate::sdxl::pipeline::GenerateParams,
+) -> (Tensor, Vec<crate::sdxl::pipeline::RgbImage>) {
+    let latents = pipe
+        .generate_latents(p, &crate::CancelToken::new(), &mut |_| {})
+        .unwrap();
+    let images = pipe.decode(&latents).unwrap();
+    (latents, images)
+}
+
+/// Latents within 1e-3 and images within one level of diffusers' for the fixture case.
+pub fn check_pipeline_case(
+    case: &str,
+    latents: &Tensor,
+    images: &[crate::sdxl::pipeline::RgbImage],
+) {
+    let expected = load_fixture(PIPELINE_STAGE, &format!("{case}.safetensors"));
+    assert_close(
+        &format!("{case} latents"),
+        latents,
+        &expected["latents"],
+        1e-3,
+    );
+    let want = expected["image"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let got: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
+    assert_eq!(got.len(), want.len(), "{case}: image size");
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "{case}: image differs by {worst} levels");
 }

@@ -16,4 +16,4 @@ pub use names::{
     kohya_to_module, module_to_kohya, parse_lora, read_lora_file, sgm_to_diffusers, LoraComponent,
     LoraLayer, LoraNaming, ParsedLora, SkippedKey,
 };
-pub use per_sample::{forward_linear, RowLoras, SampleAdapters};
+pub use per_sample::{forward_linear, forward_linear_residual, RowLoras, SampleAdapters};

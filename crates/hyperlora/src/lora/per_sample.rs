@@ -35,7 +35,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use candle_core::{DType, Module, Tensor, TensorId};
+use candle_core::{DType, Tensor, TensorId};
 use candle_nn::Linear;
 
 use super::apply::{check_fits, check_linear, describe};
@@ -161,7 +161,7 @@ impl SampleAdapters {
 
     /// `linear(x)` plus each run's update on its rows. `x`: [rows, …, in] → [rows, …, out].
     fn forward(&self, linear: &Linear, x: &Tensor) -> Result<Tensor> {
-        let y = linear.forward(x)?;
+        let y = crate::cuda::linear(linear, x)?;
         let Some(updates) = self.by_weight.get(&linear.weight().id()) else {
             return Ok(y);
         };
@@ -214,7 +214,20 @@ pub fn forward_linear(
 ) -> Result<Tensor> {
     match adapters {
         Some(a) => a.forward(linear, x),
-        None => Ok(linear.forward(x)?),
+        None => Ok(crate::cuda::linear(linear, x)?),
+    }
+}
+
+/// [`forward_linear`] plus `residual` (its output's shape), fused on CUDA without adapters.
+pub fn forward_linear_residual(
+    linear: &Linear,
+    x: &Tensor,
+    adapters: Option<&SampleAdapters>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    match adapters {
+        Some(a) => Ok((a.forward(linear, x)? + residual)?),
+        None => Ok(crate::cuda::linear_residual(linear, x, residual)?),
     }
 }
 
@@ -247,7 +260,7 @@ fn stacked(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{Device, Module};
 
     use super::*;
     use crate::lora::{LoraMerger, LoraTarget};

@@ -8,11 +8,12 @@
 //! samples carry different LoRAs.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::conv::{conv2d, Conv2d};
+use super::norm::{group_norm, GroupNorm};
 
-use crate::lora::{forward_linear, SampleAdapters};
+use crate::lora::{forward_linear, forward_linear_residual, SampleAdapters};
 use crate::Result;
 
 /// Upper bound on the elements of one score matrix chunk (f32: 256 MiB). Larger problems are
@@ -117,36 +118,63 @@ impl Attention {
         context: Option<&Tensor>,
         adapters: Option<&SampleAdapters>,
     ) -> Result<Tensor> {
+        let out = self.attend(x, context, adapters)?;
+        forward_linear(&self.to_out, &out, adapters)
+    }
+
+    /// [`forward`](Self::forward) + `residual` ([B, S, query_dim]), added with `to_out`'s bias in
+    /// one pass on CUDA.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        adapters: Option<&SampleAdapters>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let out = self.attend(x, context, adapters)?;
+        forward_linear_residual(&self.to_out, &out, adapters, residual)
+    }
+
+    /// The heads' attention output before `to_out`: [B, S, heads·dim_head].
+    fn attend(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        adapters: Option<&SampleAdapters>,
+    ) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let q = forward_linear(&self.to_q, x, adapters)?;
         let k = forward_linear(&self.to_k, context, adapters)?;
         let v = forward_linear(&self.to_v, context, adapters)?;
         let (b, s, inner) = q.dims3()?;
-        let out = if self.heads == 1 {
-            scaled_dot_product_attention(&q, &k, &v, self.scale, self.upcast)?
-        } else {
-            let h = self.heads;
-            // [B, S, H·D] -> [B·H, S, D]: heads become batch entries for one batched matmul.
-            let split = |t: &Tensor| -> Result<Tensor> {
-                let (b, s, _) = t.dims3()?;
-                Ok(t.reshape((b, s, h, inner / h))?.transpose(1, 2)?.reshape((
-                    b * h,
-                    s,
-                    inner / h,
-                ))?)
+        let out =
+            if let Some(out) = crate::cuda::flash_attention(&q, &k, &v, self.heads, self.scale)? {
+                out
+            } else if self.heads == 1 {
+                scaled_dot_product_attention(&q, &k, &v, self.scale, self.upcast)?
+            } else {
+                let h = self.heads;
+                // [B, S, H·D] -> [B·H, S, D]: heads become batch entries for one batched matmul.
+                let split = |t: &Tensor| -> Result<Tensor> {
+                    let (b, s, _) = t.dims3()?;
+                    Ok(t.reshape((b, s, h, inner / h))?.transpose(1, 2)?.reshape((
+                        b * h,
+                        s,
+                        inner / h,
+                    ))?)
+                };
+                let out = scaled_dot_product_attention(
+                    &split(&q)?,
+                    &split(&k)?,
+                    &split(&v)?,
+                    self.scale,
+                    self.upcast,
+                )?;
+                out.reshape((b, h, s, inner / h))?
+                    .transpose(1, 2)?
+                    .reshape((b, s, inner))?
             };
-            let out = scaled_dot_product_attention(
-                &split(&q)?,
-                &split(&k)?,
-                &split(&v)?,
-                self.scale,
-                self.upcast,
-            )?;
-            out.reshape((b, h, s, inner / h))?
-                .transpose(1, 2)?
-                .reshape((b, s, inner))?
-        };
-        forward_linear(&self.to_out, &out, adapters)
+        Ok(out)
     }
 }
 
@@ -167,12 +195,24 @@ impl FeedForward {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, adapters: Option<&SampleAdapters>) -> Result<Tensor> {
+    /// `x` [B, S, dim] → FF(x) + `residual` (the block adds its input back).
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        adapters: Option<&SampleAdapters>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let h = forward_linear(&self.proj, x, adapters)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?;
-        forward_linear(&self.out, &(value * gate.gelu_erf()?)?, adapters)
+        let gated = match crate::cuda::geglu(&h)? {
+            Some(y) => y,
+            None => {
+                let inner = h.dim(D::Minus1)? / 2;
+                let value = h.narrow(D::Minus1, 0, inner)?;
+                let gate = h.narrow(D::Minus1, inner, inner)?;
+                (value * gate.gelu_erf()?)?
+            }
+        };
+        forward_linear_residual(&self.out, &gated, adapters, residual)
     }
 }
 
@@ -224,15 +264,14 @@ impl BasicTransformerBlock {
         context: &Tensor,
         adapters: Option<&SampleAdapters>,
     ) -> Result<Tensor> {
-        let x = (self
+        let x = self
             .attn1
-            .forward(&self.norm1.forward(x)?, None, adapters)?
-            + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context), adapters)?
-            + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?, adapters)? + &x)?)
+            .forward_residual(&self.norm1.forward(x)?, None, adapters, x)?;
+        let x =
+            self.attn2
+                .forward_residual(&self.norm2.forward(&x)?, Some(context), adapters, &x)?;
+        self.ff
+            .forward_residual(&self.norm3.forward(&x)?, adapters, &x)
     }
 }
 
@@ -280,7 +319,7 @@ pub struct TransformerConfig {
 impl Transformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &TransformerConfig) -> Result<Self> {
         let inner = cfg.heads * cfg.dim_head;
-        let norm = candle_nn::group_norm(cfg.groups, cfg.channels, 1e-6, vb.pp("norm"))?;
+        let norm = group_norm(cfg.groups, cfg.channels, 1e-6, vb.pp("norm"))?;
         let proj_in = Projection::new(
             vb.pp("proj_in"),
             cfg.channels,
@@ -427,7 +466,7 @@ impl SpatialSelfAttention {
         groups: usize,
         eps: f64,
     ) -> Result<Self> {
-        let group_norm = candle_nn::group_norm(groups, channels, eps, vb.pp("group_norm"))?;
+        let group_norm = group_norm(groups, channels, eps, vb.pp("group_norm"))?;
         // Scores in f32: this attention spans every latent pixel and overflows f16.
         let attn = Attention::new(vb, channels, None, heads, channels / heads, true, true)?;
         Ok(Self {

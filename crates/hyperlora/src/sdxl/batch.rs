@@ -25,6 +25,7 @@ use crate::lora::{LoraLayer, RowLoras, SampleAdapters};
 use crate::sdxl::noise::TorchGenerator;
 use crate::sdxl::pipeline::{Conditioning, GenerateParams, RgbImage, SdxlPipeline};
 use crate::sdxl::sampler::Scheduler;
+use crate::sdxl::unet::UNetConditioning;
 use crate::task::{CancelToken, Progress, ProgressFn};
 
 /// One request of a batch: its parameters and the LoRAs applied to its images only.
@@ -51,9 +52,7 @@ fn set_key(loras: &[(&[LoraLayer], f32)]) -> SetKey {
 struct SubBatch {
     /// Indices into the requests, in row order.
     requests: Vec<usize>,
-    context: Tensor,
-    pooled: Tensor,
-    time_ids: Tensor,
+    cond: UNetConditioning,
     adapters: Option<SampleAdapters>,
 }
 
@@ -186,12 +185,10 @@ impl SdxlPipeline {
                 let input = states[sb.requests[0]]
                     .scheduler
                     .scale_model_input(&Tensor::cat(&inputs, 0)?, i)?;
-                let eps = self.unet.forward_with_adapters(
+                let eps = self.unet.forward_conditioned(
                     &input,
                     states[sb.requests[0]].scheduler.timestep(i),
-                    &sb.context,
-                    &sb.pooled,
-                    &sb.time_ids,
+                    &sb.cond,
                     sb.adapters.as_ref(),
                 )?;
                 let mut row = 0;
@@ -337,9 +334,11 @@ impl SdxlPipeline {
                 .repeat((rows, 1))?;
             out.push(SubBatch {
                 requests: group.iter().map(|o| o.2).collect(),
-                context: Tensor::cat(&contexts, 0)?,
-                pooled: Tensor::cat(&pooled, 0)?,
-                time_ids,
+                cond: self.unet.condition(
+                    &Tensor::cat(&contexts, 0)?,
+                    &Tensor::cat(&pooled, 0)?,
+                    &time_ids,
+                )?,
                 adapters,
             });
             start = end;

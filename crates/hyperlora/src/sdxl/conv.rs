@@ -11,7 +11,7 @@
 //!
 //! Same arithmetic as candle's (each output is one dot product over `Cin·kh·kw` terms, bias added
 //! after), only summed in another order. GPUs and unusual configurations (groups, dilation, bf16
-//! on the CPU) use candle's own convolution.
+//! on the CPU) use candle's own convolution; CUDA uses [`crate::cuda::conv2d`].
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -110,6 +110,8 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if self.fast_path(x) {
             self.forward_cpu(x)
+        } else if let Some(y) = crate::cuda::conv2d(x, self.weight(), self.bias(), self.config())? {
+            Ok(y)
         } else {
             self.inner.forward(x)
         }

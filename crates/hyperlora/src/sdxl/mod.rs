@@ -5,6 +5,7 @@ pub mod attention;
 pub mod batch;
 pub mod conv;
 pub mod noise;
+pub mod norm;
 pub mod pipeline;
 pub mod prompt;
 pub mod refine;

@@ -511,6 +511,9 @@ impl SdxlPipeline {
             Some(init) => self.noised_init_latents(init, b, &mut scheduler, &mut generator)?,
         };
 
+        let unet_cond = self
+            .unet
+            .condition(&cond.context, &cond.pooled, &cond.time_ids)?;
         let first = scheduler.begin_index();
         let total = (scheduler.num_inference_steps() - first) as u64;
         for (done, i) in (first..scheduler.num_inference_steps()).enumerate() {
@@ -521,13 +524,9 @@ impl SdxlPipeline {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let eps = self.unet.forward(
-                &input,
-                scheduler.timestep(i),
-                &cond.context,
-                &cond.pooled,
-                &cond.time_ids,
-            )?;
+            let eps =
+                self.unet
+                    .forward_conditioned(&input, scheduler.timestep(i), &unet_cond, None)?;
             let eps = if guidance {
                 let uncond = eps.narrow(0, 0, b)?;
                 let text = eps.narrow(0, b, b)?;
@@ -618,63 +617,12 @@ impl SdxlPipeline {
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
-    use crate::testing::{assert_close, fixture, load_fixture, tiny_model, tiny_sdxl};
+    use crate::testing::{
+        assert_close, check_pipeline_case as check, fixture, load_fixture,
+        pipeline_case_params as params, run_pipeline as run, tiny_model, tiny_sdxl,
+    };
 
     const STAGE: &str = "sdxl_pipeline";
-
-    /// The case's parameters, as the generator script recorded them.
-    fn params(case: &str) -> GenerateParams {
-        let text = std::fs::read_to_string(fixture(STAGE, &format!("{case}.json"))).unwrap();
-        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let p = &json["params"];
-        let s = |k: &str| p[k].as_str().unwrap().to_string();
-        let n = |k: &str| p[k].as_u64().unwrap() as usize;
-        GenerateParams {
-            prompt: s("prompt"),
-            negative_prompt: s("negative_prompt"),
-            width: n("width"),
-            height: n("height"),
-            steps: n("steps"),
-            guidance_scale: p["cfg"].as_f64().unwrap(),
-            sampler: Sampler::parse(&s("sampler")).unwrap(),
-            schedule: SigmaSchedule::parse(&s("schedule")).unwrap(),
-            seed: p["seed"].as_u64().unwrap(),
-            batch_size: n("batch"),
-            init_image: None,
-        }
-    }
-
-    fn run(pipe: &SdxlPipeline, p: &GenerateParams) -> (Tensor, Vec<RgbImage>) {
-        let latents = pipe
-            .generate_latents(p, &CancelToken::new(), &mut |_| {})
-            .unwrap();
-        let images = pipe.decode(&latents).unwrap();
-        (latents, images)
-    }
-
-    fn check(case: &str, latents: &Tensor, images: &[RgbImage]) {
-        let expected = load_fixture(STAGE, &format!("{case}.safetensors"));
-        assert_close(
-            &format!("{case} latents"),
-            latents,
-            &expected["latents"],
-            1e-3,
-        );
-        let want = expected["image"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
-        let got: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
-        assert_eq!(got.len(), want.len(), "{case}: image size");
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        assert!(worst <= 1, "{case}: image differs by {worst} levels");
-    }
 
     #[test]
     fn text_to_image_matches_diffusers() {

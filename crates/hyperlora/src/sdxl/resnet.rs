@@ -3,9 +3,10 @@
 //! `models/downsampling.py`, `models/upsampling.py`), loaded by their diffusers weight names.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use super::conv::{conv2d, Conv2d};
+use super::norm::{group_norm, GroupNorm};
 
 use crate::Result;
 
@@ -67,13 +68,13 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, cfg: &ResnetConfig) -> Result<Self> {
         let (cin, cout) = (cfg.in_channels, cfg.out_channels);
-        let norm1 = candle_nn::group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?;
+        let norm1 = group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?;
         let conv1 = conv2d_same(cin, cout, 3, vb.pp("conv1"))?;
         let time_emb_proj = match cfg.temb_channels {
             Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
             None => None,
         };
-        let norm2 = candle_nn::group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?;
+        let norm2 = group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?;
         let conv2 = conv2d_same(cout, cout, 3, vb.pp("conv2"))?;
         let conv_shortcut = if cin != cout {
             Some(conv2d_same(cin, cout, 1, vb.pp("conv_shortcut"))?)
@@ -94,14 +95,14 @@ impl ResnetBlock2D {
     /// `x`: [B, Cin, H, W]; `temb`: [B, T] (ignored by blocks built without `temb_channels`).
     /// Returns [B, Cout, H, W].
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?.silu()?;
+        let h = self.norm1.forward_silu(x)?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            // [B, T] -> [B, Cout, 1, 1], broadcast over the pixels.
-            let temb = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&temb)?;
+            // [B, T] -> [B, Cout], broadcast over the pixels.
+            let temb = proj.forward(&temb.silu()?)?;
+            h = crate::cuda::add_per_channel(&h, &temb)?;
         }
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,

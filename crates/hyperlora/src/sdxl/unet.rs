@@ -8,12 +8,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::attention::{Transformer2DModel, TransformerConfig};
 use super::conv::{conv2d, Conv2d};
+use super::norm::{group_norm, GroupNorm};
 use super::resnet::{conv2d_same, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::lora::SampleAdapters;
 use crate::{Error, Result};
@@ -377,6 +378,16 @@ impl TimestepEmbedding {
     }
 }
 
+/// What [`UNet2DConditionModel::condition`] prepares: the same for every step of a loop.
+#[derive(Debug, Clone)]
+pub struct UNetConditioning {
+    /// [B, S, cross_attention_dim] in the model dtype.
+    pub context: Tensor,
+    /// [B, time_embed_dim]: the `text_time` embedding added to the timestep's, if the config
+    /// has one.
+    pub added: Option<Tensor>,
+}
+
 /// `DownBlock2D` (no `attentions`) or `CrossAttnDownBlock2D`.
 #[derive(Debug, Clone)]
 pub struct DownBlock {
@@ -643,7 +654,7 @@ impl UNet2DConditionModel {
         }
 
         let c0 = c.block_out_channels[0];
-        let conv_norm_out = candle_nn::group_norm(groups, c0, c.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = group_norm(groups, c0, c.norm_eps, vb.pp("conv_norm_out"))?;
         let conv_out = conv2d(
             c0,
             c.out_channels,
@@ -764,6 +775,66 @@ impl UNet2DConditionModel {
         time_ids: &Tensor,
         adapters: Option<&SampleAdapters>,
     ) -> Result<Tensor> {
+        let cond = self.condition(encoder_hidden_states, text_embeds, time_ids)?;
+        self.forward_conditioned(sample, timestep, &cond, adapters)
+    }
+
+    /// The step-independent inputs of [`forward`](Self::forward), prepared once per denoising
+    /// loop: the context in the model dtype and the `text_time` embedding. `time_ids` are read
+    /// back to the host here (the sinusoids are built there, as PyTorch orders them), so the loop
+    /// itself never waits for the device.
+    pub fn condition(
+        &self,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<UNetConditioning> {
+        let c = &self.config;
+        let context = encoder_hidden_states.to_dtype(self.dtype)?;
+        let added = match (&self.add_embedding, c.addition_time_embed_dim) {
+            (Some(add), Some(add_dim)) => {
+                // text_time: [pooled text, sinusoid of each of the 6 ids] -> MLP, added to temb.
+                let b = context.dim(0)?;
+                let ids = time_ids
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                if ids.len() % b != 0 {
+                    return Err(Error::invalid_argument(format!(
+                        "time_ids {:?} do not match batch {b}",
+                        time_ids.dims()
+                    )));
+                }
+                let time_embeds = timestep_embedding(
+                    &ids,
+                    add_dim,
+                    c.flip_sin_to_cos,
+                    c.freq_shift,
+                    context.device(),
+                )?
+                .reshape((b, ()))?;
+                let add_in = Tensor::cat(
+                    &[
+                        text_embeds.to_dtype(self.dtype)?,
+                        time_embeds.to_dtype(self.dtype)?,
+                    ],
+                    1,
+                )?;
+                Some(add.forward(&add_in)?)
+            }
+            _ => None,
+        };
+        Ok(UNetConditioning { context, added })
+    }
+
+    /// One denoiser evaluation with conditioning from [`condition`](Self::condition).
+    pub fn forward_conditioned(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &UNetConditioning,
+        adapters: Option<&SampleAdapters>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, _, h, w) = sample.dims4()?;
         let device = sample.device();
@@ -771,7 +842,7 @@ impl UNet2DConditionModel {
         if c.center_input_sample {
             x = ((x * 2.0)? - 1.0)?;
         }
-        let context = encoder_hidden_states.to_dtype(self.dtype)?;
+        let context = &cond.context;
 
         // Time embedding [B, temb]: sinusoidal features in f32 (PyTorch casts the timestep to
         // float32 first), then the MLP in the model dtype.
@@ -784,38 +855,17 @@ impl UNet2DConditionModel {
             device,
         )?;
         let mut temb = self.time_embedding.forward(&t_emb.to_dtype(self.dtype)?)?;
-        if let (Some(add), Some(add_dim)) = (&self.add_embedding, c.addition_time_embed_dim) {
-            // text_time: [pooled text, sinusoid of each of the 6 ids] -> MLP, added to temb.
-            let ids = time_ids
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            if ids.len() % b != 0 {
-                return Err(Error::invalid_argument(format!(
-                    "time_ids {:?} do not match batch {b}",
-                    time_ids.dims()
-                )));
-            }
-            let time_embeds =
-                timestep_embedding(&ids, add_dim, c.flip_sin_to_cos, c.freq_shift, device)?
-                    .reshape((b, ()))?;
-            let add_in = Tensor::cat(
-                &[
-                    text_embeds.to_dtype(self.dtype)?,
-                    time_embeds.to_dtype(self.dtype)?,
-                ],
-                1,
-            )?;
-            temb = (temb + add.forward(&add_in)?)?;
+        if let Some(added) = &cond.added {
+            temb = (temb + added)?;
         }
 
         x = self.conv_in.forward(&x)?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            x = block.forward(&x, &temb, &context, adapters, &mut skips)?;
+            x = block.forward(&x, &temb, context, adapters, &mut skips)?;
         }
         if let Some(mid) = &self.mid_block {
-            x = mid.forward(&x, &temb, &context, adapters)?;
+            x = mid.forward(&x, &temb, context, adapters)?;
         }
         for block in &self.up_blocks {
             let n = block.resnets.len();
@@ -832,9 +882,9 @@ impl UNet2DConditionModel {
                 .map(|s| s.dims4())
                 .transpose()?
                 .map(|(_, _, sh, sw)| (sh, sw));
-            x = block.forward(&x, own, &temb, &context, adapters, size)?;
+            x = block.forward(&x, own, &temb, context, adapters, size)?;
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         let x = self.conv_out.forward(&x)?;
         debug_assert_eq!(x.dims4()?, (b, c.out_channels, h, w));
         Ok(x)

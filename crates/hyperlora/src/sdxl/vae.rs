@@ -8,12 +8,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::attention::SpatialSelfAttention;
 use super::conv::Conv2d;
+use super::norm::{group_norm, GroupNorm};
 use super::resnet::{conv2d_same, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::{Error, Result};
 
@@ -251,7 +252,7 @@ impl Encoder {
             conv_in,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), last, groups, c.mid_block_add_attention)?,
-            conv_norm_out: candle_nn::group_norm(groups, last, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(groups, last, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d_same(last, 2 * c.latent_channels, 3, vb.pp("conv_out"))?,
         })
     }
@@ -267,7 +268,7 @@ impl Encoder {
             }
         }
         let x = self.mid_block.forward(&x)?;
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         Ok(self.conv_out.forward(&x)?)
     }
 }
@@ -318,7 +319,7 @@ impl Decoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(groups, c0, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(groups, c0, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d_same(c0, c.out_channels, 3, vb.pp("conv_out"))?,
         })
     }
@@ -334,7 +335,7 @@ impl Decoder {
                 x = up.forward(&x, None)?;
             }
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         Ok(self.conv_out.forward(&x)?)
     }
 }

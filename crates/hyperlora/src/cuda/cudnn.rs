@@ -1,0 +1,322 @@
+//! 2-D convolutions through cuDNN (feature `cudnn`), called directly rather than through
+//! candle's cuDNN path, which computes half-precision convolutions with half-precision
+//! accumulation and re-runs cuDNN's heuristics on every call. Here:
+//! - accumulation is always f32 (cuDNN's "pseudo half/bfloat16" configurations), as PyTorch does;
+//! - tensor cores for f16/bf16; for f32 plain FMA unless `HYPERLORA_ALLOW_TF32=1` (PyTorch's
+//!   `torch.backends.cudnn.allow_tf32`), so f32 stays f32;
+//! - the algorithm is chosen once per problem shape by timing the candidates
+//!   (`cudnnFindConvolutionForwardAlgorithm`), keeping only deterministic ones with a bounded
+//!   workspace, and cached.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cudnn::{result, sys};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::{CudaDType, DeviceId};
+use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+/// Largest workspace an algorithm may ask for. cuDNN's tensor-core kernels work in NHWC and
+/// convert NCHW tensors through the workspace, which at the VAE's full resolution (128 channels
+/// at 1024², f32) takes about a gigabyte.
+const MAX_WORKSPACE: usize = 1 << 30;
+
+fn err(e: result::CudnnError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuDNN: {e:?}"))
+}
+
+struct Handle(sys::cudnnHandle_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by create_handle, destroyed once.
+        let _ = unsafe { result::destroy_handle(self.0) };
+    }
+}
+
+thread_local! {
+    // cuDNN handles may not be shared between threads; one per thread and device, bound to the
+    // device's (per-thread) stream, like candle's own.
+    static HANDLES: RefCell<HashMap<DeviceId, Handle>> = RefCell::new(HashMap::new());
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Problem {
+    device: DeviceId,
+    dtype: DType,
+    x: [i32; 4],
+    w: [i32; 4],
+    pad: i32,
+    stride: i32,
+    dilation: i32,
+    tf32: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Plan {
+    algo: sys::cudnnConvolutionFwdAlgo_t,
+    workspace: usize,
+}
+
+static PLANS: Mutex<Option<HashMap<Problem, Plan>>> = Mutex::new(None);
+
+fn allow_tf32() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HYPERLORA_ALLOW_TF32").is_ok_and(|v| v == "1"))
+}
+
+/// Descriptors of one problem, destroyed on drop.
+struct Descriptors {
+    x: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: each was created once in `Descriptors::new`.
+        unsafe {
+            let _ = result::destroy_tensor_descriptor(self.x);
+            let _ = result::destroy_filter_descriptor(self.w);
+            let _ = result::destroy_tensor_descriptor(self.y);
+            let _ = result::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+impl Descriptors {
+    fn new(p: &Problem, y: [i32; 4]) -> Result<Self, result::CudnnError> {
+        use sys::cudnnDataType_t as D;
+        let data = match p.dtype {
+            DType::F16 => D::CUDNN_DATA_HALF,
+            DType::BF16 => D::CUDNN_DATA_BFLOAT16,
+            _ => D::CUDNN_DATA_FLOAT,
+        };
+        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let d = Descriptors {
+            x: result::create_tensor_descriptor()?,
+            w: result::create_filter_descriptor()?,
+            y: result::create_tensor_descriptor()?,
+            conv: result::create_convolution_descriptor()?,
+        };
+        let math = match (p.dtype, p.tf32) {
+            (DType::F32, false) => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+            (DType::F32, true) => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        };
+        // SAFETY: freshly created descriptors.
+        unsafe {
+            result::set_tensor4d_descriptor(d.x, nchw, data, p.x)?;
+            result::set_filter4d_descriptor(d.w, data, nchw, p.w)?;
+            result::set_tensor4d_descriptor(d.y, nchw, data, y)?;
+            result::set_convolution2d_descriptor(
+                d.conv,
+                p.pad,
+                p.pad,
+                p.stride,
+                p.stride,
+                p.dilation,
+                p.dilation,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                D::CUDNN_DATA_FLOAT,
+            )?;
+            result::set_convolution_math_type(d.conv, math)?;
+        }
+        Ok(d)
+    }
+}
+
+/// The fastest deterministic algorithm within the workspace bound, found by timing.
+fn find_plan(handle: sys::cudnnHandle_t, d: &Descriptors) -> Result<Plan, result::CudnnError> {
+    const N: usize = 10;
+    // SAFETY: plain-data out parameters; descriptors are valid.
+    let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+    let mut count = 0;
+    unsafe {
+        sys::cudnnFindConvolutionForwardAlgorithm(
+            handle,
+            d.x,
+            d.w,
+            d.conv,
+            d.y,
+            N as i32,
+            &mut count,
+            perf.as_mut_ptr(),
+        )
+        .result()?;
+    }
+    let ok = |p: &&sys::cudnnConvolutionFwdAlgoPerf_t| {
+        p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE
+    };
+    let found = &perf[..count.max(0) as usize];
+    let best = found
+        .iter()
+        .filter(ok)
+        .find(|p| p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
+        .or_else(|| found.iter().find(ok))
+        .ok_or(result::CudnnError(
+            sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED,
+        ))?;
+    Ok(Plan {
+        algo: best.algo,
+        workspace: best.memory,
+    })
+}
+
+struct Conv2d {
+    pad: usize,
+    stride: usize,
+    dilation: usize,
+}
+
+impl candle_core::CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "hyperlora-cudnn-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("cuDNN convolution runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => self.run::<f32>(x, xl, w, wl),
+            DType::F16 => self.run::<f16>(x, xl, w, wl),
+            DType::BF16 => self.run::<bf16>(x, xl, w, wl),
+            other => candle_core::bail!("cuDNN convolution: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+impl Conv2d {
+    fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, c, h, wd) = xl.shape().dims4()?;
+        let (k, _, r, s) = wl.shape().dims4()?;
+        let out = |size: usize, kernel: usize| {
+            (size + 2 * self.pad - self.dilation * (kernel - 1) - 1) / self.stride + 1
+        };
+        let (ho, wo) = (out(h, r), out(wd, s));
+        let dev: &CudaDevice = &x.device;
+        let problem = Problem {
+            device: dev.id(),
+            dtype: x.dtype(),
+            x: [n, c, h, wd].map(|v| v as i32),
+            w: [k, c, r, s].map(|v| v as i32),
+            pad: self.pad as i32,
+            stride: self.stride as i32,
+            dilation: self.dilation as i32,
+            tf32: allow_tf32(),
+        };
+        let y_dims = [n, k, ho, wo].map(|v| v as i32);
+        let stream = dev.cuda_stream();
+        let d = Descriptors::new(&problem, y_dims).map_err(err)?;
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        // SAFETY: cuDNN writes every output element (beta = 0).
+        let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
+        HANDLES.with(|handles| -> candle_core::Result<()> {
+            let mut handles = handles.borrow_mut();
+            let handle = match handles.entry(problem.device) {
+                std::collections::hash_map::Entry::Occupied(e) => e.get().0,
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    stream
+                        .context()
+                        .bind_to_thread()
+                        .map_err(candle_core::Error::wrap)?;
+                    let handle = Handle(result::create_handle().map_err(err)?);
+                    // SAFETY: a live handle and candle's stream for this device.
+                    unsafe { result::set_stream(handle.0, stream.cu_stream() as _) }
+                        .map_err(err)?;
+                    e.insert(handle).0
+                }
+            };
+            let cached = PLANS
+                .lock()
+                .expect("plans")
+                .get_or_insert_with(HashMap::new)
+                .get(&problem)
+                .copied();
+            let plan = match cached {
+                Some(plan) => plan,
+                None => {
+                    let plan = find_plan(handle, &d).map_err(err)?;
+                    PLANS
+                        .lock()
+                        .expect("plans")
+                        .get_or_insert_with(HashMap::new)
+                        .insert(problem, plan);
+                    plan
+                }
+            };
+            // SAFETY: the workspace is only used by this launch.
+            let mut workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
+            let (alpha, beta) = (1f32, 0f32);
+            let (x_ptr, _x_guard) = xs.device_ptr(&stream);
+            let (w_ptr, _w_guard) = ws.device_ptr(&stream);
+            let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
+            let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
+            // SAFETY: descriptors match the buffers' shapes and dtype; f32 scaling parameters for
+            // the f32 compute type.
+            unsafe {
+                result::convolution_forward(
+                    handle,
+                    &alpha as *const f32 as *const std::ffi::c_void,
+                    d.x,
+                    x_ptr as *const std::ffi::c_void,
+                    d.w,
+                    w_ptr as *const std::ffi::c_void,
+                    d.conv,
+                    plan.algo,
+                    ws_ptr as *mut std::ffi::c_void,
+                    plan.workspace,
+                    &beta as *const f32 as *const std::ffi::c_void,
+                    d.y,
+                    y_ptr as *mut std::ffi::c_void,
+                )
+            }
+            .map_err(err)
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from((n, k, ho, wo)),
+        ))
+    }
+}
+
+/// Convolution of contiguous NCHW `x` with `weight` [K, C, R, S] (groups = 1), no bias.
+pub(super) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> candle_core::Result<Tensor> {
+    let op = Conv2d {
+        pad: padding,
+        stride,
+        dilation,
+    };
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}

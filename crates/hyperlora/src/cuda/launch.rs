@@ -1,0 +1,502 @@
+//! Launching the kernels of kernels.cu through candle's custom ops.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "hyperlora_kernels";
+const HEAD_DIM: usize = 64;
+
+/// Row strides (elements) of a [B, S, W] layout whose last dimension is contiguous, if the
+/// kernel can read it with 16-byte vectors: (offset, batch stride, row stride).
+fn rows_of(l: &Layout) -> Option<(usize, usize, usize)> {
+    let s = l.stride();
+    let aligned = |x: usize| x.is_multiple_of(8);
+    (s.len() == 3 && s[2] == 1 && aligned(s[0]) && aligned(s[1]) && aligned(l.start_offset()))
+        .then_some((l.start_offset(), s[0], s[1]))
+}
+
+struct FlashAttention {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "hyperlora-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match q.dtype() {
+            DType::F16 => self.run::<f16>("flash_attn_f16", q, ql, k, kl, v, vl),
+            DType::BF16 => self.run::<bf16>("flash_attn_bf16", q, ql, k, kl, v, vl),
+            other => candle_core::bail!("flash attention: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+impl FlashAttention {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        name: &str,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, sq, width) = ql.shape().dims3()?;
+        let sk = kl.shape().dims3()?.1;
+        let (Some((qo, q_bs, q_ss)), Some((ko, k_bs, k_ss)), Some((vo, v_bs, v_ss))) =
+            (rows_of(ql), rows_of(kl), rows_of(vl))
+        else {
+            candle_core::bail!("flash attention: unsupported layout")
+        };
+        let dev = &q.device;
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        // SAFETY: every element is written by the kernel (rows < sq, all heads and dims).
+        let out = unsafe { dev.alloc::<T>(b * sq * width)? };
+        let qs = q.as_cuda_slice::<T>()?.slice(qo..);
+        let ks = k.as_cuda_slice::<T>()?.slice(ko..);
+        let vs = v.as_cuda_slice::<T>()?.slice(vo..);
+        let (heads, sq_i, sk_i) = (self.heads as i32, sq as i32, sk as i32);
+        let strides = [q_bs, q_ss, k_bs, k_ss, v_bs, v_ss, sq * width, width].map(|s| s as i64);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let mut builder = func.builder();
+        builder.arg(&qs).arg(&ks).arg(&vs).arg(&out);
+        builder.arg(&heads).arg(&sq_i).arg(&sk_i);
+        for s in &strides {
+            builder.arg(s);
+        }
+        builder.arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (sq.div_ceil(128) as u32, (b * self.heads) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel's signature in kernels.cu.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((b, sq, width)),
+        ))
+    }
+}
+
+pub(super) fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let supported = matches!(q.dtype(), DType::F16 | DType::BF16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && q.rank() == 3
+        && q.dim(2)? == heads * HEAD_DIM
+        && k.dims() == v.dims()
+        && k.dim(2)? == q.dim(2)?
+        && k.dim(0)? == q.dim(0)?
+        && k.dim(1)? > 0
+        && [q, k, v].iter().all(|t| rows_of(t.layout()).is_some());
+    if !supported {
+        return Ok(None);
+    }
+    let op = FlashAttention {
+        heads,
+        scale: scale as f32,
+    };
+    Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
+}
+
+struct GroupNorm {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "hyperlora-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("fused group norm runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => self.run::<f32>("f32", x, xl, w, wl, b, bl),
+            DType::F16 => self.run::<f16>("f16", x, xl, w, wl, b, bl),
+            DType::BF16 => self.run::<bf16>("bf16", x, xl, w, wl, b, bl),
+            other => candle_core::bail!("group norm: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+impl GroupNorm {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        suffix: &str,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = xl.shape().dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        let n = channels / self.groups * hw;
+        let rows = batch * self.groups;
+        // Enough blocks to fill the GPU even when B·G is small (64 at SDXL's 32 groups, B = 2).
+        let splits = n.div_ceil(16384).clamp(1, 64);
+        let chunk = n.div_ceil(splits);
+        let dev = &x.device;
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        // SAFETY: the stats kernel writes every partial; the apply kernel every output.
+        let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows * splits * 2)? };
+        let out = unsafe { dev.alloc::<T>(batch * channels * hw)? };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, splits as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_i, chunk_i, hw_i) = (n as i64, chunk as i64, hw as i64);
+        let stats =
+            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
+        let mut builder = stats.builder();
+        builder.arg(&xs).arg(&partial).arg(&n_i).arg(&chunk_i);
+        // SAFETY: arguments match group_norm_stats in kernels.cu.
+        unsafe { builder.launch(cfg) }.w()?;
+        let apply =
+            dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
+        let (cpg, groups, eps, silu) = (
+            (channels / self.groups) as i32,
+            self.groups as i32,
+            self.eps,
+            self.silu as i32,
+        );
+        let mut builder = apply.builder();
+        builder.arg(&xs).arg(&ws).arg(&bs).arg(&partial).arg(&out);
+        builder.arg(&n_i).arg(&chunk_i).arg(&hw_i);
+        builder.arg(&cpg).arg(&groups).arg(&eps).arg(&silu);
+        // SAFETY: arguments match group_norm_apply in kernels.cu.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            xl.shape().clone(),
+        ))
+    }
+}
+
+pub(super) fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> candle_core::Result<Option<Tensor>> {
+    let supported = x.rank() >= 3
+        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && weight.dtype() == x.dtype()
+        && bias.dtype() == x.dtype()
+        && groups > 0
+        && x.dim(1)? % groups == 0
+        && weight.dims1()? == x.dim(1)?
+        && bias.dims1()? == x.dim(1)?
+        && x.elem_count() > 0
+        && x.elem_count() / x.dim(0)? < i32::MAX as usize;
+    if !supported {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+    let op = GroupNorm {
+        groups,
+        eps: eps as f32,
+        silu,
+    };
+    Ok(Some(x.apply_op3_no_bwd(&weight, &bias, &op)?))
+}
+
+/// Blocks for a grid-stride loop over `n` elements: enough to fill any current GPU.
+fn elementwise_config(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn dtype_suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("hyperlora kernels: unsupported dtype {other:?}"),
+    })
+}
+
+/// Launches add_bias: `x` + `b` along the dimension with `inner` elements per step, plus `r`
+/// (same layout as `x`) when given.
+fn launch_add_bias<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    xl: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+    r: Option<(&CudaStorage, &Layout)>,
+    inner: usize,
+) -> candle_core::Result<CudaStorage> {
+    let n = xl.shape().elem_count();
+    let c = bl.shape().elem_count();
+    let dev = &x.device;
+    let func = dev.get_or_load_custom_func(
+        &format!("add_bias_{}", dtype_suffix(x.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+    let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+    let rs = match r {
+        Some((r, rl)) => Some(r.as_cuda_slice::<T>()?.slice(rl.start_offset()..)),
+        None => None,
+    };
+    // SAFETY: the kernel writes all n elements.
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let (n_i, inner_i, c_i, null) = (n as i64, inner as i64, c as i32, 0u64);
+    let mut builder = func.builder();
+    builder.arg(&xs).arg(&bs);
+    match &rs {
+        Some(rs) => builder.arg(rs),
+        None => builder.arg(&null),
+    };
+    builder.arg(&out).arg(&n_i).arg(&inner_i).arg(&c_i);
+    // SAFETY: arguments match add_bias in kernels.cu (a null residual pointer is allowed).
+    unsafe { builder.launch(elementwise_config(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            other => candle_core::bail!("hyperlora kernels: unsupported dtype {other:?}"),
+        }
+    };
+}
+
+struct AddBias {
+    inner: usize,
+}
+
+impl candle_core::CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "hyperlora-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("add_bias runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let out = by_dtype!(x.dtype(), launch_add_bias(x, xl, b, bl, None, self.inner))?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+struct AddBiasResidual;
+
+impl CustomOp3 for AddBiasResidual {
+    fn name(&self) -> &'static str {
+        "hyperlora-add-bias-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("add_bias runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        r: &CudaStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let out = by_dtype!(x.dtype(), launch_add_bias(x, xl, b, bl, Some((r, rl)), 1))?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+fn bias_applies(x: &Tensor, bias: &Tensor, channels: usize) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && bias.dtype() == x.dtype()
+        && bias.elem_count() == channels
+        && x.elem_count() > 0
+        && x.elem_count() < i32::MAX as usize
+}
+
+/// `x` + `bias` [C] broadcast over dimension `dim` of `x` (C = x.dim(dim)).
+pub(super) fn add_bias(
+    x: &Tensor,
+    bias: &Tensor,
+    dim: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    if dim >= x.rank() || !bias_applies(x, bias, x.dim(dim)?) {
+        return Ok(None);
+    }
+    let inner: usize = x.dims()[dim + 1..].iter().product();
+    let (x, bias) = (x.contiguous()?, bias.contiguous()?);
+    Ok(Some(x.apply_op2_no_bwd(&bias, &AddBias { inner })?))
+}
+
+/// `x` + `bias` [C] along the last dimension + `residual` (x's shape), in one pass.
+pub(super) fn add_bias_residual(
+    x: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    if x.rank() == 0
+        || residual.dims() != x.dims()
+        || residual.dtype() != x.dtype()
+        || !bias_applies(x, bias, x.dim(x.rank() - 1)?)
+    {
+        return Ok(None);
+    }
+    let (x, bias, residual) = (x.contiguous()?, bias.contiguous()?, residual.contiguous()?);
+    Ok(Some(x.apply_op3_no_bwd(
+        &bias,
+        &residual,
+        &AddBiasResidual,
+    )?))
+}
+
+struct Geglu;
+
+impl candle_core::CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "hyperlora-geglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("geglu runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            h: &CudaStorage,
+            hl: &Layout,
+            rows: usize,
+            inner: usize,
+        ) -> candle_core::Result<CudaStorage> {
+            let dev = &h.device;
+            let func = dev.get_or_load_custom_func(
+                &format!("geglu_{}", dtype_suffix(h.dtype())?),
+                MODULE,
+                PTX,
+            )?;
+            let hs = h.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
+            // SAFETY: the kernel writes all rows·inner elements.
+            let out = unsafe { dev.alloc::<T>(rows * inner)? };
+            let (rows_i, inner_i) = (rows as i64, inner as i64);
+            let mut builder = func.builder();
+            builder.arg(&hs).arg(&out).arg(&rows_i).arg(&inner_i);
+            // SAFETY: arguments match geglu in kernels.cu.
+            unsafe { builder.launch(elementwise_config(rows * inner)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let dims = hl.shape().dims();
+        let inner = dims[dims.len() - 1] / 2;
+        let rows = hl.shape().elem_count() / (2 * inner);
+        let out = by_dtype!(h.dtype(), run(h, hl, rows, inner))?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank ≥ 1") = inner;
+        Ok((out, Shape::from(shape)))
+    }
+}
+
+/// value · GELU(gate) for `h` = [..., 2·inner] split into [value | gate] halves.
+pub(super) fn geglu(h: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let supported = matches!(h.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && h.rank() >= 1
+        && h.dim(h.rank() - 1)? % 2 == 0
+        && h.elem_count() > 0
+        && h.elem_count() < i32::MAX as usize;
+    if !supported {
+        return Ok(None);
+    }
+    Ok(Some(h.contiguous()?.apply_op1_no_bwd(&Geglu)?))
+}
