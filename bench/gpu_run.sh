@@ -82,6 +82,10 @@ if want variants; then
     timeout 150 "$bin" --json "$out/ours_nokernels.json" $quick
   variant "candle's im2col convolutions (no cuDNN)" HYPERLORA_ALLOW_TF32=1 \
     timeout 150 /tmp/hyperlora-bench_gpu_im2col --json "$out/ours_im2col.json" $quick
+  echo "== variant: VAE in f32 with TF32, cuDNN's searches logged to cudnn_find_vae.log"
+  HYPERLORA_ALLOW_TF32=1 HYPERLORA_CUDNN_LOG=1 timeout 100 "$bin" --json "$out/ours_vae_tf32.json" \
+    --phases vae_decode --iters 5 >"$out/cudnn_find_vae.log" 2>&1
+  grep -E "VAE decode" "$out/cudnn_find_vae.log"
   variant "VAE in f32 without TF32" timeout 100 "$bin" --json "$out/ours_vae_f32.json" --phases vae_decode --iters 5
   variant "VAE in bf16" timeout 100 "$bin" --json "$out/ours_vae_bf16.json" --phases vae_decode --iters 5 --vae-dtype bf16
 fi

@@ -6,7 +6,7 @@
 //!   `torch.backends.cudnn.allow_tf32`), so f32 stays f32;
 //! - the algorithm is chosen once per problem shape by timing the candidates
 //!   (`cudnnFindConvolutionForwardAlgorithm`), keeping only deterministic ones with a bounded
-//!   workspace, and cached.
+//!   workspace, and cached (`HYPERLORA_CUDNN_LOG=1` prints each search's candidates).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -21,8 +21,8 @@ use half::{bf16, f16};
 
 /// Largest workspace an algorithm may ask for. cuDNN's tensor-core kernels work in NHWC and
 /// convert NCHW tensors through the workspace, which at the VAE's full resolution (128 channels
-/// at 1024², f32) takes about a gigabyte.
-const MAX_WORKSPACE: usize = 1 << 30;
+/// at 1024², f32: input and output 512 MiB each) takes just over a gigabyte.
+const MAX_WORKSPACE: usize = 2 << 30;
 
 fn err(e: result::CudnnError) -> candle_core::Error {
     candle_core::Error::Msg(format!("cuDNN: {e:?}"))
@@ -153,6 +153,18 @@ fn find_plan(handle: sys::cudnnHandle_t, d: &Descriptors) -> Result<Plan, result
         p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE
     };
     let found = &perf[..count.max(0) as usize];
+    if std::env::var_os("HYPERLORA_CUDNN_LOG").is_some() {
+        for p in found {
+            eprintln!(
+                "cudnn find: {:?} {:?} {:.3} ms, {} MiB, {:?}",
+                p.algo,
+                p.status,
+                p.time,
+                p.memory >> 20,
+                p.determinism
+            );
+        }
+    }
     let best = found
         .iter()
         .filter(ok)
