@@ -4,9 +4,10 @@
 //! - accumulation is always f32 (cuDNN's "pseudo half/bfloat16" configurations), as PyTorch does;
 //! - tensor cores for f16/bf16; for f32 plain FMA unless `HYPERLORA_ALLOW_TF32=1` (PyTorch's
 //!   `torch.backends.cudnn.allow_tf32`), so f32 stays f32;
-//! - the algorithm is chosen once per problem shape by timing the candidates
-//!   (`cudnnFindConvolutionForwardAlgorithm`), keeping only deterministic ones with a bounded
-//!   workspace, and cached (`HYPERLORA_CUDNN_LOG=1` prints each search's candidates).
+//! - the algorithm is chosen once per problem shape by timing the candidates on the problem's
+//!   own buffers with a bounded scratch workspace (`cudnnFindConvolutionForwardAlgorithmEx`, so
+//!   the search allocates nothing else), preferring deterministic ones, and cached
+//!   (`HYPERLORA_CUDNN_LOG=1` prints each search's candidates).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -130,28 +131,45 @@ impl Descriptors {
     }
 }
 
-/// The fastest deterministic algorithm within the workspace bound, found by timing.
-fn find_plan(handle: sys::cudnnHandle_t, d: &Descriptors) -> Result<Plan, result::CudnnError> {
+/// Device buffers of one search: the problem's own input, filter and output, and a scratch
+/// workspace that bounds what the candidates may use (and what the search allocates).
+struct SearchBuffers {
+    x: u64,
+    w: u64,
+    y: u64,
+    workspace: u64,
+    workspace_size: usize,
+}
+
+/// The fastest deterministic algorithm within the workspace, found by timing the candidates on
+/// the problem's buffers (`cudnnFindConvolutionForwardAlgorithmEx`).
+fn find_plan(
+    handle: sys::cudnnHandle_t,
+    d: &Descriptors,
+    b: &SearchBuffers,
+) -> Result<Plan, result::CudnnError> {
     const N: usize = 10;
-    // SAFETY: plain-data out parameters; descriptors are valid.
+    // SAFETY: plain-data out parameters; descriptors and buffers match.
     let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
     let mut count = 0;
     unsafe {
-        sys::cudnnFindConvolutionForwardAlgorithm(
+        sys::cudnnFindConvolutionForwardAlgorithmEx(
             handle,
             d.x,
+            b.x as *const std::ffi::c_void,
             d.w,
+            b.w as *const std::ffi::c_void,
             d.conv,
             d.y,
+            b.y as *mut std::ffi::c_void,
             N as i32,
             &mut count,
             perf.as_mut_ptr(),
+            b.workspace as *mut std::ffi::c_void,
+            b.workspace_size,
         )
         .result()?;
     }
-    let ok = |p: &&sys::cudnnConvolutionFwdAlgoPerf_t| {
-        p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE
-    };
     let found = &perf[..count.max(0) as usize];
     if std::env::var_os("HYPERLORA_CUDNN_LOG").is_some() {
         for p in found {
@@ -165,6 +183,9 @@ fn find_plan(handle: sys::cudnnHandle_t, d: &Descriptors) -> Result<Plan, result
             );
         }
     }
+    let ok = |p: &&sys::cudnnConvolutionFwdAlgoPerf_t| {
+        p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= b.workspace_size
+    };
     let best = found
         .iter()
         .filter(ok)
@@ -264,6 +285,9 @@ impl Conv2d {
                     e.insert(handle).0
                 }
             };
+            let (x_ptr, _x_guard) = xs.device_ptr(&stream);
+            let (w_ptr, _w_guard) = ws.device_ptr(&stream);
+            let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
             let cached = PLANS
                 .lock()
                 .expect("plans")
@@ -273,7 +297,20 @@ impl Conv2d {
             let plan = match cached {
                 Some(plan) => plan,
                 None => {
-                    let plan = find_plan(handle, &d).map_err(err)?;
+                    // Room for cuDNN's NHWC copies of input and output, within the bound.
+                    let bytes = (n * c * h * wd + n * k * ho * wo) * x.dtype().size_in_bytes();
+                    let size = (2 * bytes + (64 << 20)).min(MAX_WORKSPACE);
+                    // SAFETY: scratch space, written by the search only.
+                    let mut scratch = unsafe { dev.alloc::<u8>(size)? };
+                    let (scratch_ptr, _guard) = scratch.device_ptr_mut(&stream);
+                    let buffers = SearchBuffers {
+                        x: x_ptr,
+                        w: w_ptr,
+                        y: y_ptr,
+                        workspace: scratch_ptr,
+                        workspace_size: size,
+                    };
+                    let plan = find_plan(handle, &d, &buffers).map_err(err)?;
                     PLANS
                         .lock()
                         .expect("plans")
@@ -285,9 +322,6 @@ impl Conv2d {
             // SAFETY: the workspace is only used by this launch.
             let mut workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
             let (alpha, beta) = (1f32, 0f32);
-            let (x_ptr, _x_guard) = xs.device_ptr(&stream);
-            let (w_ptr, _w_guard) = ws.device_ptr(&stream);
-            let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
             let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
             // SAFETY: descriptors match the buffers' shapes and dtype; f32 scaling parameters for
             // the f32 compute type.
