@@ -43,6 +43,18 @@ pub fn load_fixture(stage: &str, name: &str) -> std::collections::HashMap<String
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 
+/// Whether every element is finite.
+pub fn all_finite(t: &Tensor) -> bool {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|x| x.is_finite())
+}
+
 /// Largest absolute difference, with its flat index and both values.
 pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> (f32, usize, f32, f32) {
     assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
@@ -85,6 +97,15 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
 }
 
 const PIPELINE_STAGE: &str = "sdxl_pipeline";
+
+/// The text-to-image cases of the whole-pipeline fixtures.
+pub const PIPELINE_CASES: [&str; 5] = [
+    "euler_cfg5",
+    "dpmpp_2m_karras_negative_batch2",
+    "euler_ancestral_no_cfg",
+    "dpmpp_2m_sde_karras",
+    "ddim_exact_steps",
+];
 
 /// A whole-pipeline fixture case's parameters, as the generator script recorded them.
 pub fn pipeline_case_params(case: &str) -> crate::sdxl::pipeline::GenerateParams {

@@ -64,6 +64,18 @@ struct Plan {
 
 static PLANS: Mutex<Option<HashMap<Problem, Plan>>> = Mutex::new(None);
 
+fn cached_plan(problem: &Problem) -> Option<Plan> {
+    PLANS.lock().expect("plans").as_ref()?.get(problem).copied()
+}
+
+fn cache_plan(problem: Problem, plan: Plan) {
+    PLANS
+        .lock()
+        .expect("plans")
+        .get_or_insert_with(HashMap::new)
+        .insert(problem, plan);
+}
+
 fn allow_tf32() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("HYPERLORA_ALLOW_TF32").is_ok_and(|v| v == "1"))
@@ -288,13 +300,7 @@ impl Conv2d {
             let (x_ptr, _x_guard) = xs.device_ptr(&stream);
             let (w_ptr, _w_guard) = ws.device_ptr(&stream);
             let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
-            let cached = PLANS
-                .lock()
-                .expect("plans")
-                .get_or_insert_with(HashMap::new)
-                .get(&problem)
-                .copied();
-            let plan = match cached {
+            let plan = match cached_plan(&problem) {
                 Some(plan) => plan,
                 None => {
                     // Room for cuDNN's NHWC copies of input and output, within the bound.
@@ -311,11 +317,7 @@ impl Conv2d {
                         workspace_size: size,
                     };
                     let plan = find_plan(handle, &d, &buffers).map_err(err)?;
-                    PLANS
-                        .lock()
-                        .expect("plans")
-                        .get_or_insert_with(HashMap::new)
-                        .insert(problem, plan);
+                    cache_plan(problem, plan);
                     plan
                 }
             };

@@ -8,6 +8,18 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
+/// Calls `f::<T>(args)` with the Rust type of a float `DType`.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            other => candle_core::bail!("hyperlora kernels: unsupported dtype {other:?}"),
+        }
+    };
+}
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "hyperlora_kernels";
 const HEAD_DIM: usize = 64;
@@ -169,11 +181,11 @@ impl CustomOp3 for GroupNorm {
         b: &CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let suffix = dtype_suffix(x.dtype())?;
         match x.dtype() {
-            DType::F32 => self.run::<f32>("f32", x, xl, w, wl, b, bl),
-            DType::F16 => self.run::<f16>("f16", x, xl, w, wl, b, bl),
-            DType::BF16 => self.run::<bf16>("bf16", x, xl, w, wl, b, bl),
-            other => candle_core::bail!("group norm: unsupported dtype {other:?}"),
+            DType::F32 => self.run::<f32>(suffix, x, xl, w, wl, b, bl),
+            DType::F16 => self.run::<f16>(suffix, x, xl, w, wl, b, bl),
+            _ => self.run::<bf16>(suffix, x, xl, w, wl, b, bl),
         }
     }
 }
@@ -324,17 +336,6 @@ fn launch_add_bias<T: CudaDType + DeviceRepr>(
     // SAFETY: arguments match add_bias in kernels.cu (a null residual pointer is allowed).
     unsafe { builder.launch(elementwise_config(n)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-}
-
-macro_rules! by_dtype {
-    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
-        match $dtype {
-            DType::F32 => $f::<f32>($($arg),*),
-            DType::F16 => $f::<f16>($($arg),*),
-            DType::BF16 => $f::<bf16>($($arg),*),
-            other => candle_core::bail!("hyperlora kernels: unsupported dtype {other:?}"),
-        }
-    };
 }
 
 struct AddBias {

@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::sdxl::attention::scaled_dot_product_attention;
 use crate::sdxl::pipeline::SdxlPipeline;
 use crate::testing::{
-    assert_close, check_pipeline_case, load_fixture, pipeline_case_params, run_pipeline, tiny_model,
+    all_finite, assert_close, check_pipeline_case, load_fixture, pipeline_case_params,
+    run_pipeline, tiny_model, PIPELINE_CASES,
 };
 
 fn cuda() -> Option<Device> {
@@ -176,13 +177,7 @@ fn tiny_pipeline(dev: &Device, dtype: DType) -> SdxlPipeline {
 fn pipeline_matches_diffusers_on_cuda() {
     let Some(dev) = cuda() else { return };
     let pipe = tiny_pipeline(&dev, DType::F32);
-    for case in [
-        "euler_cfg5",
-        "dpmpp_2m_karras_negative_batch2",
-        "euler_ancestral_no_cfg",
-        "dpmpp_2m_sde_karras",
-        "ddim_exact_steps",
-    ] {
+    for case in PIPELINE_CASES {
         let (latents, images) = run_pipeline(&pipe, &pipeline_case_params(case));
         check_pipeline_case(case, &latents, &images);
     }
@@ -220,16 +215,7 @@ fn half_precision_psnr_against_f32() {
     let (_, full) = run_pipeline(&tiny_pipeline(&dev, DType::F32), &p);
     for dtype in [DType::F16, DType::BF16] {
         let (latents, half) = run_pipeline(&tiny_pipeline(&dev, dtype), &p);
-        let finite = latents
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .all(|x| x.is_finite());
-        assert!(finite, "{dtype:?}: non-finite latents");
+        assert!(all_finite(&latents), "{dtype:?}: non-finite latents");
         let (mut se, mut n) = (0f64, 0usize);
         for (a, b) in full.iter().zip(&half) {
             for (x, y) in a.data.iter().zip(&b.data) {

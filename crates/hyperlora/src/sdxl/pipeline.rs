@@ -619,7 +619,7 @@ mod tests {
     use crate::error::ErrorCode;
     use crate::testing::{
         assert_close, check_pipeline_case as check, fixture, load_fixture,
-        pipeline_case_params as params, run_pipeline as run, tiny_model, tiny_sdxl,
+        pipeline_case_params as params, run_pipeline as run, tiny_model, tiny_sdxl, PIPELINE_CASES,
     };
 
     const STAGE: &str = "sdxl_pipeline";
@@ -627,13 +627,7 @@ mod tests {
     #[test]
     fn text_to_image_matches_diffusers() {
         let pipe = tiny_sdxl();
-        for case in [
-            "euler_cfg5",
-            "dpmpp_2m_karras_negative_batch2",
-            "euler_ancestral_no_cfg",
-            "dpmpp_2m_sde_karras",
-            "ddim_exact_steps",
-        ] {
+        for case in PIPELINE_CASES {
             let (latents, images) = run(&pipe, &params(case));
             check(case, &latents, &images);
         }

@@ -416,7 +416,7 @@ impl AutoencoderKL {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, load_fixture, tiny_model};
+    use crate::testing::{all_finite, assert_close, load_fixture, tiny_model};
     use candle_core::Device;
 
     const STAGE: &str = "sdxl_vae";
@@ -428,17 +428,6 @@ mod tests {
             VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu).unwrap()
         };
         AutoencoderKL::new(vb, &config).unwrap()
-    }
-
-    fn all_finite(t: &Tensor) -> bool {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .all(|x| x.is_finite())
     }
 
     #[test]
