@@ -8,7 +8,8 @@
 //   B (16x8, "col")      reg0: k = c..c+1, n = r;   reg1: k = c+8..c+9, n = r
 //   C (16x8, f32)        c0,c1: (r, c..c+1);        c2,c3: (r+8, c..c+1)
 // with r = lane / 4 and c = 2 * (lane % 4). A C tile pair of scores is exactly the A fragment of
-// the probabilities for the next product, so P never leaves registers.
+// the probabilities for the next product, so P never leaves registers. K and V tiles are
+// double-buffered in shared memory (cp.async); V's B fragments come from ldmatrix.trans.
 //
 // group_norm_*: GroupNorm (+ optional SiLU) over NCHW in two launches: partial shifted sums per
 // chunk of each group, then normalise + affine (+ SiLU) with the combined statistics.
@@ -51,18 +52,35 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0
 
 __device__ __forceinline__ uint32_t ld32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global → shared without passing through registers; `bytes` = 0 fills zeros (rows past
+// the end of the keys).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+
+// Four transposed 8x8 b16 tiles: lane l gives the address of row l % 8 of tile l / 8.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
 // q: element (b, s, h, d) at q[b * q_bs + s * q_ss + h * 64 + d]; likewise k, v and o. Strides and
 // offsets are multiples of 8 elements (checked by the caller), so rows load as 16-byte vectors.
 // Grid: (ceil(sq / 128), batch * heads); block: 256 threads, 8 warps of 16 query rows each.
+// Shared memory: two stages of (K, V) tiles, 64 keys each, row-major; the first stage holds the
+// 128 query rows until their fragments are in registers. Each stage's tile is fetched with
+// cp.async while the other is computed on.
 template <typename T>
 __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            T* __restrict__ o, int heads, int sq, int sk, long q_bs, long q_ss, long k_bs,
                            long k_ss, long v_bs, long v_ss, long o_bs, long o_ss, float scale_log2) {
-  __shared__ __align__(16) T sQ[BLOCK_Q][PITCH];
-  __shared__ __align__(16) T sK[BLOCK_K][PITCH];
-  // V transposed, [dim][key], with the key's word index XOR-ed by 4 * (dim / 8): the transposing
-  // stores of a warp then spread over all banks, and the B-fragment loads still read key pairs.
-  __shared__ __align__(16) T sVt[HEAD_DIM][PITCH];
+  __shared__ __align__(16) T smem[2][2][BLOCK_K][PITCH];  // [stage][K or V][key][dim]
+  T(*sQ)[PITCH] = smem[0][0];                              // 128 rows: stage 0's K and V
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int r = lane >> 2, c = (lane & 3) * 2;
@@ -73,12 +91,13 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
   v += b * v_bs + h * HEAD_DIM;
   o += b * o_bs + h * HEAD_DIM;
 
-  const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int i = tid; i < BLOCK_Q * 8; i += blockDim.x) {
     int row = i >> 3, col = (i & 7) * 8;
-    uint4 val = q0 + row < sq ? *reinterpret_cast<const uint4*>(q + (q0 + row) * q_ss + col) : zero;
-    *reinterpret_cast<uint4*>(&sQ[row][col]) = val;
+    bool in = q0 + row < sq;
+    cp_async16(&sQ[row][col], q + (in ? (q0 + row) * q_ss : 0) + col, in ? 16 : 0);
   }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
   uint32_t qa[4][4];
   const int qr = warp * 16 + r;
@@ -89,27 +108,35 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
     qa[kk][2] = ld32(&sQ[qr][kk * 16 + c + 8]);
     qa[kk][3] = ld32(&sQ[qr + 8][kk * 16 + c + 8]);
   }
+  __syncthreads();  // stage 0 is free for keys
+
+  // 64 keys x 8 vectors of 8 elements, for K and for V: 2 of each per thread.
+  auto fetch = [&](int stage, int k0) {
+    for (int i = tid; i < BLOCK_K * 8; i += blockDim.x) {
+      int row = i >> 3, col = (i & 7) * 8;
+      bool in = k0 + row < sk;
+      cp_async16(&smem[stage][0][row][col], k + (in ? (k0 + row) * k_ss : 0) + col, in ? 16 : 0);
+      cp_async16(&smem[stage][1][row][col], v + (in ? (k0 + row) * v_ss : 0) + col, in ? 16 : 0);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
 
   float acc[8][4];
 #pragma unroll
   for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-  for (int k0 = 0; k0 < sk; k0 += BLOCK_K) {
-    __syncthreads();  // the previous tile is consumed
-    // 64 keys x 8 vectors of 8 elements, for K and for V: 2 of each per thread.
-    for (int i = tid; i < BLOCK_K * 8; i += blockDim.x) {
-      int row = i >> 3, col = (i & 7) * 8;
-      bool in = k0 + row < sk;
-      uint4 kv = in ? *reinterpret_cast<const uint4*>(k + (k0 + row) * k_ss + col) : zero;
-      uint4 vv = in ? *reinterpret_cast<const uint4*>(v + (k0 + row) * v_ss + col) : zero;
-      *reinterpret_cast<uint4*>(&sK[row][col]) = kv;
-      const T* ve = reinterpret_cast<const T*>(&vv);
-      const int word = (row >> 1) ^ (4 * (col >> 3));
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sVt[col + e][word * 2 + (row & 1)] = ve[e];
+  fetch(0, 0);
+  for (int k0 = 0, stage = 0; k0 < sk; k0 += BLOCK_K, stage ^= 1) {
+    if (k0 + BLOCK_K < sk) {
+      fetch(stage ^ 1, k0 + BLOCK_K);
+      asm volatile("cp.async.wait_group 1;\n" ::);  // this stage's group has landed
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
     }
     __syncthreads();
+    T(*sK)[PITCH] = smem[stage][0];
+    T(*sV)[PITCH] = smem[stage][1];
 
     // S = Q Kᵀ for this warp's 16 rows and the tile's 64 keys: 8 C tiles of 16x8.
     float s[8][4];
@@ -163,18 +190,23 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
       acc[j][2] *= alpha1;
       acc[j][3] *= alpha1;
     }
-    // O += P V: P's C tiles (2kk, 2kk+1) are the A fragment of keys 16kk..16kk+15.
+    // O += P V: P's C tiles (2kk, 2kk+1) are the A fragment of keys 16kk..16kk+15; V's B
+    // fragments for two 8-dim tiles at a time come transposed from ldmatrix.
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1], T()), pack2(s[2 * kk][2], s[2 * kk][3], T()),
                         pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], T()),
                         pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], T())};
+      const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-      for (int jd = 0; jd < 8; ++jd) {
-        const int w0 = ((kk * 16 + c) >> 1) ^ (4 * jd), w1 = ((kk * 16 + c + 8) >> 1) ^ (4 * jd);
-        mma(acc[jd], pa, ld32(&sVt[jd * 8 + r][w0 * 2]), ld32(&sVt[jd * 8 + r][w1 * 2]), T());
+      for (int jd = 0; jd < 8; jd += 2) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, &sV[key][(jd + (lane >> 4)) * 8]);
+        mma(acc[jd], pa, vb[0], vb[1], T());
+        mma(acc[jd + 1], pa, vb[2], vb[3], T());
       }
     }
+    __syncthreads();  // this stage is consumed before it is fetched into again
   }
 
   l0 += __shfl_xor_sync(0xffffffff, l0, 1);
@@ -317,14 +349,19 @@ __device__ void add_bias(const T* __restrict__ x, const T* __restrict__ b, const
   }
 }
 
-// diffusers GEGLU: h = [value | gate] per row of 2·inner; y = value · GELU(gate), exact (erf) GELU.
+// diffusers GEGLU: h = [value | gate] per row of 2·inner (plus the projection's bias b, 2·inner,
+// when not null); y = value · GELU(gate), exact (erf) GELU.
 template <typename T>
-__device__ void geglu(const T* __restrict__ h, T* __restrict__ y, long rows, long inner) {
+__device__ void geglu(const T* __restrict__ h, const T* __restrict__ b, T* __restrict__ y, long rows, long inner) {
   const unsigned n = rows * inner, uinner = inner;  // n < 2^31, checked by the caller
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const unsigned r = i / uinner, j = i - r * uinner;
-    const float value = to_f32(h[2 * (long)r * uinner + j]);
-    const float gate = to_f32(h[2 * (long)r * uinner + uinner + j]);
+    float value = to_f32(h[2 * (long)r * uinner + j]);
+    float gate = to_f32(h[2 * (long)r * uinner + uinner + j]);
+    if (b) {
+      value += to_f32(b[j]);
+      gate += to_f32(b[uinner + j]);
+    }
     from_f32(value * (0.5f * gate * (1.f + erff(gate * 0.70710678118654752f))), &y[i]);
   }
 }
@@ -334,7 +371,9 @@ __device__ void geglu(const T* __restrict__ h, T* __restrict__ y, long rows, lon
                                                int c) {                                                    \
     add_bias<T>(x, b, r, y, n, inner, c);                                                                  \
   }                                                                                                        \
-  extern "C" __global__ void geglu_##SUFFIX(const T* h, T* y, long rows, long inner) { geglu<T>(h, y, rows, inner); }
+  extern "C" __global__ void geglu_##SUFFIX(const T* h, const T* b, T* y, long rows, long inner) {            \
+    geglu<T>(h, b, y, rows, inner);                                                                        \
+  }
 ELEMENTWISE(f32, float)
 ELEMENTWISE(f16, __half)
 ELEMENTWISE(bf16, __nv_bfloat16)

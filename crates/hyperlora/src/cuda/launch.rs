@@ -445,6 +445,43 @@ pub(super) fn add_bias_residual(
     )?))
 }
 
+/// Launches geglu over `h` [rows, 2·inner], adding the projection's `bias` [2·inner] if given.
+fn launch_geglu<T: CudaDType + DeviceRepr>(
+    h: &CudaStorage,
+    hl: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dims = hl.shape().dims();
+    let inner = dims[dims.len() - 1] / 2;
+    let rows = hl.shape().elem_count() / (2 * inner);
+    let dev = &h.device;
+    let func =
+        dev.get_or_load_custom_func(&format!("geglu_{}", dtype_suffix(h.dtype())?), MODULE, PTX)?;
+    let hs = h.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
+    let bs = match bias {
+        Some((b, bl)) => Some(b.as_cuda_slice::<T>()?.slice(bl.start_offset()..)),
+        None => None,
+    };
+    // SAFETY: the kernel writes all rows·inner elements.
+    let out = unsafe { dev.alloc::<T>(rows * inner)? };
+    let (rows_i, inner_i, null) = (rows as i64, inner as i64, 0u64);
+    let mut builder = func.builder();
+    builder.arg(&hs);
+    match &bs {
+        Some(bs) => builder.arg(bs),
+        None => builder.arg(&null),
+    };
+    builder.arg(&out).arg(&rows_i).arg(&inner_i);
+    // SAFETY: arguments match geglu in kernels.cu (a null bias pointer is allowed).
+    unsafe { builder.launch(elementwise_config(rows * inner)) }.w()?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank ≥ 1") = inner;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(shape),
+    ))
+}
+
 struct Geglu;
 
 impl candle_core::CustomOp1 for Geglu {
@@ -457,47 +494,55 @@ impl candle_core::CustomOp1 for Geglu {
     }
 
     fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        fn run<T: CudaDType + DeviceRepr>(
-            h: &CudaStorage,
-            hl: &Layout,
-            rows: usize,
-            inner: usize,
-        ) -> candle_core::Result<CudaStorage> {
-            let dev = &h.device;
-            let func = dev.get_or_load_custom_func(
-                &format!("geglu_{}", dtype_suffix(h.dtype())?),
-                MODULE,
-                PTX,
-            )?;
-            let hs = h.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
-            // SAFETY: the kernel writes all rows·inner elements.
-            let out = unsafe { dev.alloc::<T>(rows * inner)? };
-            let (rows_i, inner_i) = (rows as i64, inner as i64);
-            let mut builder = func.builder();
-            builder.arg(&hs).arg(&out).arg(&rows_i).arg(&inner_i);
-            // SAFETY: arguments match geglu in kernels.cu.
-            unsafe { builder.launch(elementwise_config(rows * inner)) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-        }
-        let dims = hl.shape().dims();
-        let inner = dims[dims.len() - 1] / 2;
-        let rows = hl.shape().elem_count() / (2 * inner);
-        let out = by_dtype!(h.dtype(), run(h, hl, rows, inner))?;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank ≥ 1") = inner;
-        Ok((out, Shape::from(shape)))
+        by_dtype!(h.dtype(), launch_geglu(h, hl, None))
     }
 }
 
-/// value · GELU(gate) for `h` = [..., 2·inner] split into [value | gate] halves.
-pub(super) fn geglu(h: &Tensor) -> candle_core::Result<Option<Tensor>> {
+struct GegluBias;
+
+impl candle_core::CustomOp2 for GegluBias {
+    fn name(&self) -> &'static str {
+        "hyperlora-geglu-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("geglu runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        h: &CudaStorage,
+        hl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        by_dtype!(h.dtype(), launch_geglu(h, hl, Some((b, bl))))
+    }
+}
+
+/// value · GELU(gate) for `h` = [..., 2·inner] split into [value | gate] halves, each plus its
+/// half of `bias` [2·inner] when given.
+pub(super) fn geglu(h: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Option<Tensor>> {
     let supported = matches!(h.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && h.rank() >= 1
         && h.dim(h.rank() - 1)? % 2 == 0
         && h.elem_count() > 0
-        && h.elem_count() < i32::MAX as usize;
+        && h.elem_count() < i32::MAX as usize
+        && bias.is_none_or(|b| {
+            b.dtype() == h.dtype() && b.elem_count() == h.dim(h.rank() - 1).unwrap_or(0)
+        });
     if !supported {
         return Ok(None);
     }
-    Ok(Some(h.contiguous()?.apply_op1_no_bwd(&Geglu)?))
+    let h = h.contiguous()?;
+    Ok(Some(match bias {
+        Some(b) => h.apply_op2_no_bwd(&b.contiguous()?, &GegluBias)?,
+        None => h.apply_op1_no_bwd(&Geglu)?,
+    }))
 }

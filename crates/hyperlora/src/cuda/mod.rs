@@ -81,9 +81,27 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
-    return launch::geglu(h);
+    return launch::geglu(h, None);
     #[cfg(not(feature = "cuda"))]
     Ok(None)
+}
+
+/// GEGLU of `linear`'s output (`linear` [2·inner, in], its bias added inside the GEGLU pass), or
+/// `None` off CUDA.
+pub fn linear_geglu(linear: &Linear, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !applies(x) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let h = Linear::new(linear.weight().clone(), None).forward(x)?;
+        launch::geglu(&h, linear.bias())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = linear;
+        Ok(None)
+    }
 }
 
 /// `x` + `bias` [C] along dimension `dim` of `x`, in one contiguous pass.

@@ -256,6 +256,19 @@ fn geglu_bias_and_convolution_match_candle() {
         let err = relative_error(&got, &want);
         assert!(err < tol, "geglu {dtype:?}: relative error {err}");
 
+        // The feed-forward's projection with its bias folded into the GEGLU pass.
+        let (w, b, x) = (r(&[2 * 48, 64]), r(&[2 * 48]), r(&[2, 50, 64]));
+        let got = super::linear_geglu(&candle_nn::Linear::new(w.clone(), Some(b.clone())), &x)
+            .unwrap()
+            .expect("applies on CUDA");
+        let h =
+            candle_core::Module::forward(&candle_nn::Linear::new(f32(&w), Some(f32(&b))), &f32(&x))
+                .unwrap();
+        let want = (h.narrow(2, 0, 48).unwrap() * h.narrow(2, 48, 48).unwrap().gelu_erf().unwrap())
+            .unwrap();
+        let err = relative_error(&got, &want);
+        assert!(err < tol, "linear_geglu {dtype:?}: relative error {err}");
+
         let (w, b, x) = (r(&[96, 64]), r(&[96]), r(&[2, 50, 64]));
         let got = super::linear(&candle_nn::Linear::new(w.clone(), Some(b.clone())), &x).unwrap();
         let want =

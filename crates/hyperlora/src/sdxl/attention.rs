@@ -202,14 +202,24 @@ impl FeedForward {
         adapters: Option<&SampleAdapters>,
         residual: &Tensor,
     ) -> Result<Tensor> {
-        let h = forward_linear(&self.proj, x, adapters)?;
-        let gated = match crate::cuda::geglu(&h)? {
+        // Without per-sample adapters the projection's bias is added inside the GEGLU pass.
+        let fused = match adapters {
+            None => crate::cuda::linear_geglu(&self.proj, x)?,
+            Some(_) => None,
+        };
+        let gated = match fused {
             Some(y) => y,
             None => {
-                let inner = h.dim(D::Minus1)? / 2;
-                let value = h.narrow(D::Minus1, 0, inner)?;
-                let gate = h.narrow(D::Minus1, inner, inner)?;
-                (value * gate.gelu_erf()?)?
+                let h = forward_linear(&self.proj, x, adapters)?;
+                match crate::cuda::geglu(&h)? {
+                    Some(y) => y,
+                    None => {
+                        let inner = h.dim(D::Minus1)? / 2;
+                        let value = h.narrow(D::Minus1, 0, inner)?;
+                        let gate = h.narrow(D::Minus1, inner, inner)?;
+                        (value * gate.gelu_erf()?)?
+                    }
+                }
             }
         };
         forward_linear_residual(&self.out, &gated, adapters, residual)
