@@ -4,7 +4,6 @@
  * printed), 2 bad usage.
  */
 import * as fs from 'node:fs'
-import * as os from 'node:os'
 import * as path from 'node:path'
 import { parseArgs } from 'node:util'
 
@@ -58,7 +57,7 @@ Runs the whole pipeline on the small bundled models (models/tiny): face detectio
 and ArcFace on a bundled photo, CLIP + the HyperLoRA hypernetwork → an identity LoRA, then SDXL
 (both text encoders, UNet with DPM++ 2M Karras, VAE) with that identity merged in. The weights
 are random, so the picture is noise: the demo shows the install works end to end. Writes the
-PNG to --out (default: the system's temp folder). With --real it runs the default real models
+PNG to --out (default: demo.png in the current folder). With --real it runs the default real models
 instead (downloading what is missing, about 9 GB, like 'hyperlora pull') at 1024², and the
 picture is a portrait of the person in the bundled photo.`,
   generate: `Usage: hyperlora generate --prompt <text> [--face photo]... [--identity me.safetensors] [options]
@@ -156,7 +155,7 @@ async function demo(flags: Flags, out: string | undefined, real: boolean): Promi
       seed: 42,
       onProgress: timings.call(),
     })
-    const file = path.resolve(out ?? path.join(os.tmpdir(), 'hyperlora-demo.png'))
+    const file = path.resolve(out ?? 'demo.png')
     writeAtomic(file, image!.data)
     const face = identity.photos[0]!.face
     const stages = timings.result()
