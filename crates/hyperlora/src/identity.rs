@@ -52,6 +52,8 @@ impl IdentityEncoder {
                 clip.config().hidden_size
             )));
         }
+        // Finished before use from another thread's stream (see `SdxlPipeline::load`).
+        device.synchronize()?;
         Ok(Self {
             clip,
             hyper,
@@ -137,6 +139,8 @@ impl IdentityEncoder {
             self.hyper.uses_clip().then_some(&clip),
             None,
         )?;
+        // The LoRA may be merged from another thread's stream (see `SdxlPipeline::load`).
+        self.device.synchronize()?;
         progress(Progress {
             stage: "hypernet",
             step: 1,

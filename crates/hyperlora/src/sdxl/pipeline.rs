@@ -223,6 +223,9 @@ impl SdxlPipeline {
             &clip_g,
         )
         .map_err(|e| e.context("text encoders"))?;
+        // candle queues GPU work on the calling thread's stream, and Node's worker pool may run
+        // the next call on another thread: the uploads finish before the models are handed out.
+        device.synchronize()?;
         Ok(Self {
             unet,
             vae,
