@@ -17,7 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Shape, Tensor};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 /// Largest workspace an algorithm may ask for. cuDNN's tensor-core kernels work in NHWC and
@@ -223,15 +223,7 @@ impl candle_core::CustomOp2 for Conv2d {
         "hyperlora-cudnn-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("cuDNN convolution runs on CUDA only")
-    }
+    cuda_only!("cuDNN convolution", _s1 _l1, _s2 _l2);
 
     fn cuda_fwd(
         &self,

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 /// Calls `f::<T>(args)` with the Rust type of a float `DType`.
@@ -43,17 +43,7 @@ impl CustomOp3 for FlashAttention {
         "hyperlora-flash-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("flash attention runs on CUDA only")
-    }
+    cuda_only!("flash attention", _s1 _l1, _s2 _l2, _s3 _l3);
 
     fn cuda_fwd(
         &self,
@@ -160,17 +150,7 @@ impl CustomOp3 for GroupNorm {
         "hyperlora-group-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("fused group norm runs on CUDA only")
-    }
+    cuda_only!("fused group norm", _s1 _l1, _s2 _l2, _s3 _l3);
 
     fn cuda_fwd(
         &self,
@@ -347,15 +327,7 @@ impl candle_core::CustomOp2 for AddBias {
         "hyperlora-add-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("add_bias runs on CUDA only")
-    }
+    cuda_only!("add_bias", _s1 _l1, _s2 _l2);
 
     fn cuda_fwd(
         &self,
@@ -376,17 +348,7 @@ impl CustomOp3 for AddBiasResidual {
         "hyperlora-add-bias-residual"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("add_bias runs on CUDA only")
-    }
+    cuda_only!("add_bias", _s1 _l1, _s2 _l2, _s3 _l3);
 
     fn cuda_fwd(
         &self,
@@ -489,9 +451,7 @@ impl candle_core::CustomOp1 for Geglu {
         "hyperlora-geglu"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("geglu runs on CUDA only")
-    }
+    cuda_only!("geglu", _s1 _l1);
 
     fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         by_dtype!(h.dtype(), launch_geglu(h, hl, None))
@@ -505,15 +465,7 @@ impl candle_core::CustomOp2 for GegluBias {
         "hyperlora-geglu-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("geglu runs on CUDA only")
-    }
+    cuda_only!("geglu", _s1 _l1, _s2 _l2);
 
     fn cuda_fwd(
         &self,

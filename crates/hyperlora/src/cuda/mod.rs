@@ -9,6 +9,20 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, Linear};
 
+/// The `cpu_fwd` of a CUDA-only candle custom op, with an (unused) storage and layout name per
+/// input: the entry points below only apply these ops to CUDA tensors.
+#[cfg(feature = "cuda")]
+macro_rules! cuda_only {
+    ($what:literal, $($storage:ident $layout:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($storage: &candle_core::CpuStorage, $layout: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(concat!($what, " runs on CUDA only"))
+        }
+    };
+}
+
 #[cfg(feature = "cudnn")]
 mod cudnn;
 #[cfg(feature = "cuda")]
