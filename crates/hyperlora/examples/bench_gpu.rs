@@ -1,10 +1,10 @@
 //! GPU benchmark of our SDXL, self-contained: the models get RANDOM weights of the real
 //! configuration (same compute as real weights), made on the device, so the binary needs no
 //! weight files, no network, no Rust toolchain: only the NVIDIA driver and the CUDA libraries
-//! candle links (cuBLAS, cuRAND, NVRTC, cudart). See bench/README.md.
+//! candle links (cuBLAS, cuRAND, NVRTC, cudart; cuDNN with `cudnn`). See bench/README.md.
 //!
 //! ```text
-//! cargo build --release -p hyperlora --features cuda --example bench_gpu   # with scripts/cuda-env.sh
+//! bash bench/gpu_pack.sh    # builds it with --features cudnn (and the variants) into .gpubench/
 //! bench_gpu [--device cuda|cpu] [--configs DIR] [--dtype f16] [--vae-dtype f32] [--size 1024]
 //!           [--steps 20] [--warmup 2] [--iters 10] [--gen-iters 3] [--json out.json] [--build-only]
 //!           [--phase-budget 40] [--phases text_encode,unet_forward_b2,...] [--profile unet|vae]
