@@ -538,6 +538,17 @@ fn set_field(entry: &mut Value, key: &str, value: Value) {
     }
 }
 
+/// A safetensors header entry's `shape`, where it is a list of integers.
+fn shape_of(entry: &Value) -> Option<Vec<u64>> {
+    Some(
+        entry["shape"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect(),
+    )
+}
+
 /// The element count of a shape, unless it overflows.
 fn checked_count(shape: &[u64]) -> Option<u64> {
     shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))
@@ -599,11 +610,7 @@ fn mutate_safetensors(rng: &mut Rng, data: &[u8]) -> Option<Vec<u8>> {
         3 => {
             // A consistent reshape (same element count): shapes that do not fit the model.
             let i = pick(rng)?;
-            let shape: Vec<u64> = st.entries[i].1["shape"]
-                .as_array()?
-                .iter()
-                .filter_map(Value::as_u64)
-                .collect();
+            let shape = shape_of(&st.entries[i].1)?;
             let count = checked_count(&shape)?;
             let new = match rng.below(5) {
                 0 => shape.iter().rev().copied().collect(),
@@ -689,11 +696,7 @@ fn mutate_safetensors(rng: &mut Rng, data: &[u8]) -> Option<Vec<u8>> {
         9 => {
             // Grow or shrink one tensor consistently (offsets and data follow).
             let i = pick(rng)?;
-            let shape: Vec<u64> = st.entries[i].1["shape"]
-                .as_array()?
-                .iter()
-                .filter_map(Value::as_u64)
-                .collect();
+            let shape = shape_of(&st.entries[i].1)?;
             let (s, e) = Safetensors::offsets(&st.entries[i].1)?;
             let count = checked_count(&shape)?.max(1);
             let elem = (e.checked_sub(s)? as u64 / count).max(1);

@@ -43,6 +43,21 @@ pub fn load_fixture(stage: &str, name: &str) -> std::collections::HashMap<String
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 
+/// SDXL's attention Linears in a transformer block of width `c` (the layers an identity LoRA
+/// targets): (module name, out features, in features); cross-attention reads 2048 features.
+pub fn sdxl_attention_linears(c: usize) -> [(&'static str, usize, usize); 8] {
+    [
+        ("attn1.to_q", c, c),
+        ("attn1.to_k", c, c),
+        ("attn1.to_v", c, c),
+        ("attn1.to_out.0", c, c),
+        ("attn2.to_q", c, c),
+        ("attn2.to_k", c, 2048),
+        ("attn2.to_v", c, 2048),
+        ("attn2.to_out.0", c, c),
+    ]
+}
+
 /// Whether every element is finite.
 pub fn all_finite(t: &Tensor) -> bool {
     t.to_dtype(DType::F32)

@@ -556,18 +556,6 @@ mod tests {
         let rank = 8;
         // (channels, blocks, image tokens at 1024²)
         let levels = [(640usize, 10usize, 4096usize), (1280, 60, 1024)];
-        let shapes = |c: usize| {
-            [
-                ("attn1.to_q", c, c),
-                ("attn1.to_k", c, c),
-                ("attn1.to_v", c, c),
-                ("attn1.to_out.0", c, c),
-                ("attn2.to_q", c, c),
-                ("attn2.to_k", c, 2048),
-                ("attn2.to_v", c, 2048),
-                ("attn2.to_out.0", c, c),
-            ]
-        };
         let random_lora = |module: &str, o: usize, i: usize| LoraLayer {
             component: LoraComponent::Unet,
             module: module.into(),
@@ -582,7 +570,7 @@ mod tests {
         let (mut id_a, mut id_b) = (Vec::new(), Vec::new());
         for (c, blocks, _) in levels {
             for b in 0..blocks {
-                for (name, o, i) in shapes(c) {
+                for (name, o, i) in crate::testing::sdxl_attention_linears(c) {
                     let module = format!("c{c}.block{b}.{name}");
                     let w = Tensor::zeros((o, i), DType::F16, &dev).unwrap();
                     linears.push((module.clone(), Linear::new(w, None)));
@@ -645,7 +633,7 @@ mod tests {
             let x_img = Tensor::randn(0f32, 1.0, (1, tokens, c), &dev).unwrap();
             let x_txt = Tensor::randn(0f32, 1.0, (1, 77, 2048), &dev).unwrap();
             let (mut merged, mut side) = (0.0, 0.0);
-            for (name, o, i) in shapes(c) {
+            for (name, o, i) in crate::testing::sdxl_attention_linears(c) {
                 let x = if i == 2048 { &x_txt } else { &x_img };
                 let w = Tensor::randn(0f32, 0.02, (o, i), &dev).unwrap();
                 let lin = Linear::new(w, None);

@@ -433,16 +433,7 @@ mod tests {
             for (c, blocks) in [(640usize, 10.0), (1280, 60.0)] {
                 let tokens = (side / if c == 640 { 16 } else { 32 }).pow(2);
                 let mut level = [0.0f64; 5];
-                for (name, o, i) in [
-                    ("attn1.to_q", c, c),
-                    ("attn1.to_k", c, c),
-                    ("attn1.to_v", c, c),
-                    ("attn1.to_out.0", c, c),
-                    ("attn2.to_q", c, c),
-                    ("attn2.to_k", c, 2048),
-                    ("attn2.to_v", c, 2048),
-                    ("attn2.to_out.0", c, c),
-                ] {
+                for (name, o, i) in crate::testing::sdxl_attention_linears(c) {
                     let s = if i == 2048 { 77 } else { tokens };
                     let x = Tensor::randn(0f32, 1.0, (rows, s, i), &dev).unwrap();
                     let linear = Linear::new(randn((o, i), 0.02), None);
