@@ -18,7 +18,6 @@ use candle_core::cuda_backend::cudarc::cudnn::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Tensor};
-use half::{bf16, f16};
 
 /// Largest workspace an algorithm may ask for. cuDNN's tensor-core kernels work in NHWC and
 /// convert NCHW tensors through the workspace, which at the VAE's full resolution (128 channels
@@ -232,117 +231,109 @@ impl candle_core::CustomOp2 for Conv2d {
         w: &CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F32 => self.run::<f32>(x, xl, w, wl),
-            DType::F16 => self.run::<f16>(x, xl, w, wl),
-            DType::BF16 => self.run::<bf16>(x, xl, w, wl),
-            other => candle_core::bail!("cuDNN convolution: unsupported dtype {other:?}"),
-        }
+        by_dtype!(x.dtype(), launch_conv2d(self, x, xl, w, wl))
     }
 }
 
-impl Conv2d {
-    fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (n, c, h, wd) = xl.shape().dims4()?;
-        let (k, _, r, s) = wl.shape().dims4()?;
-        let out = |size: usize, kernel: usize| {
-            (size + 2 * self.pad - self.dilation * (kernel - 1) - 1) / self.stride + 1
-        };
-        let (ho, wo) = (out(h, r), out(wd, s));
-        let dev: &CudaDevice = &x.device;
-        let problem = Problem {
-            device: dev.id(),
-            dtype: x.dtype(),
-            x: [n, c, h, wd].map(|v| v as i32),
-            w: [k, c, r, s].map(|v| v as i32),
-            pad: self.pad as i32,
-            stride: self.stride as i32,
-            dilation: self.dilation as i32,
-            tf32: allow_tf32(),
-        };
-        let y_dims = [n, k, ho, wo].map(|v| v as i32);
-        let stream = dev.cuda_stream();
-        let d = Descriptors::new(&problem, y_dims).map_err(err)?;
-        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
-        // SAFETY: cuDNN writes every output element (beta = 0).
-        let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
-        HANDLES.with(|handles| -> candle_core::Result<()> {
-            let mut handles = handles.borrow_mut();
-            let handle = match handles.entry(problem.device) {
-                std::collections::hash_map::Entry::Occupied(e) => e.get().0,
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    stream
-                        .context()
-                        .bind_to_thread()
-                        .map_err(candle_core::Error::wrap)?;
-                    let handle = Handle(result::create_handle().map_err(err)?);
-                    // SAFETY: a live handle and candle's stream for this device.
-                    unsafe { result::set_stream(handle.0, stream.cu_stream() as _) }
-                        .map_err(err)?;
-                    e.insert(handle).0
-                }
-            };
-            let (x_ptr, _x_guard) = xs.device_ptr(&stream);
-            let (w_ptr, _w_guard) = ws.device_ptr(&stream);
-            let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
-            let plan = match cached_plan(&problem) {
-                Some(plan) => plan,
-                None => {
-                    // Room for cuDNN's NHWC copies of input and output, within the bound.
-                    let bytes = (n * c * h * wd + n * k * ho * wo) * x.dtype().size_in_bytes();
-                    let size = (2 * bytes + (64 << 20)).min(MAX_WORKSPACE);
-                    // SAFETY: scratch space, written by the search only.
-                    let mut scratch = unsafe { dev.alloc::<u8>(size)? };
-                    let (scratch_ptr, _guard) = scratch.device_ptr_mut(&stream);
-                    let buffers = SearchBuffers {
-                        x: x_ptr,
-                        w: w_ptr,
-                        y: y_ptr,
-                        workspace: scratch_ptr,
-                        workspace_size: size,
-                    };
-                    let plan = find_plan(handle, &d, &buffers).map_err(err)?;
-                    cache_plan(problem, plan);
-                    plan
-                }
-            };
-            // SAFETY: the workspace is only used by this launch.
-            let mut workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
-            let (alpha, beta) = (1f32, 0f32);
-            let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
-            // SAFETY: descriptors match the buffers' shapes and dtype; f32 scaling parameters for
-            // the f32 compute type.
-            unsafe {
-                result::convolution_forward(
-                    handle,
-                    &alpha as *const f32 as *const std::ffi::c_void,
-                    d.x,
-                    x_ptr as *const std::ffi::c_void,
-                    d.w,
-                    w_ptr as *const std::ffi::c_void,
-                    d.conv,
-                    plan.algo,
-                    ws_ptr as *mut std::ffi::c_void,
-                    plan.workspace,
-                    &beta as *const f32 as *const std::ffi::c_void,
-                    d.y,
-                    y_ptr as *mut std::ffi::c_void,
-                )
+fn launch_conv2d<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    op: &Conv2d,
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (n, c, h, wd) = xl.shape().dims4()?;
+    let (k, _, r, s) = wl.shape().dims4()?;
+    let out = |size: usize, kernel: usize| {
+        (size + 2 * op.pad - op.dilation * (kernel - 1) - 1) / op.stride + 1
+    };
+    let (ho, wo) = (out(h, r), out(wd, s));
+    let dev: &CudaDevice = &x.device;
+    let problem = Problem {
+        device: dev.id(),
+        dtype: x.dtype(),
+        x: [n, c, h, wd].map(|v| v as i32),
+        w: [k, c, r, s].map(|v| v as i32),
+        pad: op.pad as i32,
+        stride: op.stride as i32,
+        dilation: op.dilation as i32,
+        tf32: allow_tf32(),
+    };
+    let y_dims = [n, k, ho, wo].map(|v| v as i32);
+    let stream = dev.cuda_stream();
+    let d = Descriptors::new(&problem, y_dims).map_err(err)?;
+    let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+    let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+    // SAFETY: cuDNN writes every output element (beta = 0).
+    let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
+    HANDLES.with(|handles| -> candle_core::Result<()> {
+        let mut handles = handles.borrow_mut();
+        let handle = match handles.entry(problem.device) {
+            std::collections::hash_map::Entry::Occupied(e) => e.get().0,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                stream
+                    .context()
+                    .bind_to_thread()
+                    .map_err(candle_core::Error::wrap)?;
+                let handle = Handle(result::create_handle().map_err(err)?);
+                // SAFETY: a live handle and candle's stream for this device.
+                unsafe { result::set_stream(handle.0, stream.cu_stream() as _) }.map_err(err)?;
+                e.insert(handle).0
             }
-            .map_err(err)
-        })?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(y, dev.clone()),
-            Shape::from((n, k, ho, wo)),
-        ))
-    }
+        };
+        let (x_ptr, _x_guard) = xs.device_ptr(&stream);
+        let (w_ptr, _w_guard) = ws.device_ptr(&stream);
+        let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
+        let plan = match cached_plan(&problem) {
+            Some(plan) => plan,
+            None => {
+                // Room for cuDNN's NHWC copies of input and output, within the bound.
+                let bytes = (n * c * h * wd + n * k * ho * wo) * x.dtype().size_in_bytes();
+                let size = (2 * bytes + (64 << 20)).min(MAX_WORKSPACE);
+                // SAFETY: scratch space, written by the search only.
+                let mut scratch = unsafe { dev.alloc::<u8>(size)? };
+                let (scratch_ptr, _guard) = scratch.device_ptr_mut(&stream);
+                let buffers = SearchBuffers {
+                    x: x_ptr,
+                    w: w_ptr,
+                    y: y_ptr,
+                    workspace: scratch_ptr,
+                    workspace_size: size,
+                };
+                let plan = find_plan(handle, &d, &buffers).map_err(err)?;
+                cache_plan(problem, plan);
+                plan
+            }
+        };
+        // SAFETY: the workspace is only used by this launch.
+        let mut workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
+        let (alpha, beta) = (1f32, 0f32);
+        let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
+        // SAFETY: descriptors match the buffers' shapes and dtype; f32 scaling parameters for
+        // the f32 compute type.
+        unsafe {
+            result::convolution_forward(
+                handle,
+                &alpha as *const f32 as *const std::ffi::c_void,
+                d.x,
+                x_ptr as *const std::ffi::c_void,
+                d.w,
+                w_ptr as *const std::ffi::c_void,
+                d.conv,
+                plan.algo,
+                ws_ptr as *mut std::ffi::c_void,
+                plan.workspace,
+                &beta as *const f32 as *const std::ffi::c_void,
+                d.y,
+                y_ptr as *mut std::ffi::c_void,
+            )
+        }
+        .map_err(err)
+    })?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        Shape::from((n, k, ho, wo)),
+    ))
 }
 
 /// Convolution of contiguous NCHW `x` with `weight` [K, C, R, S] (groups = 1), no bias.

@@ -6,19 +6,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use half::{bf16, f16};
-
-/// Calls `f::<T>(args)` with the Rust type of a float `DType`.
-macro_rules! by_dtype {
-    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
-        match $dtype {
-            DType::F32 => $f::<f32>($($arg),*),
-            DType::F16 => $f::<f16>($($arg),*),
-            DType::BF16 => $f::<bf16>($($arg),*),
-            other => candle_core::bail!("hyperlora kernels: unsupported dtype {other:?}"),
-        }
-    };
-}
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "hyperlora_kernels";
@@ -54,62 +41,55 @@ impl CustomOp3 for FlashAttention {
         v: &CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        match q.dtype() {
-            DType::F16 => self.run::<f16>("flash_attn_f16", q, ql, k, kl, v, vl),
-            DType::BF16 => self.run::<bf16>("flash_attn_bf16", q, ql, k, kl, v, vl),
-            other => candle_core::bail!("flash attention: unsupported dtype {other:?}"),
-        }
+        by_dtype!(q.dtype(), launch_flash_attention(self, q, ql, k, kl, v, vl))
     }
 }
 
-impl FlashAttention {
-    #[allow(clippy::too_many_arguments)]
-    fn run<T: CudaDType + DeviceRepr>(
-        &self,
-        name: &str,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (b, sq, width) = ql.shape().dims3()?;
-        let sk = kl.shape().dims3()?.1;
-        let (Some((qo, q_bs, q_ss)), Some((ko, k_bs, k_ss)), Some((vo, v_bs, v_ss))) =
-            (rows_of(ql), rows_of(kl), rows_of(vl))
-        else {
-            candle_core::bail!("flash attention: unsupported layout")
-        };
-        let dev = &q.device;
-        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        // SAFETY: every element is written by the kernel (rows < sq, all heads and dims).
-        let out = unsafe { dev.alloc::<T>(b * sq * width)? };
-        let qs = q.as_cuda_slice::<T>()?.slice(qo..);
-        let ks = k.as_cuda_slice::<T>()?.slice(ko..);
-        let vs = v.as_cuda_slice::<T>()?.slice(vo..);
-        let (heads, sq_i, sk_i) = (self.heads as i32, sq as i32, sk as i32);
-        let strides = [q_bs, q_ss, k_bs, k_ss, v_bs, v_ss, sq * width, width].map(|s| s as i64);
-        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
-        let mut builder = func.builder();
-        builder.arg(&qs).arg(&ks).arg(&vs).arg(&out);
-        builder.arg(&heads).arg(&sq_i).arg(&sk_i);
-        for s in &strides {
-            builder.arg(s);
-        }
-        builder.arg(&scale_log2);
-        let cfg = LaunchConfig {
-            grid_dim: (sq.div_ceil(128) as u32, (b * self.heads) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: arguments match the kernel's signature in kernels.cu.
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((b, sq, width)),
-        ))
+fn launch_flash_attention<T: CudaDType + DeviceRepr>(
+    op: &FlashAttention,
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (b, sq, width) = ql.shape().dims3()?;
+    let sk = kl.shape().dims3()?.1;
+    let (Some((qo, q_bs, q_ss)), Some((ko, k_bs, k_ss)), Some((vo, v_bs, v_ss))) =
+        (rows_of(ql), rows_of(kl), rows_of(vl))
+    else {
+        candle_core::bail!("flash attention: unsupported layout")
+    };
+    let dev = &q.device;
+    let name = format!("flash_attn_{}", dtype_suffix(q.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    // SAFETY: every element is written by the kernel (rows < sq, all heads and dims).
+    let out = unsafe { dev.alloc::<T>(b * sq * width)? };
+    let qs = q.as_cuda_slice::<T>()?.slice(qo..);
+    let ks = k.as_cuda_slice::<T>()?.slice(ko..);
+    let vs = v.as_cuda_slice::<T>()?.slice(vo..);
+    let (heads, sq_i, sk_i) = (op.heads as i32, sq as i32, sk as i32);
+    let strides = [q_bs, q_ss, k_bs, k_ss, v_bs, v_ss, sq * width, width].map(|s| s as i64);
+    let scale_log2 = op.scale * std::f32::consts::LOG2_E;
+    let mut builder = func.builder();
+    builder.arg(&qs).arg(&ks).arg(&vs).arg(&out);
+    builder.arg(&heads).arg(&sq_i).arg(&sk_i);
+    for s in &strides {
+        builder.arg(s);
     }
+    builder.arg(&scale_log2);
+    let cfg = LaunchConfig {
+        grid_dim: (sq.div_ceil(128) as u32, (b * op.heads) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match the kernel's signature in kernels.cu.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((b, sq, width)),
+    ))
 }
 
 pub(super) fn flash_attention(
@@ -161,73 +141,63 @@ impl CustomOp3 for GroupNorm {
         b: &CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let suffix = dtype_suffix(x.dtype())?;
-        match x.dtype() {
-            DType::F32 => self.run::<f32>(suffix, x, xl, w, wl, b, bl),
-            DType::F16 => self.run::<f16>(suffix, x, xl, w, wl, b, bl),
-            _ => self.run::<bf16>(suffix, x, xl, w, wl, b, bl),
-        }
+        by_dtype!(x.dtype(), launch_group_norm(self, x, xl, w, wl, b, bl))
     }
 }
 
-impl GroupNorm {
-    #[allow(clippy::too_many_arguments)]
-    fn run<T: CudaDType + DeviceRepr>(
-        &self,
-        suffix: &str,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dims = xl.shape().dims();
-        let (batch, channels) = (dims[0], dims[1]);
-        let hw: usize = dims[2..].iter().product();
-        let n = channels / self.groups * hw;
-        let rows = batch * self.groups;
-        // Enough blocks to fill the GPU even when B·G is small (64 at SDXL's 32 groups, B = 2).
-        let splits = n.div_ceil(16384).clamp(1, 64);
-        let chunk = n.div_ceil(splits);
-        let dev = &x.device;
-        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
-        let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
-        // SAFETY: the stats kernel writes every partial; the apply kernel every output.
-        let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows * splits * 2)? };
-        let out = unsafe { dev.alloc::<T>(batch * channels * hw)? };
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, splits as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (n_i, chunk_i, hw_i) = (n as i64, chunk as i64, hw as i64);
-        let stats =
-            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
-        let mut builder = stats.builder();
-        builder.arg(&xs).arg(&partial).arg(&n_i).arg(&chunk_i);
-        // SAFETY: arguments match group_norm_stats in kernels.cu.
-        unsafe { builder.launch(cfg) }.w()?;
-        let apply =
-            dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
-        let (cpg, groups, eps, silu) = (
-            (channels / self.groups) as i32,
-            self.groups as i32,
-            self.eps,
-            self.silu as i32,
-        );
-        let mut builder = apply.builder();
-        builder.arg(&xs).arg(&ws).arg(&bs).arg(&partial).arg(&out);
-        builder.arg(&n_i).arg(&chunk_i).arg(&hw_i);
-        builder.arg(&cpg).arg(&groups).arg(&eps).arg(&silu);
-        // SAFETY: arguments match group_norm_apply in kernels.cu.
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            xl.shape().clone(),
-        ))
-    }
+fn launch_group_norm<T: CudaDType + DeviceRepr>(
+    op: &GroupNorm,
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let suffix = dtype_suffix(x.dtype())?;
+    let dims = xl.shape().dims();
+    let (batch, channels) = (dims[0], dims[1]);
+    let hw: usize = dims[2..].iter().product();
+    let n = channels / op.groups * hw;
+    let rows = batch * op.groups;
+    // Enough blocks to fill the GPU even when B·G is small (64 at SDXL's 32 groups, B = 2).
+    let splits = n.div_ceil(16384).clamp(1, 64);
+    let chunk = n.div_ceil(splits);
+    let dev = &x.device;
+    let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+    let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+    let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+    // SAFETY: the stats kernel writes every partial; the apply kernel every output.
+    let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows * splits * 2)? };
+    let out = unsafe { dev.alloc::<T>(batch * channels * hw)? };
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, splits as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n_i, chunk_i, hw_i) = (n as i64, chunk as i64, hw as i64);
+    let stats = dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
+    let mut builder = stats.builder();
+    builder.arg(&xs).arg(&partial).arg(&n_i).arg(&chunk_i);
+    // SAFETY: arguments match group_norm_stats in kernels.cu.
+    unsafe { builder.launch(cfg) }.w()?;
+    let apply = dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
+    let (cpg, groups, eps, silu) = (
+        (channels / op.groups) as i32,
+        op.groups as i32,
+        op.eps,
+        op.silu as i32,
+    );
+    let mut builder = apply.builder();
+    builder.arg(&xs).arg(&ws).arg(&bs).arg(&partial).arg(&out);
+    builder.arg(&n_i).arg(&chunk_i).arg(&hw_i);
+    builder.arg(&cpg).arg(&groups).arg(&eps).arg(&silu);
+    // SAFETY: arguments match group_norm_apply in kernels.cu.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        xl.shape().clone(),
+    ))
 }
 
 pub(super) fn group_norm(

@@ -23,6 +23,19 @@ macro_rules! cuda_only {
     };
 }
 
+#[cfg(feature = "cuda")]
+/// Calls `f::<T>(args)` with the Rust type of a float `DType`.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            other => candle_core::bail!("hyperlora kernels: unsupported dtype {other:?}"),
+        }
+    };
+}
+
 #[cfg(feature = "cudnn")]
 mod cudnn;
 #[cfg(feature = "cuda")]
