@@ -28,7 +28,7 @@ export declare class FaceAnalyzer {
   /** Every face in the picture, best score first (detector retried at 640, 512, 384, 256). */
   detect(image: RawImage, cancel?: CancelHandle | undefined | null): Promise<Array<DetectedFace>>
   /**
-   * The identity conditions of each photo (spec §3); photos without a face are skipped
+   * The identity conditions of each photo (docs/hyperlora-model.md §3); photos without a face are skipped
    * when others have one, else the call fails with `NO_FACE` naming the photo.
    */
   analyze(photos: Array<RawImage>, names: Array<string | undefined | null>, options?: AnalyzeFacesOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<FaceAnalysisResult>

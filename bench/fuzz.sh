@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bounded fuzzing of the engine's input parsers (issue 9): each target for SECONDS, one process at
+# Bounded fuzzing of the engine's input parsers: each target for SECONDS, one process at
 # a time, then a table of cases and outcomes. Crash inputs land in
 # crates/hyperlora/tests/fuzz-corpus/<target>/, which `cargo test` (so `npm test`) replays.
 #

@@ -1,4 +1,4 @@
-"""Random-weight antelopev2 models of the real graph sizes, for bench/face_cpu.sh (issue 5).
+"""Random-weight antelopev2 models of the real graph sizes, for bench/face_cpu.sh.
 
     python3 bench/make_antelopev2_sized.py [OUT]   # default ~/.cache/hyperlora/bench/antelopev2-sized
     HYPERLORA_ANTELOPEV2=OUT bash bench/face_cpu.sh

@@ -131,7 +131,7 @@ impl FaceAnalyzer {
         }))
     }
 
-    /// The identity conditions of each photo (spec §3); photos without a face are skipped
+    /// The identity conditions of each photo (docs/hyperlora-model.md §3); photos without a face are skipped
     /// when others have one, else the call fails with `NO_FACE` naming the photo.
     #[napi(ts_return_type = "Promise<FaceAnalysisResult>")]
     pub fn analyze(

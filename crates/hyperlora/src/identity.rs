@@ -1,5 +1,5 @@
 //! Photos' conditions → an identity LoRA: the CLIP vision tower and the HyperLoRA hypernetwork
-//! together (spec §3 steps 3–5 from the crop onwards, and §4).
+//! together (docs/hyperlora-model.md §3, steps 3–5 from the crop onwards, and §4).
 //!
 //! Face detection and cropping produce the inputs ([`FaceConditions`]); this module starts from
 //! them, so it is testable without a face detector.

@@ -1,4 +1,4 @@
-//! The released HyperLoRA model folder (spec §2) and its validation.
+//! The released HyperLoRA model folder (docs/hyperlora-model.md §2) and its validation.
 //!
 //! ```text
 //! sdxl_hyper_id_lora_v1_fidelity/

@@ -1,4 +1,4 @@
-//! The LoRA basis bank (spec §4): resampler tokens → a kohya LoRA.
+//! The LoRA basis bank (docs/hyperlora-model.md §4): resampler tokens → a kohya LoRA.
 //!
 //! Tokens come in groups of 8 per module (json order); inside a group, pairs for
 //! `to_q, to_k, to_v, to_out`, the first of a pair the down coefficients `c_d`, the second the

@@ -1,4 +1,4 @@
-//! The HyperLoRA hypernetwork (spec §4): identity conditions of 1..N photos → a kohya LoRA
+//! The HyperLoRA hypernetwork (docs/hyperlora-model.md §4): identity conditions of 1..N photos → a kohya LoRA
 //! for the SDXL UNet.
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! The ID projector (spec §4): one ArcFace embedding → `num_id_tokens` condition tokens.
+//! The ID projector (docs/hyperlora-model.md §4): one ArcFace embedding → `num_id_tokens` condition tokens.
 //! `Linear(id_embed_dim → tokens × width)` → reshape `[N, tokens, width]` → `LayerNorm(width)`
 //! (eps 1e-5). File keys: `0.weight`, `0.bias`, `2.weight`, `2.bias` (an `nn.Sequential`).
 

@@ -1,4 +1,4 @@
-//! The perceiver resampler (spec §4), with one condition (Base-LoRA, single-encoder models)
+//! The perceiver resampler (docs/hyperlora-model.md §4), with one condition (Base-LoRA, single-encoder models)
 //! or two (the released ID-LoRA: ArcFace tokens, then CLIP tokens).
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! Applying LoRAs to SDXL (spec §5): for every targeted Linear,
+//! Applying LoRAs to SDXL (docs/hyperlora-model.md §5): for every targeted Linear,
 //! `W' = W_base + Σ_loras weight × scale × (up @ down)` with `scale = alpha / rank` (1 without
 //! an alpha). Weights may be negative; several LoRAs may target the same layer (identity + style,
 //! or a concept slider: identity A at −0.7 plus identity B at +0.7). This is diffusers'

@@ -579,7 +579,7 @@ pub fn underscores_to_path(name: &str) -> Option<String> {
 /// Maps an SGM (original LDM) UNet module path (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
 /// `middle_block.0.emb_layers.1`, `output_blocks.2.2.conv`, `time_embed.0`, `out.2`, …) to
 /// diffusers naming, with the single-file checkpoint table
-/// ([`crate::weights::sgm_names::NameTable::unet`]) for SDXL base's layout (spec §5: input_blocks
+/// ([`crate::weights::sgm_names::NameTable::unet`]) for SDXL base's layout (docs/hyperlora-model.md §5: input_blocks
 /// 4,5 / 7,8 = down_blocks.1 / 2 attentions, middle_block.1 = mid_block.attentions.0,
 /// output_blocks 0-2 / 3-5 = up_blocks.0 / 1 attentions). `None` when no rule covers the path.
 pub fn sgm_to_diffusers(path: &str) -> Option<String> {

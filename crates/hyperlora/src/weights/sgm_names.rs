@@ -682,7 +682,7 @@ mod tests {
     fn unet_sdxl_base_matches_the_published_correspondence() {
         let t = NameTable::unet(&UnetLayout::sdxl_base());
         let p = "model.diffusion_model.";
-        // Spec §5: input_blocks 4,5 / 7,8, middle_block.1, output_blocks 0-2 / 3-5.
+        // docs/hyperlora-model.md §5: input_blocks 4,5 / 7,8, middle_block.1, output_blocks 0-2 / 3-5.
         for (s, d) in [
             ("input_blocks.4.1", "down_blocks.1.attentions.0"),
             ("input_blocks.5.1", "down_blocks.1.attentions.1"),
