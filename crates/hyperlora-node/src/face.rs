@@ -6,7 +6,7 @@ use std::sync::Arc;
 use hyperlora::face::{
     AnalyzeOptions, AnalyzedPhotos, FaceAnalyzer as Analyzer, FaceChoice, FaceInfo,
 };
-use hyperlora::sdxl::pipeline::RgbImage;
+use hyperlora::image::RgbImage;
 use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, ClassInstance, Float32Array};
 use napi::{Env, Task};

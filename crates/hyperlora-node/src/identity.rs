@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use hyperlora::device::{select_device, select_dtype};
-use hyperlora::identity::{FaceConditions, IdentityEncoder as Encoder};
+use hyperlora::face::FaceConditions;
+use hyperlora::identity::IdentityEncoder as Encoder;
+use hyperlora::image::RgbImage;
 use hyperlora::lora::KohyaLora;
-use hyperlora::sdxl::pipeline::RgbImage;
 use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, ClassInstance, Float32Array};
 use napi::{Env, Task};

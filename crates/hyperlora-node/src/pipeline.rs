@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyperlora::device::{device_name, select_device, select_dtype};
+use hyperlora::image::RgbImage;
 use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
 use hyperlora::sdxl::batch::BatchRequest;
-use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, RgbImage, SdxlPipeline};
-use hyperlora::sdxl::sampler::{Sampler, SigmaSchedule};
+use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, SdxlPipeline};
+use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
 use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, ClassInstance};
 use napi::{Env, Task};

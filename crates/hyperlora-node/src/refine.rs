@@ -2,11 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use hyperlora::sdxl::pipeline::RgbImage;
-use hyperlora::sdxl::refine::{
-    refine_faces, FaceBox as EngineFaceBox, FaceSelection, RefineParams,
-};
-use hyperlora::sdxl::sampler::{Sampler, SigmaSchedule};
+use hyperlora::detailer::{refine_faces, FaceBox as EngineFaceBox, FaceSelection, RefineParams};
+use hyperlora::image::RgbImage;
+use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
 use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, BigInt, ClassInstance};
 use napi::{Env, Task};

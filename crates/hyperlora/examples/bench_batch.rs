@@ -22,14 +22,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use hyperlora::clip::text::ClipTextConfig;
 use hyperlora::lora::{LoraComponent, LoraLayer};
 use hyperlora::sdxl::batch::BatchRequest;
-use hyperlora::sdxl::noise::TorchGenerator;
+use hyperlora::sdxl::model::{unet, vae};
 use hyperlora::sdxl::pipeline::{GenerateParams, SdxlPipeline};
-use hyperlora::sdxl::sampler::{Sampler, SchedulerConfig, SigmaSchedule};
-use hyperlora::sdxl::text_encoder::{ClipTextConfig, SdxlTextEncoders};
-use hyperlora::sdxl::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2};
-use hyperlora::sdxl::{unet, vae};
+use hyperlora::sdxl::sampling::noise::TorchGenerator;
+use hyperlora::sdxl::sampling::sampler::{Sampler, SchedulerConfig, SigmaSchedule};
+use hyperlora::sdxl::text::encoders::SdxlTextEncoders;
+use hyperlora::sdxl::text::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2};
 use hyperlora::CancelToken;
 
 #[path = "common/random_weights.rs"]

@@ -24,12 +24,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use hyperlora::clip::text::ClipTextConfig;
 use hyperlora::device::{select_device, select_dtype};
+use hyperlora::sdxl::model::{unet, vae};
 use hyperlora::sdxl::pipeline::{GenerateParams, SdxlPipeline};
-use hyperlora::sdxl::sampler::{Sampler, SchedulerConfig, SigmaSchedule};
-use hyperlora::sdxl::text_encoder::{ClipTextConfig, SdxlTextEncoders};
-use hyperlora::sdxl::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2};
-use hyperlora::sdxl::{unet, vae};
+use hyperlora::sdxl::sampling::sampler::{Sampler, SchedulerConfig, SigmaSchedule};
+use hyperlora::sdxl::text::encoders::SdxlTextEncoders;
+use hyperlora::sdxl::text::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2};
 use hyperlora::CancelToken;
 use serde_json::{json, Value};
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use hyperlora::device::select_dtype;
-use hyperlora::sdxl::unet::{Config, UNet2DConditionModel};
+use hyperlora::sdxl::model::unet::{Config, UNet2DConditionModel};
 use hyperlora::weights::{Component, ComponentFiles};
 
 struct Args {

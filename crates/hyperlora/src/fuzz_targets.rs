@@ -16,16 +16,17 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::clip_vision::ClipVisionModel;
+use crate::clip::text::ClipTextConfig;
+use crate::clip::vision::ClipVisionModel;
 use crate::face::{ArcFaceModel, Detection, Detector, LandmarkModel};
 use crate::hypernet::HyperLora;
+use crate::image::RgbImage;
 use crate::lora::{read_lora_file, KohyaLora, LoraLayer};
-use crate::sdxl::pipeline::{GenerateParams, LoadOptions, RgbImage, SdxlPipeline};
-use crate::sdxl::prompt::{tokenize_sdxl, PromptOptions, SdxlPromptChunks};
-use crate::sdxl::sampler::{Sampler, SchedulerConfig, SigmaSchedule};
-use crate::sdxl::text_encoder::ClipTextConfig;
-use crate::sdxl::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
-use crate::sdxl::{unet, vae};
+use crate::sdxl::model::{unet, vae};
+use crate::sdxl::pipeline::{GenerateParams, LoadOptions, SdxlPipeline};
+use crate::sdxl::sampling::sampler::{Sampler, SchedulerConfig, SigmaSchedule};
+use crate::sdxl::text::prompt::{tokenize_sdxl, PromptOptions, SdxlPromptChunks};
+use crate::sdxl::text::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
 use crate::task::CancelToken;
 use crate::weights::inspect::{inspect_safetensors, InspectOptions};
 use crate::weights::{Component, ComponentFiles, ModelSource, SingleFileCheckpoint};
@@ -555,12 +556,12 @@ fn check_chunks(chunks: &SdxlPromptChunks) -> Result<()> {
             return Err(broken(format!("chunk counts {} / {}", c.len(), n)));
         }
         for (ids, weights) in c.ids.iter().zip(&c.weights) {
-            if ids.len() != CONTEXT_LENGTH || ids[0] != crate::sdxl::tokenizer::BOS_ID {
+            if ids.len() != CONTEXT_LENGTH || ids[0] != crate::sdxl::text::tokenizer::BOS_ID {
                 return Err(broken("a window does not start with BOS"));
             }
             if ids
                 .iter()
-                .any(|&id| id as usize >= crate::sdxl::tokenizer::VOCAB_SIZE)
+                .any(|&id| id as usize >= crate::sdxl::text::tokenizer::VOCAB_SIZE)
             {
                 return Err(broken("a token id outside the vocabulary"));
             }

@@ -8,24 +8,16 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::clip_vision::ClipVisionModel;
+use crate::clip::vision::ClipVisionModel;
 use crate::error::{Error, Result};
+use crate::face::FaceConditions;
 use crate::hypernet::{HyperLora, HyperLoraOutput};
-use crate::sdxl::pipeline::RgbImage;
+use crate::image::RgbImage;
 use crate::task::{CancelToken, Progress, ProgressFn};
 
 /// openai/clip-vit-large-patch14's preprocessing constants.
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
-
-/// What one photo contributes: its ArcFace embedding and its face crop for CLIP.
-#[derive(Clone, Debug)]
-pub struct FaceConditions {
-    /// L2-normalised ArcFace embedding (512 values for antelopev2's glintr100).
-    pub arcface: Vec<f32>,
-    /// The face crop, already at the CLIP model's input size (224² for ViT-L/14).
-    pub clip_crop: RgbImage,
-}
 
 pub struct IdentityEncoder {
     clip: ClipVisionModel,

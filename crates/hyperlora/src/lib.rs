@@ -2,8 +2,9 @@
 //!
 //! No Node.js in here: `crates/hyperlora-node` wraps this crate for JavaScript.
 
-pub mod clip_vision;
+pub mod clip;
 pub mod cuda;
+pub mod detailer;
 pub mod device;
 pub mod error;
 pub mod face;
@@ -12,6 +13,7 @@ pub mod face;
 pub mod fuzz_targets;
 pub mod hypernet;
 pub mod identity;
+pub mod image;
 pub mod lora;
 pub mod memory;
 pub mod sdxl;

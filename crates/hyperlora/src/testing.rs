@@ -25,7 +25,6 @@ pub fn tiny_model(name: &str) -> PathBuf {
     repo_root().join("models/tiny").join(name)
 }
 
-/// Loads every tensor of a fixture safetensors file onto the CPU.
 /// The bundled tiny SDXL (`models/tiny/sdxl`), in f32 on the CPU.
 pub fn tiny_sdxl() -> crate::sdxl::pipeline::SdxlPipeline {
     crate::sdxl::pipeline::SdxlPipeline::load(
@@ -37,6 +36,7 @@ pub fn tiny_sdxl() -> crate::sdxl::pipeline::SdxlPipeline {
     .unwrap()
 }
 
+/// Loads every tensor of a fixture safetensors file onto the CPU.
 pub fn load_fixture(stage: &str, name: &str) -> std::collections::HashMap<String, Tensor> {
     let path = fixture(stage, name);
     candle_core::safetensors::load(&path, &Device::Cpu)
@@ -124,7 +124,7 @@ pub const PIPELINE_CASES: [&str; 5] = [
 
 /// A whole-pipeline fixture case's parameters, as the generator script recorded them.
 pub fn pipeline_case_params(case: &str) -> crate::sdxl::pipeline::GenerateParams {
-    use crate::sdxl::sampler::{Sampler, SigmaSchedule};
+    use crate::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
     let text = std::fs::read_to_string(fixture(PIPELINE_STAGE, &format!("{case}.json"))).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let p = &json["params"];
@@ -149,7 +149,7 @@ pub fn pipeline_case_params(case: &str) -> crate::sdxl::pipeline::GenerateParams
 pub fn run_pipeline(
     pipe: &crate::sdxl::pipeline::SdxlPipeline,
     p: &crate::sdxl::pipeline::GenerateParams,
-) -> (Tensor, Vec<crate::sdxl::pipeline::RgbImage>) {
+) -> (Tensor, Vec<crate::image::RgbImage>) {
     let latents = pipe
         .generate_latents(p, &crate::CancelToken::new(), &mut |_| {})
         .unwrap();
@@ -158,11 +158,7 @@ pub fn run_pipeline(
 }
 
 /// Latents within 1e-3 and images within one level of diffusers' for the fixture case.
-pub fn check_pipeline_case(
-    case: &str,
-    latents: &Tensor,
-    images: &[crate::sdxl::pipeline::RgbImage],
-) {
+pub fn check_pipeline_case(case: &str, latents: &Tensor, images: &[crate::image::RgbImage]) {
     let expected = load_fixture(PIPELINE_STAGE, &format!("{case}.safetensors"));
     assert_close(
         &format!("{case} latents"),
@@ -184,4 +180,37 @@ pub fn check_pipeline_case(
         .max()
         .unwrap();
     assert!(worst <= 1, "{case}: image differs by {worst} levels");
+}
+
+/// The weights of one of the tiny SDXL's text encoders (`text_encoder` or `text_encoder_2`).
+pub fn tiny_text_vb(sub: &str, dtype: DType) -> candle_nn::VarBuilder<'static> {
+    let path = tiny_model(&format!("sdxl/{sub}/model.fp16.safetensors"));
+    // SAFETY: the fixture files are not modified while the test runs.
+    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[path], dtype, &Device::Cpu).unwrap() }
+}
+
+/// The config of one of the tiny SDXL's text encoders.
+pub fn tiny_text_config(sub: &str) -> crate::clip::text::ClipTextConfig {
+    crate::clip::text::ClipTextConfig::from_json_file(tiny_model(&format!(
+        "sdxl/{sub}/config.json"
+    )))
+    .unwrap()
+}
+
+/// The tiny SDXL's CLIP-L text encoder, in f32.
+pub fn tiny_clip_l() -> crate::clip::text::ClipTextModel {
+    crate::clip::text::ClipTextModel::load(
+        tiny_text_vb("text_encoder", DType::F32),
+        &tiny_text_config("text_encoder"),
+    )
+    .unwrap()
+}
+
+/// The tiny SDXL's bigG text encoder (with projection), in f32.
+pub fn tiny_clip_g() -> crate::clip::text::ClipTextModelWithProjection {
+    crate::clip::text::ClipTextModelWithProjection::load(
+        tiny_text_vb("text_encoder_2", DType::F32),
+        &tiny_text_config("text_encoder_2"),
+    )
+    .unwrap()
 }

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::sdxl::attention::scaled_dot_product_attention;
+use crate::sdxl::model::attention::scaled_dot_product_attention;
 use crate::sdxl::pipeline::SdxlPipeline;
 use crate::testing::{
     all_finite, assert_close, check_pipeline_case, load_fixture, pipeline_case_params,

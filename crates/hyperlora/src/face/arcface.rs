@@ -6,11 +6,11 @@ use std::path::Path;
 
 use super::align::estimate_norm;
 use super::detector::Detection;
-use super::image_ops::warp_affine;
 use super::landmarks::{blob, input_norm};
 use super::onnx::{Dim, OnnxModel};
 use crate::error::{Error, Result};
-use crate::sdxl::pipeline::RgbImage;
+use crate::image::warp_affine;
+use crate::image::RgbImage;
 
 pub struct ArcFaceModel {
     model: OnnxModel,

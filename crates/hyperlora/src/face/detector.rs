@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
-use super::image_ops::cv_resize_linear;
 use super::onnx::{Dim, OnnxModel};
 use crate::error::Result;
-use crate::sdxl::pipeline::RgbImage;
+use crate::image::cv_resize_linear;
+use crate::image::RgbImage;
 
 /// One detected face in image coordinates.
 #[derive(Clone, Debug, PartialEq)]

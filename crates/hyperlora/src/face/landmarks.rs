@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use super::detector::Detection;
-use super::image_ops::{invert_affine, warp_affine};
 use super::onnx::{Dim, OnnxModel};
 use crate::error::Result;
-use crate::sdxl::pipeline::RgbImage;
+use crate::image::RgbImage;
+use crate::image::{invert_affine, warp_affine};
 
 /// insightface's input normalisation rule: a graph that subtracts and multiplies in its first
 /// nodes (or starts with a `bn_data` BatchNorm) takes raw pixels; otherwise (x - 127.5) / s.

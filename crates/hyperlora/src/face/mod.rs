@@ -10,7 +10,6 @@
 pub mod align;
 pub mod arcface;
 pub mod detector;
-pub mod image_ops;
 pub mod landmarks;
 pub mod onnx;
 pub mod preprocess;
@@ -22,9 +21,17 @@ pub use detector::{Detection, Detector};
 pub use landmarks::LandmarkModel;
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::identity::FaceConditions;
-use crate::sdxl::pipeline::RgbImage;
+use crate::image::RgbImage;
 use crate::task::{CancelToken, Progress, ProgressFn};
+
+/// What one photo contributes: its ArcFace embedding and its face crop for CLIP.
+#[derive(Clone, Debug)]
+pub struct FaceConditions {
+    /// L2-normalised ArcFace embedding (512 values for antelopev2's glintr100).
+    pub arcface: Vec<f32>,
+    /// The face crop, already at the CLIP model's input size (224² for ViT-L/14).
+    pub clip_crop: RgbImage,
+}
 
 /// Detector sizes tried in turn until a face is found (spec section 3 step 1).
 pub const DETECT_SIZES: [usize; 4] = [640, 512, 384, 256];

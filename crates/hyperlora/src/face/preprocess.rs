@@ -1,11 +1,11 @@
 //! HyperLoRA's per-photo preprocessing (spec section 3, steps 2-4 geometry), in PIL's terms:
 //! outline mask, blurred soft mask, grey background, the CLIP crop and the 2x ArcFace crop.
 
-use super::image_ops::{
+use crate::image::RgbImage;
+use crate::image::{
     fill_polygon, pil_crop, pil_crop_gray, pil_gaussian_blur, pil_grayscale, pil_paste_masked,
     pil_resize_bicubic, pil_resize_bicubic_gray, GrayImage,
 };
-use crate::sdxl::pipeline::RgbImage;
 
 /// Landmark indices of the face outline polygon, in drawing order.
 pub const OUTLINE: [usize; 43] = [

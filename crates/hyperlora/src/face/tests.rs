@@ -321,7 +321,7 @@ fn bench_face_cpu() {
     let a = analyzer_at(&dir);
     let f = fixture();
     let small = rgb(&f["astronaut.image"]);
-    let img = image_ops::cv_resize_linear(&small, 1024, 1024);
+    let img = crate::image::cv_resize_linear(&small, 1024, 1024);
     let cancel = CancelToken::new();
     // Warm-up builds the per-size plans.
     let _ = a.analyze(

@@ -5,7 +5,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::sdxl::text_encoder::LayerNorm;
+use crate::clip::encoder::LayerNorm;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]

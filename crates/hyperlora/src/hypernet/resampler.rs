@@ -10,7 +10,7 @@
 //! out = proj_out(latents) → mean over the N photos → x / sqrt(Σx² + 1e-8) per token   → [1, Q, out]
 //! ```
 //! Attention is diffusers' `Attention(query_dim=dim, cross_attention_dim=dim, heads, dim_head,
-//! out_bias=False)`: bias-free `to_q/to_k/to_v/to_out.0` (so not [`crate::sdxl::attention::Attention`],
+//! out_bias=False)`: bias-free `to_q/to_k/to_v/to_out.0` (so not [`crate::sdxl::model::attention::Attention`],
 //! whose `to_out.0` has a bias), scale `1/sqrt(dim_head)`, via the UNet's
 //! [`scaled_dot_product_attention`]. The feed-forward is GELU, not the UNet's GEGLU.
 //! LayerNorms have eps 1e-5 and compute their statistics in f32; softmax runs in f32.
@@ -19,8 +19,8 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use super::folder::ResamplerShape;
-use crate::sdxl::attention::scaled_dot_product_attention;
-use crate::sdxl::text_encoder::LayerNorm;
+use crate::clip::encoder::LayerNorm;
+use crate::sdxl::model::attention::scaled_dot_product_attention;
 use crate::{Error, Result};
 
 const LN_EPS: f64 = 1e-5;

@@ -31,8 +31,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::Linear;
 
 use super::names::{LoraComponent, LoraLayer};
-use crate::sdxl::text_encoder::SdxlTextEncoders;
-use crate::sdxl::unet::UNet2DConditionModel;
+use crate::sdxl::model::unet::UNet2DConditionModel;
+use crate::sdxl::text::encoders::SdxlTextEncoders;
 use crate::{Error, Result};
 
 /// A Linear a LoRA may target: its component and module path (diffusers naming for the UNet,
@@ -274,9 +274,9 @@ mod tests {
     use candle_nn::VarBuilder;
 
     use super::*;
+    use crate::clip::text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
     use crate::lora::names::read_lora_file;
-    use crate::sdxl::text_encoder::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
-    use crate::sdxl::unet::{Config, UNet2DConditionModel};
+    use crate::sdxl::model::unet::{Config, UNet2DConditionModel};
     use crate::testing::{assert_close, fixture, load_fixture, max_abs_diff, tiny_model};
     use crate::ErrorCode;
 

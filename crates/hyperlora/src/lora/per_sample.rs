@@ -71,7 +71,7 @@ pub struct SampleAdapters {
 
 impl SampleAdapters {
     /// Prepares the updates of a batch of `rows` rows for the Linears `targets` (the UNet's, by
-    /// diffusers name; see [`crate::sdxl::unet::UNet2DConditionModel::linears`]).
+    /// diffusers name; see [`crate::sdxl::model::unet::UNet2DConditionModel::linears`]).
     ///
     /// Errors (`INVALID_ARGUMENT`): a layer for another component than the UNet (per-sample
     /// text conditioning would need per-sample text encoders; merge such LoRAs for the whole

@@ -21,11 +21,12 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::image::RgbImage;
 use crate::lora::{LoraLayer, RowLoras, SampleAdapters};
-use crate::sdxl::noise::TorchGenerator;
-use crate::sdxl::pipeline::{Conditioning, GenerateParams, RgbImage, SdxlPipeline};
-use crate::sdxl::sampler::Scheduler;
-use crate::sdxl::unet::UNetConditioning;
+use crate::sdxl::model::unet::UNetConditioning;
+use crate::sdxl::pipeline::{Conditioning, GenerateParams, SdxlPipeline};
+use crate::sdxl::sampling::noise::TorchGenerator;
+use crate::sdxl::sampling::sampler::Scheduler;
 use crate::task::{CancelToken, Progress, ProgressFn};
 
 /// One request of a batch: its parameters and the LoRAs applied to its images only.
@@ -355,7 +356,7 @@ mod tests {
     use crate::error::ErrorCode;
     use crate::lora::{read_lora_file, LoraComponent};
     use crate::sdxl::pipeline::InitImage;
-    use crate::sdxl::sampler::{Sampler, SigmaSchedule};
+    use crate::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
     use crate::testing::{assert_close, fixture, max_abs_diff, tiny_sdxl};
 
     /// An identity-like LoRA: rank 4 on every attention projection of the tiny UNet (the layers

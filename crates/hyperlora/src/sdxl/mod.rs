@@ -1,17 +1,9 @@
-//! SDXL text-to-image: models, samplers and seeded noise, numerically faithful to diffusers;
-//! the face refine pass on top.
+//! SDXL text-to-image, numerically faithful to diffusers: the networks (`model`), prompt
+//! handling and text conditioning (`text`), samplers and seeded noise (`sampling`), and the
+//! pipelines that run one request or a batch of requests with different identities.
 
-pub mod attention;
 pub mod batch;
-pub mod conv;
-pub mod noise;
-pub mod norm;
+pub mod model;
 pub mod pipeline;
-pub mod prompt;
-pub mod refine;
-pub mod resnet;
-pub mod sampler;
-pub mod text_encoder;
-pub mod tokenizer;
-pub mod unet;
-pub mod vae;
+pub mod sampling;
+pub mod text;

@@ -7,14 +7,16 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::clip::text::ClipTextConfig;
 use crate::error::{Error, Result, ResultExt};
+use crate::image::RgbImage;
 use crate::lora::{sdxl_targets, LoraLayer, LoraMerger};
-use crate::sdxl::noise::TorchGenerator;
-use crate::sdxl::prompt::{tokenize_sdxl, PromptOptions, TokenChunks};
-use crate::sdxl::sampler::{Sampler, Scheduler, SchedulerConfig, SigmaSchedule};
-use crate::sdxl::text_encoder::{ClipTextConfig, SdxlTextEncoders};
-use crate::sdxl::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2};
-use crate::sdxl::{unet, vae};
+use crate::sdxl::model::{unet, vae};
+use crate::sdxl::sampling::noise::TorchGenerator;
+use crate::sdxl::sampling::sampler::{Sampler, Scheduler, SchedulerConfig, SigmaSchedule};
+use crate::sdxl::text::encoders::SdxlTextEncoders;
+use crate::sdxl::text::prompt::{tokenize_sdxl, PromptOptions, TokenChunks};
+use crate::sdxl::text::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2};
 use crate::task::{CancelToken, Progress, ProgressFn};
 use crate::weights::{Component, ModelSource};
 
@@ -37,14 +39,6 @@ pub struct LoadOptions {
     /// CLIP's BPE merges (`models/clip-tokenizer/merges.txt`), for single-file checkpoints
     /// loaded without `config_dir`: they carry no tokenizer.
     pub merges_file: Option<PathBuf>,
-}
-
-/// An 8-bit RGB picture, rows top to bottom, 3 bytes per pixel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RgbImage {
-    pub width: usize,
-    pub height: usize,
-    pub data: Vec<u8>,
 }
 
 /// Image-to-image: start from this picture, re-noised to `strength` (0 keeps it, 1 ignores it).
@@ -348,7 +342,7 @@ impl SdxlPipeline {
         let c0 = self.unet.config().block_out_channels[0] as u64;
         let act = self.unet.dtype().size_in_bytes() as u64;
         let unet = 2 * images * 24 * c0 * latent_pixels * act
-            + 2 * 4 * crate::sdxl::attention::MAX_SCORE_ELEMENTS as u64;
+            + 2 * 4 * crate::sdxl::model::attention::MAX_SCORE_ELEMENTS as u64;
         // VAE decode: about 6 live full-resolution maps of its top level, in f32.
         let top = self.vae.config().block_out_channels[0] as u64;
         let vae = images * 6 * top * (width * height) as u64 * 4;

@@ -4,7 +4,7 @@
 //! HyperLoRA conditions on the *penultimate* layer's hidden states (`hidden_states[-2]`,
 //! `[N, 257, 1024]` for ViT-L/14 at 224 px), taken before `post_layernorm`.
 //!
-//! The transformer layers are [`crate::sdxl::text_encoder::ClipEncoder`], shared with the text
+//! The transformer layers are [`crate::clip::encoder::ClipEncoder`], shared with the text
 //! towers (same transformers weight names, no causal mask here).
 //!
 //! Weight layouts accepted (all f32/f16/bf16):
@@ -20,7 +20,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::sdxl::text_encoder::{
+use crate::clip::encoder::{
     ClipActivation, ClipConfigJson, ClipEncoder, ClipEncoderLayer, ClipEncoderSpec, LayerNorm,
 };
 use crate::{Error, Result};

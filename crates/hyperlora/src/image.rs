@@ -1,4 +1,4 @@
-//! Pixel operations the reference gets from OpenCV (detector/landmark/ArcFace inputs) and from
+//! 8-bit images ([`RgbImage`], [`GrayImage`]) and the pixel operations the reference gets from OpenCV (detector/landmark/ArcFace inputs) and from
 //! PIL (HyperLoRA's preprocessing), reimplemented to give the same numbers:
 //! - [`cv_resize_linear`]: `cv2.resize(INTER_LINEAR)` on RGB8, bit-exact (fixed-point 11-bit
 //!   coefficients, the SIMD vertical pass's rounding, the 2x-downscale INTER_AREA shortcut).
@@ -9,7 +9,13 @@
 //! - [`pil_gaussian_blur`]: `ImageFilter.GaussianBlur` = three box blurs per axis (Pillow's
 //!   BoxBlur.c), [`pil_paste_masked`], [`pil_crop`], [`pil_grayscale`], [`fill_polygon`].
 
-use crate::sdxl::pipeline::RgbImage;
+/// An 8-bit RGB picture, rows top to bottom, 3 bytes per pixel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
 
 /// A single-channel 8-bit image (masks).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,9 +11,10 @@
 //! (the face analyzer's `detect` on the decoded image).
 
 use crate::error::{Error, Result};
-use crate::face::image_ops::pil_resize_bicubic;
-use crate::sdxl::pipeline::{GenerateParams, InitImage, RgbImage, SdxlPipeline};
-use crate::sdxl::sampler::{Sampler, SigmaSchedule};
+use crate::image::pil_resize_bicubic;
+use crate::image::RgbImage;
+use crate::sdxl::pipeline::{GenerateParams, InitImage, SdxlPipeline};
+use crate::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
 use crate::task::{CancelToken, Progress, ProgressFn};
 
 /// A face's box in image pixels (the detector's `[x1, y1, x2, y2]`; it may reach past the edges).
@@ -912,7 +913,7 @@ mod tests {
     }
 
     /// One face refined at 512² and at the default 1024² on the tiny model, timed:
-    /// `cargo test -p hyperlora --lib sdxl::refine::tests::timing -- --ignored --nocapture`
+    /// `cargo test -p hyperlora --lib detailer::tests::timing -- --ignored --nocapture`
     #[test]
     #[ignore = "timing, run by hand"]
     fn timing_one_face() {

@@ -1,0 +1,8 @@
+//! SDXL's networks: the UNet with its blocks, and the VAE.
+
+pub mod attention;
+pub mod conv;
+pub mod norm;
+pub mod resnet;
+pub mod unet;
+pub mod vae;
