@@ -17,6 +17,7 @@ pub mod image;
 pub mod lora;
 pub mod memory;
 pub mod sdxl;
+pub mod session;
 pub mod task;
 pub mod weights;
 
