@@ -64,6 +64,8 @@ pub struct AnalyzedFace {
     pub index: u32,
     pub arcface: Float32Array,
     pub clip_crop: RawImage,
+    /// The Base-LoRA's input: the face's surroundings with the face blurred away, CLIP-sized.
+    pub base_crop: Option<RawImage>,
     pub face: DetectedFace,
     /// The background-removed face region at 512².
     pub preview: RawImage,
@@ -205,6 +207,7 @@ impl Task for AnalyzeTask {
                     face: DetectedFace::from(&a.face),
                     arcface: Float32Array::new(a.conditions.arcface),
                     clip_crop: RawImage::from(a.conditions.clip_crop),
+                    base_crop: a.conditions.base_crop.map(RawImage::from),
                     preview: RawImage::from(a.preview),
                     det_size: a.det_size as u32,
                 })

@@ -206,11 +206,13 @@ pub fn interpolate_identities(
     }))
 }
 
-/// One photo's conditions: its ArcFace embedding and its CLIP-sized face crop.
+/// One photo's conditions: its ArcFace embedding, its CLIP-sized face crop and, for models with
+/// a Base-LoRA, its CLIP-sized base crop.
 #[napi(object)]
 pub struct FaceConditionsInput {
     pub arcface: Float32Array,
     pub clip_crop: RawImage,
+    pub base_crop: Option<RawImage>,
 }
 
 /// CLIP vision tower + HyperLoRA hypernetwork.
@@ -249,11 +251,8 @@ impl IdentityEncoder {
             .into_iter()
             .map(|p| FaceConditions {
                 arcface: p.arcface.to_vec(),
-                clip_crop: RgbImage {
-                    width: p.clip_crop.width as usize,
-                    height: p.clip_crop.height as usize,
-                    data: p.clip_crop.data.to_vec(),
-                },
+                clip_crop: RgbImage::from(&p.clip_crop),
+                base_crop: p.base_crop.as_ref().map(RgbImage::from),
             })
             .collect();
         Ok(AsyncTask::new(CreateIdentityTask {

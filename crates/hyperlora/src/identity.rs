@@ -85,7 +85,15 @@ impl IdentityEncoder {
         Ok(x.broadcast_sub(&mean)?.broadcast_div(&std)?)
     }
 
+    /// CLIP's penultimate hidden states of one crop: [1, 257, hidden].
+    fn clip_features(&self, crop: &RgbImage) -> Result<Tensor> {
+        let pixels = self.clip_pixels(&[crop])?.to_dtype(self.clip.dtype())?;
+        self.clip.penultimate(&pixels)
+    }
+
     /// The identity of 1..N photos of one person: the resampler output is averaged over them.
+    /// With a model that has a Base-LoRA and photos that all have base crops, the Base-LoRA of
+    /// those crops comes too.
     /// Progress: `clip` (one step per photo), then `hypernet`.
     pub fn create(
         &self,
@@ -99,13 +107,15 @@ impl IdentityEncoder {
             ));
         }
         let n = photos.len();
+        let with_base = self.hyper.has_base_lora() && photos.iter().all(|p| p.base_crop.is_some());
         let mut penultimate = Vec::with_capacity(n);
+        let mut base_penultimate = Vec::new();
         for (i, photo) in photos.iter().enumerate() {
             cancel.check()?;
-            let pixels = self
-                .clip_pixels(&[&photo.clip_crop])?
-                .to_dtype(self.clip.dtype())?;
-            penultimate.push(self.clip.penultimate(&pixels)?);
+            penultimate.push(self.clip_features(&photo.clip_crop)?);
+            if let (true, Some(crop)) = (with_base, &photo.base_crop) {
+                base_penultimate.push(self.clip_features(crop)?);
+            }
             progress(Progress {
                 stage: "clip",
                 step: i as u64 + 1,
@@ -113,6 +123,11 @@ impl IdentityEncoder {
             });
         }
         let clip = Tensor::cat(&penultimate, 0)?;
+        let base = if with_base {
+            Some(Tensor::cat(&base_penultimate, 0)?)
+        } else {
+            None
+        };
         let embeds = photos
             .iter()
             .map(|p| Tensor::new(p.arcface.as_slice(), &self.device)?.unsqueeze(0))
@@ -124,12 +139,10 @@ impl IdentityEncoder {
             step: 0,
             total: 1,
         });
-        // The Base-LoRA wants the whole photo's CLIP features, which needs the uncropped photo
-        // (face-analysis issue); until then only the ID-LoRA is produced.
         let out = self.hyper.create_lora(
             self.hyper.uses_id_embeds().then_some(&id),
             self.hyper.uses_clip().then_some(&clip),
-            None,
+            base.as_ref(),
         )?;
         // The LoRA may be merged from another thread's stream (see `SdxlPipeline::load`).
         self.device.synchronize()?;
@@ -159,7 +172,7 @@ mod tests {
     }
 
     fn photo(seed: u8, size: usize) -> FaceConditions {
-        let data = (0..size * size * 3)
+        let data: Vec<u8> = (0..size * size * 3)
             .map(|i| (i as u8).wrapping_mul(seed))
             .collect();
         let mut arcface: Vec<f32> = (0..512)
@@ -167,6 +180,7 @@ mod tests {
             .collect();
         let norm = arcface.iter().map(|x| x * x).sum::<f32>().sqrt();
         arcface.iter_mut().for_each(|x| *x /= norm);
+        let base = data.iter().map(|v: &u8| v.wrapping_add(seed)).collect();
         FaceConditions {
             arcface,
             clip_crop: RgbImage {
@@ -174,6 +188,11 @@ mod tests {
                 height: size,
                 data,
             },
+            base_crop: Some(RgbImage {
+                width: size,
+                height: size,
+                data: base,
+            }),
         }
     }
 
@@ -189,6 +208,20 @@ mod tests {
             .unwrap();
         assert_eq!(stages, ["clip", "hypernet", "hypernet"]);
         assert_eq!(one.id.len(), enc.hypernet().modules().len() * 4);
+        // The tiny model has a Base-LoRA: computed from the base crops, at half the rank.
+        let base = one.base.as_ref().expect("the tiny model has a Base-LoRA");
+        assert_eq!(base.rank(), one.id.rank().map(|r| r / 2));
+        let features = enc
+            .clip_features(photo(3, s).base_crop.as_ref().unwrap())
+            .unwrap();
+        let expected = enc.hypernet().base_lora(&features).unwrap();
+        for (name, w) in base.iter() {
+            let e = expected.get(name).unwrap();
+            assert_eq!(
+                w.down.to_vec2::<f32>().unwrap(),
+                e.down.to_vec2::<f32>().unwrap()
+            );
+        }
         let two = enc
             .create(
                 &[photo(3, s), photo(5, s)],

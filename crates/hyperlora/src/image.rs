@@ -428,6 +428,27 @@ pub fn pil_gaussian_blur(img: &GrayImage, radius: f32) -> GrayImage {
     }
 }
 
+/// `ImageFilter.GaussianBlur(radius)` on an RGB image: Pillow blurs each band the same way.
+pub fn pil_gaussian_blur_rgb(img: &RgbImage, radius: f32) -> RgbImage {
+    let band = |k: usize| GrayImage {
+        width: img.width,
+        height: img.height,
+        data: img.data.iter().skip(k).step_by(3).copied().collect(),
+    };
+    let bands = [0, 1, 2].map(|k| pil_gaussian_blur(&band(k), radius));
+    let mut data = vec![0u8; img.data.len()];
+    for (k, b) in bands.iter().enumerate() {
+        for (px, v) in data.chunks_exact_mut(3).zip(&b.data) {
+            px[k] = *v;
+        }
+    }
+    RgbImage {
+        width: img.width,
+        height: img.height,
+        data,
+    }
+}
+
 // ------------------------------------------------------------------------------ PIL misc
 /// Python's `round` (half to even) as PIL's `crop` applies it to each box coordinate.
 pub fn py_round(v: f64) -> i64 {

@@ -1,5 +1,5 @@
 //! Face analysis in-process: antelopev2's SCRFD detector, 106-point landmarks and ArcFace run
-//! with a pure-Rust ONNX engine ([`onnx`]), and HyperLoRA's face preprocessing (spec section 3)
+//! with a pure-Rust ONNX engine ([`onnx`]), and HyperLoRA's face preprocessing (docs/hyperlora-model.md §3)
 //! producing the [`FaceConditions`] the identity encoder takes.
 //!
 //! Which face, when a photo has several ([`FaceChoice`]): the highest detector score (the
@@ -31,9 +31,13 @@ pub struct FaceConditions {
     pub arcface: Vec<f32>,
     /// The face crop, already at the CLIP model's input size (224² for ViT-L/14).
     pub clip_crop: RgbImage,
+    /// The Base-LoRA's input at the same size: the surroundings of the face, the face itself
+    /// blurred away (see [`preprocess::base_crop`]). Used only by models with a Base-LoRA, and
+    /// only when every photo has one.
+    pub base_crop: Option<RgbImage>,
 }
 
-/// Detector sizes tried in turn until a face is found (spec section 3 step 1).
+/// Detector sizes tried in turn until a face is found (docs/hyperlora-model.md §3 step 1).
 pub const DETECT_SIZES: [usize; 4] = [640, 512, 384, 256];
 
 /// A detected face with its 106 landmarks.
@@ -53,7 +57,7 @@ pub enum FaceChoice {
 
 #[derive(Clone, Debug)]
 pub struct AnalyzeOptions {
-    /// Spec step 2 (default true).
+    /// Background removal, docs/hyperlora-model.md §3 step 2 (default true).
     pub remove_background: bool,
     /// Grey CLIP crop (default false).
     pub grayscale: bool,
@@ -214,6 +218,7 @@ impl FaceAnalyzer {
             img.clone()
         };
         let clip_crop = preprocess::clip_crop(&processed, &lmk, opts.clip_size, opts.grayscale);
+        let base_crop = Some(preprocess::base_crop(img, &lmk, opts.clip_size));
         let preview = preprocess::preview(&processed, &lmk);
         step(3, progress);
         cancel.check()?;
@@ -233,7 +238,11 @@ impl FaceAnalyzer {
         let arcface = self.arcface.embed(&crop2, face2)?;
         step(4, progress);
         Ok(FaceAnalysis {
-            conditions: FaceConditions { arcface, clip_crop },
+            conditions: FaceConditions {
+                arcface,
+                clip_crop,
+                base_crop,
+            },
             face: FaceInfo {
                 detection: det,
                 landmarks: lmk,

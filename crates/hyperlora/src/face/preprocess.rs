@@ -1,10 +1,10 @@
-//! HyperLoRA's per-photo preprocessing (spec section 3, steps 2-4 geometry), in PIL's terms:
+//! HyperLoRA's per-photo preprocessing (docs/hyperlora-model.md §3, steps 2-4 geometry), in PIL's terms:
 //! outline mask, blurred soft mask, grey background, the CLIP crop and the 2x ArcFace crop.
 
 use crate::image::RgbImage;
 use crate::image::{
-    fill_polygon, pil_crop, pil_crop_gray, pil_gaussian_blur, pil_grayscale, pil_paste_masked,
-    pil_resize_bicubic, pil_resize_bicubic_gray, GrayImage,
+    fill_polygon, pil_crop, pil_crop_gray, pil_gaussian_blur, pil_gaussian_blur_rgb, pil_grayscale,
+    pil_paste_masked, pil_resize_bicubic, pil_resize_bicubic_gray, GrayImage,
 };
 
 /// Landmark indices of the face outline polygon, in drawing order.
@@ -48,7 +48,7 @@ pub fn remove_background(img: &RgbImage, lmk: &[[f32; 2]]) -> RgbImage {
         });
     let l = 0.8 * (x1 - x0).max(y1 - y0);
     let bx = [c.0 - l, c.1 - l, c.0 + l, c.1 + l];
-    let (crop, at) = pil_crop(img, bx);
+    let (crop, _) = pil_crop(img, bx);
     let mcrop = pil_crop_gray(&mask, bx);
     let big = pil_resize_bicubic_gray(&mcrop, 512, 512);
     let soft = pil_resize_bicubic_gray(&pil_gaussian_blur(&big, 15.0), mcrop.width, mcrop.height);
@@ -57,8 +57,15 @@ pub fn remove_background(img: &RgbImage, lmk: &[[f32; 2]]) -> RgbImage {
         height: img.height,
         data: vec![127; img.width * img.height * 3],
     };
-    pil_paste_masked(&mut canvas, &crop, at, &soft);
+    pil_paste_masked(&mut canvas, &crop, paste_origin(bx), &soft);
     canvas
+}
+
+/// Where the reference pastes a crop cut at `bx`: `(int(x0), int(y0))`, truncated, while the crop
+/// itself starts at the rounded corner; so the pasted face may sit one pixel left of / above
+/// where it was cut, and we do the same.
+fn paste_origin(bx: [f64; 4]) -> (i64, i64) {
+    (bx[0].trunc() as i64, bx[1].trunc() as i64)
 }
 
 /// Step 3's box: landmarks' bounding box, l = 0.75 max(w, h), centre raised by l/8;
@@ -78,20 +85,25 @@ pub fn clip_box(lmk: &[[f32; 2]], scale: f64) -> [f64; 4] {
     [cx - l, cy - l, cx + l, cy + l]
 }
 
-/// Step 3: the crop, optionally grey, resized (shortest side `size`, PIL bicubic) and
-/// centre-cropped to `size` x `size`: what CLIP normalises.
+/// Step 3: the crop, optionally grey, then what CLIP's image processor does with it.
 pub fn clip_crop(img: &RgbImage, lmk: &[[f32; 2]], size: usize, grayscale: bool) -> RgbImage {
     let (mut crop, _) = pil_crop(img, clip_box(lmk, 1.0));
     if grayscale {
         crop = pil_grayscale(&crop);
     }
+    clip_resize(&crop, size)
+}
+
+/// CLIP's image processor on a crop of any shape: shortest side to `size` (PIL bicubic, the
+/// long side truncated), then the centred `size` x `size` square.
+fn clip_resize(crop: &RgbImage, size: usize) -> RgbImage {
     let (w, h) = (crop.width.max(1), crop.height.max(1));
     let (nw, nh) = if w <= h {
         (size, (size as f64 * h as f64 / w as f64) as usize)
     } else {
         ((size as f64 * w as f64 / h as f64) as usize, size)
     };
-    let r = pil_resize_bicubic(&crop, nw, nh);
+    let r = pil_resize_bicubic(crop, nw, nh);
     let (left, top) = ((nw - size) / 2, (nh - size) / 2);
     let (c, _) = pil_crop(
         &r,
@@ -103,6 +115,58 @@ pub fn clip_crop(img: &RgbImage, lmk: &[[f32; 2]], size: usize, grayscale: bool)
         ],
     );
     c
+}
+
+/// The Base-LoRA's input (docs/hyperlora-model.md §3, Base-LoRA): the face blurred away (so only
+/// hair, clothes and surroundings remain), then the CLIP box clamped to the photo, through CLIP's
+/// image processor. As the reference's base-condition step with its defaults: the outline
+/// polygon grown 1.4x about its centre as the mask, the face square resized to 512², blurred
+/// with radius 45 and resized back, pasted through the mask (blurred with radius 15) onto the
+/// photo; then the crop with scales (1, 1, 1, 1) and safe cropping.
+pub fn base_crop(img: &RgbImage, lmk: &[[f32; 2]], size: usize) -> RgbImage {
+    let all = pts64(lmk);
+    let poly: Vec<(f64, f64)> = OUTLINE.iter().map(|&i| all[i]).collect();
+    let n = poly.len() as f64;
+    let c = (
+        poly.iter().map(|p| p.0).sum::<f64>() / n,
+        poly.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let grown: Vec<(f64, f64)> = poly
+        .iter()
+        .map(|p| ((p.0 - c.0) * 1.4 + c.0, (p.1 - c.1) * 1.4 + c.1))
+        .collect();
+    let mut mask = GrayImage::new(img.width, img.height, 0);
+    fill_polygon(&mut mask, &grown);
+    let extent = |f: fn(&(f64, f64)) -> f64| {
+        let (lo, hi) = poly
+            .iter()
+            .map(f)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |a, v| {
+                (a.0.min(v), a.1.max(v))
+            });
+        hi - lo
+    };
+    let l = 0.8 * extent(|p| p.0).max(extent(|p| p.1));
+    let bx = [c.0 - l, c.1 - l, c.0 + l, c.1 + l];
+    let (crop, _) = pil_crop(img, bx);
+    let mcrop = pil_crop_gray(&mask, bx);
+    let (w, h) = (crop.width, crop.height);
+    let blurred = pil_resize_bicubic(
+        &pil_gaussian_blur_rgb(&pil_resize_bicubic(&crop, 512, 512), 45.0),
+        w,
+        h,
+    );
+    let soft = pil_resize_bicubic_gray(
+        &pil_gaussian_blur(&pil_resize_bicubic_gray(&mcrop, 512, 512), 15.0),
+        w,
+        h,
+    );
+    let mut photo = img.clone();
+    pil_paste_masked(&mut photo, &blurred, paste_origin(bx), &soft);
+    let [x0, y0, x1, y1] = clip_box(lmk, 1.0);
+    let (wf, hf) = (img.width as f64, img.height as f64);
+    let safe = [x0.max(0.0), y0.max(0.0), x1.min(wf), y1.min(hf)];
+    clip_resize(&pil_crop(&photo, safe).0, size)
 }
 
 /// The user-facing preview: the CLIP crop region at 512x512.

@@ -1,4 +1,4 @@
-//! Parity with insightface (onnxruntime) and a PIL implementation of spec section 3, on the
+//! Parity with insightface (onnxruntime) and a PIL implementation of docs/hyperlora-model.md §3, on the
 //! tiny antelopev2-shaped models (scripts/fixtures/face.py).
 
 use std::collections::HashMap;
@@ -187,6 +187,12 @@ fn preprocessing_matches_pil() {
             d_nobg == 0 && d28 == 0 && d28g == 0,
             "{name}: preprocessing differs from PIL"
         );
+        let base28 = max_u8_diff(
+            "base28",
+            &preprocess::base_crop(&img, &lmk, 28),
+            &rgb(&f[&format!("{name}.base28")]),
+        );
+        assert_eq!(base28, 0, "{name}: Base-LoRA crop");
         if name == "astronaut" {
             let d224 = max_u8_diff(
                 "clip224",
@@ -194,6 +200,12 @@ fn preprocessing_matches_pil() {
                 &rgb(&f["astronaut.clip224"]),
             );
             assert_eq!(d224, 0, "224 crop");
+            let base224 = max_u8_diff(
+                "base224",
+                &preprocess::base_crop(&img, &lmk, 224),
+                &rgb(&f["astronaut.base224"]),
+            );
+            assert_eq!(base224, 0, "224 Base-LoRA crop");
         }
     }
 }
