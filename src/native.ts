@@ -29,9 +29,10 @@ export interface BindingStatus {
   warnings: string[]
 }
 
-let binding: NativeBinding | undefined
-let status: BindingStatus | undefined
-let missing: HyperLoraError | undefined
+/** The outcome of loading: the binding, or the error every engine call then rejects with. */
+type Loaded = { binding: NativeBinding; status: BindingStatus } | { binding?: undefined; status: BindingStatus; error: HyperLoraError }
+
+let loaded: Loaded | undefined
 
 function isNotInstalled(error: unknown, name: string): boolean {
   const e = error as NodeJS.ErrnoException
@@ -66,13 +67,13 @@ function defaultSource(): string {
   return local && fs.existsSync(local) ? `local build (${path.basename(local)})` : (pkg ?? 'unknown')
 }
 
-function loadBinding(): { binding?: NativeBinding; status: BindingStatus; error?: HyperLoraError } {
+function loadBinding(): Loaded {
   const warnings: string[] = []
   const cuda = loadCuda(warnings)
   if (cuda) return { binding: cuda, status: { source: CUDA_PACKAGE, warnings } }
   try {
-    const loaded = requireFromHere(path.join(packageRoot, 'index.js')) as NativeBinding
-    return { binding: loaded, status: { source: defaultSource(), warnings } }
+    const binding = requireFromHere(path.join(packageRoot, 'index.js')) as NativeBinding
+    return { binding, status: { source: defaultSource(), warnings } }
   } catch (error) {
     const missingError = nativeMissing(error)
     return { status: { source: null, warnings: [...warnings, missingError.message] }, error: missingError }
@@ -107,15 +108,15 @@ function missingMessage(loaderError: unknown): string {
 
 /** The native binding, loaded on first use so that importing the package stays cheap. */
 export function native(): NativeBinding {
-  if (!status) ({ binding, status, error: missing } = loadBinding())
-  if (!binding) throw missing!
-  return binding
+  loaded ??= loadBinding()
+  if (!loaded.binding) throw loaded.error
+  return loaded.binding
 }
 
 /** Which native binary is in use (loading it if needed); never throws. */
 export function bindingStatus(): BindingStatus {
-  if (!status) ({ binding, status, error: missing } = loadBinding())
-  return status
+  loaded ??= loadBinding()
+  return loaded.status
 }
 
 /** Cancellation and progress for one native call. */
