@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 
-import { describe, expect, it } from 'vitest'
+import { describe, expect, it, onTestFinished } from 'vitest'
 
 import { builtBinary, tarballInstall, userEnv } from '../scripts/tarball-install.js'
 import { tempDir } from './helpers.js'
@@ -51,6 +51,7 @@ describe('release path', () => {
 
   it.skipIf('missing' in native)(`the tarballs install without Rust and run the demo${'missing' in native ? ` (skipped: ${native.missing})` : ''}`, () => {
     const result = tarballInstall()
+    onTestFinished(() => fs.rmSync(path.dirname(result.project), { recursive: true, force: true }))
     expect(result.demo).toMatchObject({ device: 'cpu', steps: 20 })
     expect(fs.readFileSync(result.demo.output).subarray(1, 4).toString()).toBe('PNG')
     expect(result.info).toMatchObject({ native: 'pkg' in native ? native.pkg : '', backends: ['cpu'], warnings: [] })
