@@ -77,8 +77,11 @@ class SilenceWatch {
   #timer: NodeJS.Timeout | undefined
   expired = false
   readonly signal: AbortSignal
+  /** The server being waited for (`host:port`): the hub, or the CDN it redirected to. */
+  server: string
 
-  constructor(hub: Hub) {
+  constructor(hub: Hub, url: string) {
+    this.server = new URL(url).host
     this.#ms = hub.timeoutMs
     this.signal = hub.signal ? AbortSignal.any([hub.signal, this.#controller.signal]) : this.#controller.signal
     this.touch()
@@ -99,12 +102,12 @@ class SilenceWatch {
 
 /** Runs one attempt under a {@link SilenceWatch}; silence becomes a retryable error naming the server. */
 async function watched<T>(hub: Hub, url: string, attempt: (watch: SilenceWatch) => Promise<T>): Promise<T> {
-  const watch = new SilenceWatch(hub)
+  const watch = new SilenceWatch(hub, url)
   try {
     return await attempt(watch)
   } catch (error) {
     if (watch.expired && !hub.signal?.aborted) {
-      throw new RetryableError(`${new URL(url).host} sent nothing for ${hub.timeoutMs / 1000} s (HYPERLORA_DOWNLOAD_TIMEOUT)`)
+      throw new RetryableError(`${watch.server} sent nothing for ${hub.timeoutMs / 1000} s (HYPERLORA_DOWNLOAD_TIMEOUT)`)
     }
     throw error
   } finally {
@@ -144,6 +147,7 @@ async function request(
   for (let hop = 0; hop < 10; hop++) {
     const headers: Record<string, string> = { 'user-agent': 'hyperlora', 'accept-encoding': 'identity', ...init.headers }
     if (hub.token && new URL(current).origin === hubOrigin) headers['authorization'] = `Bearer ${hub.token}`
+    watch.server = new URL(current).host
     const response = await fetch(current, { method: init.method, headers, redirect: 'manual', signal: watch.signal })
     watch.touch()
     const location = response.headers.get('location')
