@@ -27,7 +27,7 @@ const NUMBER_FLAGS: Record<string, NumberRule> = {
   cfg: { integer: false, min: 0, max: 100, accepts: 'a number from 0 to 100' },
   width: { integer: true, min: 8, max: 4096, multipleOf: 8, accepts: 'a multiple of 8 from 8 to 4096' },
   height: { integer: true, min: 8, max: 4096, multipleOf: 8, accepts: 'a multiple of 8 from 8 to 4096' },
-  'identity-weight': { integer: false, min: -100, max: 100, accepts: 'a number such as 0.85 (negative pushes away from the person)' },
+  'identity-weight': { integer: false, min: -100, max: 100, accepts: 'a number from -100 to 100, e.g. 0.85 (negative pushes away from the person)' },
 }
 
 type Values = Readonly<Record<string, string | boolean | string[] | undefined>>
