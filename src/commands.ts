@@ -53,7 +53,8 @@ async function models<R extends ModelRole>(values: CommandValues, roles: readonl
   const other = failures.find((e) => !(e instanceof HyperLoraError && e.code === 'MODEL_NOT_FOUND'))
   if (other) throw other
   if (failures.length > 0) {
-    const lines = (failures as HyperLoraError[]).map((e) => `  ${e.message.split('\n')[0]}`)
+    // Each model's first line; the heading already says that these commands never download.
+    const lines = (failures as HyperLoraError[]).map((e) => `  ${e.message.split('\n')[0]!.replace(/ and downloads are off \(download: false\)\.$/, '')}`)
     throw new HyperLoraError(
       'MODEL_NOT_FOUND',
       [
