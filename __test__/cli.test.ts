@@ -91,6 +91,7 @@ describe('hyperlora CLI', () => {
       [['--out', path.join(dir, 'x.gif')], `--out must end in .png, .jpg or .webp, got ${path.join(dir, 'x.gif')}`],
       [['--face', path.join(dir, 'me.jpg')], `--face ${path.join(dir, 'me.jpg')}: no such file`],
       [['--identity', 'nope.safetensors'], '--identity nope.safetensors: no such file'],
+      [['--lora', 'style.safetensors:0.6'], '--lora style.safetensors: no such file'],
       [['--stepz', '3'], "unknown option --stepz ('hyperlora generate --help' lists the options)"],
       [['--steps'], "--steps needs a value ('hyperlora generate --help' lists the options)"],
     ]
