@@ -27,22 +27,27 @@ const native = builtBinary()
 const posix = process.platform !== 'win32'
 
 describe('release path', () => {
-  it.runIf(posix)('npm pack runs no build and ships LICENSE, no test-only weights, no source maps', () => {
+  it.runIf(posix)('npm pack runs no build and ships LICENSE, no test-only weights, no source maps, no install script', () => {
     const trap = rustTrap()
     const r = spawnSync('npm', ['pack', '--dry-run', '--json'], { cwd: root, env: trap.env, encoding: 'utf8' })
     expect(r.status, r.stderr).toBe(0)
     expect(trap.called(), 'cargo was called by npm pack').toBe(false)
+    expect(r.stderr).toContain("hyperlora: npm pack does not build; it ships dist/ as 'npm run build:ts' left it")
     const files = (JSON.parse(r.stdout) as [{ files: { path: string }[] }])[0].files.map((f) => f.path)
-    expect(files).toEqual(expect.arrayContaining(['LICENSE', 'dist/cli.js', 'bin/hyperlora.js', 'scripts/postinstall.js', 'models/tiny/sdxl/unet/config.json']))
-    expect(files.filter((f) => /single-file|tests\/fixtures|fuzz-corpus|\.map$|^src\/|^crates\//.test(f))).toEqual([])
+    expect(files).toEqual(expect.arrayContaining(['LICENSE', 'dist/cli.js', 'bin/hyperlora.js', 'models/tiny/sdxl/unet/config.json', 'models/tiny/photos/astronaut.png']))
+    expect(files.filter((f) => /single-file|tests\/fixtures|fuzz-corpus|\.map$|^src\/|^crates\/|^scripts\//.test(f))).toEqual([])
+    // npm flags packages with install scripts on every user's install; the build hook is `prepare`, which installs from the registry never run.
+    const scripts = (JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts
+    expect(Object.keys(scripts).filter((s) => ['preinstall', 'install', 'postinstall'].includes(s))).toEqual([])
     expect(fs.readFileSync(path.join(root, 'LICENSE'), 'utf8')).toMatch(/Apache License\s+Version 2\.0, January 2004[\s\S]*END OF TERMS AND CONDITIONS/)
   })
 
   it.runIf(posix && !('missing' in native))('npm install in a built clone, and npx hyperlora there, build nothing', () => {
     const trap = rustTrap()
-    const postinstall = spawnSync('node', ['scripts/postinstall.js'], { cwd: root, env: trap.env, encoding: 'utf8' })
-    expect(postinstall.status, postinstall.stderr).toBe(0)
-    expect(postinstall.stdout).toMatch(/up to date/)
+    // What `npm install` runs in the clone after installing the dependencies.
+    const prepare = spawnSync('npm', ['run', 'prepare'], { cwd: root, env: trap.env, encoding: 'utf8' })
+    expect(prepare.status, prepare.stderr).toBe(0)
+    expect(prepare.stderr).toContain('hyperlora: the native engine and dist/ are up to date')
     const npx = spawnSync('npx', ['hyperlora', 'info', '--json'], { cwd: root, env: trap.env, encoding: 'utf8' })
     expect(npx.status, npx.stderr).toBe(0)
     expect(JSON.parse(npx.stdout)).toMatchObject({ version: '0.1.0', backends: ['cpu'] })

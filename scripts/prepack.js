@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 'use strict'
-// `npm pack` / `npm publish` never compile: they ship what `npm run build:ts` (and, for the
-// platform packages, the release build) made. This only refuses to pack a package whose
-// compiled API is missing, which would install but not run.
+// `npm pack` / `npm publish` never compile (scripts/build-if-stale.js steps aside for them): they
+// ship what `npm run build:ts` (and, for the platform packages, the release build) made. This
+// only refuses to pack a package whose compiled API is missing, which would install but not run.
 const fs = require('node:fs')
 const path = require('node:path')
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env node
 'use strict'
-// npm runs this after `npm install` / `npm ci` of this project. In a source checkout (crates/ is
-// here) it builds the native engine and dist/ when either is missing or older than its sources:
-// `npm install && npx hyperlora demo` builds once, and a later install (or the one npx makes of a
-// clone into its cache) finds the build current and does nothing. In an installed package there
-// is no crates/ and it does nothing at all: the engine comes prebuilt from the platform package.
-// Packing and publishing never run it (npm runs install scripts on install only).
+// The project's `prepare` script. npm runs it after `npm install` / `npm ci` in a clone (and when
+// a clone is installed as a directory, e.g. by `npx hyperlora` into its cache), and also on
+// `npm pack` / `npm publish`. It builds the native engine and dist/ when either is missing or
+// older than its sources, so `npm install && npx hyperlora demo` builds once and later installs
+// find the build current; under pack and publish it does nothing: they ship what was built.
+// Its notes go to stderr: stdout may be a JSON document (npm pack --json).
+// (Not `postinstall`: the published package would then carry an install script, which npm
+// flags on every user's install, for a step that only ever matters in a clone.)
 const { spawnSync } = require('node:child_process')
 const fs = require('node:fs')
 const path = require('node:path')
@@ -40,10 +42,16 @@ function staleReason() {
 }
 
 function main() {
+  const command = process.env['npm_command']
+  if (command === 'pack' || command === 'publish') {
+    console.error(`hyperlora: npm ${command} does not build; it ships dist/ as 'npm run build:ts' left it`)
+    return 0
+  }
+  // Not a source checkout (an unpacked package): there is nothing to build.
   if (!fs.existsSync(path.join(root, 'crates', 'hyperlora-node', 'Cargo.toml'))) return 0
   const reason = staleReason()
   if (!reason) {
-    console.log('hyperlora: the native engine and dist/ are up to date (npm run build rebuilds them)')
+    console.error('hyperlora: the native engine and dist/ are up to date (npm run build rebuilds them)')
     return 0
   }
   const cargo = spawnSync('cargo', ['--version'], { stdio: 'ignore', shell: process.platform === 'win32' })
@@ -51,7 +59,7 @@ function main() {
     console.error(`hyperlora: ${reason}, and building it needs Rust: install it from https://rustup.rs, then run 'npm run build'`)
     return 1
   }
-  console.log(`hyperlora: ${reason}; building (npm run build; the first build takes several minutes)`)
+  console.error(`hyperlora: ${reason}; building (npm run build; the first build takes several minutes)`)
   const npm = process.env['npm_execpath']
   const build = npm ? spawnSync(process.execPath, [npm, 'run', 'build'], { cwd: root, stdio: 'inherit' }) : spawnSync('npm', ['run', 'build'], { cwd: root, stdio: 'inherit', shell: process.platform === 'win32' })
   return build.status ?? 1
