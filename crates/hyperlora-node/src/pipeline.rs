@@ -183,7 +183,8 @@ impl Pipeline {
     }
 
     /// Generates images with the given identities and LoRA files merged in (weights may be
-    /// negative); resolves to raw RGB8 pixels, one entry per image.
+    /// negative); resolves to raw RGB8 pixels, one entry per image. Image `k` is drawn from
+    /// `seed + k` (wrapping at 2^64), so each one can be redrawn alone with its seed.
     #[napi(ts_return_type = "Promise<Array<RawImage>>")]
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
@@ -211,7 +212,8 @@ impl Pipeline {
     /// cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
     /// batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
     /// `loras` apply to every request. Each request's images equal what `generate` gives it
-    /// alone. Resolves to one array of images per request, in request order.
+    /// alone (image `k` from the request's `seed + k`). Resolves to one array of images per
+    /// request, in request order.
     #[napi(ts_return_type = "Promise<Array<Array<RawImage>>>")]
     #[allow(clippy::too_many_arguments)]
     pub fn generate_many(
