@@ -68,7 +68,8 @@ export declare class Pipeline {
   __panicWhileBusyForTests(): Promise<void>
   /**
    * Generates images with the given identities and LoRA files merged in (weights may be
-   * negative); resolves to raw RGB8 pixels, one entry per image.
+   * negative); resolves to raw RGB8 pixels, one entry per image. Image `k` is drawn from
+   * `seed + k` (wrapping at 2^64), so each one can be redrawn alone with its seed.
    */
   generate(params: GenerateRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
   /**
@@ -76,7 +77,8 @@ export declare class Pipeline {
    * cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
    * batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
    * `loras` apply to every request. Each request's images equal what `generate` gives it
-   * alone. Resolves to one array of images per request, in request order.
+   * alone (image `k` from the request's `seed + k`). Resolves to one array of images per
+   * request, in request order.
    */
   generateMany(requests: Array<GenerateRequest>, identities: Array<Array<Identity>>, identityWeights: Array<Array<number>>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<Array<RawImage>>>
   /**
@@ -96,6 +98,8 @@ export interface AnalyzedFace {
   index: number
   arcface: Float32Array
   clipCrop: RawImage
+  /** The Base-LoRA's input: the face's surroundings with the face blurred away, CLIP-sized. */
+  baseCrop?: RawImage
   face: DetectedFace
   /** The background-removed face region at 512². */
   preview: RawImage
@@ -156,10 +160,14 @@ export interface FaceBox {
   bbox: Array<number>
 }
 
-/** One photo's conditions: its ArcFace embedding and its CLIP-sized face crop. */
+/**
+ * One photo's conditions: its ArcFace embedding, its CLIP-sized face crop and, for models with
+ * a Base-LoRA, its CLIP-sized base crop.
+ */
 export interface FaceConditionsInput {
   arcface: Float32Array
   clipCrop: RawImage
+  baseCrop?: RawImage
 }
 
 export interface GenerateRequest {

@@ -14,6 +14,15 @@ function hyperlora(...args: string[]) {
   return { code: r.status, stdout: r.stdout, stderr: r.stderr }
 }
 
+const photo = path.resolve(__dirname, '..', 'models', 'tiny', 'photos', 'astronaut.png')
+
+/** A mid-grey picture: no face in it. */
+async function greyPhoto(dir: string): Promise<string> {
+  const grey = path.join(dir, 'grey.png')
+  await sharp({ create: { width: 120, height: 90, channels: 3, background: { r: 127, g: 127, b: 127 } } }).toFile(grey)
+  return grey
+}
+
 describe('hyperlora CLI', () => {
   it('info --json reports version, backends and model locations', () => {
     const out = JSON.parse(execFileSync('node', [cli, 'info', '--json'], { encoding: 'utf8', env: { ...process.env, HYPERLORA_HOME: '/tmp/hl-models' } }))
@@ -34,7 +43,6 @@ describe('hyperlora CLI', () => {
 
   it('identity and generate: photos → identity file → picture with parameters; bad input exits 1 or 2', async () => {
     const dir = tempDir('cli')
-    const photo = path.resolve(__dirname, '..', 'models', 'tiny', 'photos', 'astronaut.png')
     const lora = path.join(dir, 'me.safetensors')
     const id = hyperlora('identity', '--tiny', '--face', photo, '--out', lora, '--json')
     expect(id.code, id.stderr).toBe(0)
@@ -42,23 +50,83 @@ describe('hyperlora CLI', () => {
     const out = path.join(dir, 'me.webp')
     const gen = hyperlora('generate', '--tiny', '--identity', lora, '--prompt', 'a portrait', '--width', '64', '--height', '64', '--steps', '2', '--seed', '7', '--out', out, '--json')
     expect(gen.code, gen.stderr).toBe(0)
-    expect(JSON.parse(gen.stdout)).toMatchObject({ output: out, seed: '7', width: 64 })
+    expect(JSON.parse(gen.stdout)).toMatchObject({ output: out, seed: 7, width: 64, warnings: [] })
     expect(fs.readFileSync(out).subarray(8, 12).toString()).toBe('WEBP')
     const refined = hyperlora('generate', '--tiny', '--face', photo, '--refine-face', '--prompt', 'a portrait', '--width', '64', '--height', '64', '--steps', '2', '--out', path.join(dir, 'r.png'), '--json')
     expect(refined.code, refined.stderr).toBe(0)
     expect(JSON.parse(refined.stdout).info).toMatch(/Face refine strength: 0.5/)
 
-    const grey = path.join(dir, 'grey.png')
-    await sharp({ create: { width: 120, height: 90, channels: 3, background: { r: 127, g: 127, b: 127 } } }).toFile(grey)
+    const grey = await greyPhoto(dir)
     const noFace = hyperlora('identity', '--tiny', '--face', grey, '--out', path.join(dir, 'x.safetensors'), '--json')
     expect(noFace.code).toBe(1)
     expect(JSON.parse(noFace.stdout).error).toMatchObject({ code: 'NO_FACE', message: expect.stringMatching(/photo 0 \(grey\.png\)/) })
     expect(fs.existsSync(path.join(dir, 'x.safetensors'))).toBe(false)
-    // No models given and none installed: the defaults are named, with a hint to pull them.
-    const missing = spawnSync('node', [cli, 'generate', '--prompt', 'x', '--json'], { encoding: 'utf8', env: { ...process.env, HF_HOME: dir, HYPERLORA_HOME: dir } })
+  })
+
+  it('generate without models lists every missing one, with pull and --tiny as the ways out', () => {
+    const dir = tempDir('nomodels')
+    const env = { ...process.env, HF_HOME: dir, HYPERLORA_HOME: dir }
+    const missing = spawnSync('node', [cli, 'generate', '--prompt', 'x', '--face', photo, '--json'], { encoding: 'utf8', env })
     expect(missing.status).toBe(1)
-    expect(JSON.parse(missing.stdout).error).toMatchObject({ code: 'MODEL_NOT_FOUND', message: expect.stringMatching(/hyperlora pull/) })
-    expect(hyperlora('generate', '--tiny', '--prompt', 'x', '--seed', 'abc').code).toBe(2)
+    const { code, message } = JSON.parse(missing.stdout).error
+    expect(code).toBe('MODEL_NOT_FOUND')
+    expect(message).toMatch(/^4 models are not on this machine/)
+    for (const name of ['realvisxl-v4', 'hyperlora-fidelity', 'clip-vit-large-patch14', 'antelopev2']) expect(message).toContain(`'${name}'`)
+    expect(message).toMatch(/npx hyperlora pull[\s\S]*--tiny/)
+    // Only SDXL is needed without photos.
+    const one = spawnSync('node', [cli, 'generate', '--prompt', 'x'], { encoding: 'utf8', env })
+    expect(one.stderr).toMatch(/^error MODEL_NOT_FOUND: 1 model is not on this machine[^\n]*\n  model 'realvisxl-v4'/)
+  })
+
+  it('refuses bad flags before any work, with one line naming the flag and what it accepts (exit 2)', () => {
+    const dir = tempDir('flags')
+    const cases: [string[], string][] = [
+      [['--steps', '-3'], "--steps must be a whole number from 1 to 1000, got '-3'"],
+      [['--steps', '5000'], "--steps must be a whole number from 1 to 1000, got '5000'"],
+      [['--cfg', 'abc'], "--cfg must be a number from 0 to 100, got 'abc'"],
+      [['--seed', '1.5'], "--seed must be a whole number from 0 to 18446744073709551615, got '1.5'"],
+      [['--width', '100'], "--width must be a multiple of 8 from 8 to 4096, got '100'"],
+      [['--out', path.join(dir, 'nope', 'x.png')], `--out ${path.join(dir, 'nope', 'x.png')}: the folder ${path.join(dir, 'nope')} does not exist`],
+      [['--out', dir], `--out ${dir} is a folder; give a file name, e.g. ${path.join(dir, 'portrait.png')}`],
+      [['--out', path.join(dir, 'x.gif')], `--out must end in .png, .jpg or .webp, got ${path.join(dir, 'x.gif')}`],
+      [['--face', path.join(dir, 'me.jpg')], `--face ${path.join(dir, 'me.jpg')}: no such file`],
+      [['--identity', 'nope.safetensors'], '--identity nope.safetensors: no such file'],
+      [['--lora', 'style.safetensors:0.6'], '--lora style.safetensors: no such file'],
+      [['--stepz', '3'], "unknown option --stepz ('hyperlora generate --help' lists the options)"],
+      [['--steps'], "--steps needs a value ('hyperlora generate --help' lists the options)"],
+    ]
+    for (const [flags, message] of cases) {
+      const r = hyperlora('generate', '--tiny', '--prompt', 'x', ...flags)
+      expect(r.code, flags.join(' ')).toBe(2)
+      expect(r.stderr, flags.join(' ')).toBe(`error INVALID_ARGUMENT: ${message}\n`)
+      const json = hyperlora('generate', '--tiny', '--prompt', 'x', ...flags, '--json')
+      expect(json.code).toBe(2)
+      expect(JSON.parse(json.stdout).error).toEqual({ code: 'INVALID_ARGUMENT', message })
+    }
+    // The same kind of mistake caught by the engine instead of the CLI exits the same way.
+    const engine = hyperlora('generate', '--tiny', '--prompt', 'x', '--steps', '1', '--sampler', 'bogus', '--out', path.join(dir, 'x.png'))
+    expect(engine.code).toBe(2)
+    expect(engine.stderr).toMatch(/^error INVALID_ARGUMENT: [^\n]*bogus[^\n]*\n$/)
+    expect(hyperlora('demo', '--out', dir).stderr).toMatch(/^error INVALID_ARGUMENT: --out .* is a folder/)
+    expect(hyperlora('identity', '--tiny', '--face', photo, '--out', path.join(dir, 'no', 'me.safetensors')).code).toBe(2)
+    // A negative number is a value, not an option: --identity-weight -0.5 is accepted.
+    expect(hyperlora('generate', '--tiny', '--prompt', 'x', '--identity-weight', '-0.5', '--steps', 'x').stderr).toMatch(/--steps must be/)
+  })
+
+  it('generate --tiny draws at the tiny model size; warnings reach stderr, or the JSON with --json', async () => {
+    const dir = tempDir('warn')
+    const out = path.join(dir, 'x.png')
+    const text = hyperlora('generate', '--tiny', '--prompt', 'x', '--steps', '1', '--identity-weight', '0.5', '--out', out)
+    expect(text.code, text.stderr).toBe(0)
+    expect(text.stderr).toBe('warning: identityWeight 0.5 has no effect without an identity\n')
+    expect((await sharp(out).metadata()).width).toBe(128)
+    const json = hyperlora('generate', '--tiny', '--prompt', 'x', '--steps', '1', '--identity-weight', '0.5', '--out', out, '--json')
+    expect(json.stderr).toBe('')
+    expect(JSON.parse(json.stdout)).toMatchObject({ width: 128, height: 128, warnings: ['identityWeight 0.5 has no effect without an identity'] })
+    // A photo without a face: skipped, said once with its name (not "photo 1 (grey.png) skipped: photo 1 (grey.png): …").
+    const identity = hyperlora('identity', '--tiny', '--face', photo, '--face', await greyPhoto(dir), '--out', path.join(dir, 'me.safetensors'), '--json')
+    expect(identity.code, identity.stderr).toBe(0)
+    expect(JSON.parse(identity.stdout).warnings).toEqual(['photo 1 (grey.png) skipped: no face detected (tried 640, 512, 384 and 256)'])
   })
 
   it('has --help for every command, with examples', () => {

@@ -1,11 +1,14 @@
 import { execFile } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import * as fs from 'node:fs'
+import * as net from 'node:net'
 import * as path from 'node:path'
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 
 import { listModels, pullModels, resolveModel, type Manifest, type ModelEvent } from '../src/index.js'
+import { speedAndEta } from '../src/models/commands.js'
+import { formatDuration, RateMeter } from '../src/models/rate.js'
 import { gitSha1, sha256, startHub, type HubRepo, type HubServer } from './hub-server.js'
 import { tempDir, rejection } from './helpers.js'
 
@@ -454,5 +457,65 @@ describe('hyperlora pull / models', () => {
       expect(help.code).toBe(0)
       expect(help.stdout).toContain(`Usage: hyperlora ${command}`)
     }
+  })
+})
+
+describe('downloads from a server that stops answering', () => {
+  /** Accepts connections and never sends a byte. */
+  async function silentServer(): Promise<{ endpoint: string; connections: () => number; close: () => Promise<void> }> {
+    const sockets: net.Socket[] = []
+    const server = net.createServer((socket) => sockets.push(socket))
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+    const { port } = server.address() as net.AddressInfo
+    return {
+      endpoint: `http://127.0.0.1:${port}`,
+      connections: () => sockets.length,
+      close: async () => {
+        for (const socket of sockets) socket.destroy()
+        await new Promise((resolve) => server.close(resolve))
+      },
+    }
+  }
+
+  it('a server that accepts and then says nothing: each attempt times out, then one IO error names it', async () => {
+    const silent = await silentServer()
+    try {
+      const env = { HF_ENDPOINT: silent.endpoint, HF_HOME: tempDir('hf-home'), HYPERLORA_HOME: tempDir('hl-home'), HYPERLORA_DOWNLOAD_TIMEOUT: '0.2' }
+      const started = performance.now()
+      const error = await rejection(pullModels(['tiny-clip'], { env, manifest: MANIFEST }))
+      expect(error.code).toBe('IO')
+      expect(error.message).toMatch(new RegExp(`failed after 5 attempts: ${silent.endpoint.slice(7)} sent nothing for 0.2 s \\(HYPERLORA_DOWNLOAD_TIMEOUT\\)`))
+      expect(silent.connections()).toBe(5)
+      expect(performance.now() - started).toBeLessThan(15_000)
+    } finally {
+      await silent.close()
+    }
+  })
+
+  it('a transfer that stalls mid-body is given up after the idle timeout and resumed where it stopped', async () => {
+    const repo: HubRepo = { repo: 'test-org/stall', commit: commit(9), files: [{ path: 'model.safetensors', content: bytes(300_000) }] }
+    const stalling = await startHub({ repos: [repo], stallOnce: ['test-org/stall/model.safetensors'] })
+    try {
+      const hfHome = tempDir('hf-home')
+      const env = { HF_ENDPOINT: stalling.endpoint, HF_HOME: hfHome, HYPERLORA_HOME: tempDir('hl-home'), HYPERLORA_DOWNLOAD_TIMEOUT: '0.3' }
+      const result = await resolveModel('checkpoint', 'test-org/stall/model.safetensors', { env })
+      expect(fs.readFileSync(result)).toEqual(repo.files[0]!.content)
+      const ranges = stalling.requests.filter((r) => r.server === 'cdn').map((r) => r.range)
+      expect(ranges).toEqual([undefined, 'bytes=150000-'])
+    } finally {
+      await stalling.close()
+    }
+  })
+
+  it('the download bar shows speed and time left', () => {
+    const meter = new RateMeter()
+    expect(meter.bytesPerSecond()).toBeNull()
+    meter.add(0, 0)
+    meter.add(1000, 2_000_000)
+    meter.add(2000, 5_000_000)
+    expect(meter.bytesPerSecond()).toBe(2_500_000)
+    expect(speedAndEta(meter.bytesPerSecond(), 10_000_000)).toBe('2.5 MB/s, 4s left')
+    expect(speedAndEta(null, 10)).toBe('')
+    expect([formatDuration(75), formatDuration(4000), formatDuration(null)]).toEqual(['1m15s', '1h06m', null])
   })
 })

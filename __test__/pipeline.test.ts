@@ -20,7 +20,7 @@ describe('SDXL pipeline from TypeScript', () => {
     const [image, ...rest] = await pipeline.generate({ ...base, onProgress: (e) => events.push(e) })
     expect(rest).toHaveLength(0)
     expect(pipeline.device).toBe('cpu')
-    expect(image).toMatchObject({ format: 'png', width: 64, height: 64, seed: 42n, index: 0 })
+    expect(image).toMatchObject({ format: 'png', width: 64, height: 64, seed: 42, index: 0, warnings: [] })
     const meta = await sharp(image!.data).metadata()
     expect(meta).toMatchObject({ format: 'png', width: 64, height: 64, channels: 3 })
     // A1111-style generation parameters, readable by A1111, ComfyUI and civitai.
@@ -52,6 +52,44 @@ describe('SDXL pipeline from TypeScript', () => {
     expect((await sharp(batch[1]!.data).metadata()).format).toBe('jpeg')
     const [webp] = await pipeline.generate({ ...base, format: 'webp', sampler: 'euler_ancestral', scheduler: 'normal' })
     expect((await sharp(webp!.data).metadata()).format).toBe('webp')
+  })
+
+  it('seeds: each image of a batch has its own, which redraws it alone; numbers when exact, bigints above 2^53', async () => {
+    const batch = await pipeline.generate({ ...base, steps: 2, batchSize: 2 })
+    expect(batch.map((i) => i.seed)).toEqual([42, 43])
+    expect(batch[1]!.info).toContain('Seed: 43,')
+    const [alone] = await pipeline.generate({ ...base, steps: 2, seed: 43 })
+    const [a, b] = await Promise.all([alone!, batch[1]!].map((i) => sharp(i.data).raw().toBuffer()))
+    let worst = 0
+    for (let p = 0; p < a!.length; p++) worst = Math.max(worst, Math.abs(a![p]! - b![p]!))
+    expect(worst).toBeLessThanOrEqual(2)
+    expect(JSON.parse(JSON.stringify({ seed: alone!.seed }))).toEqual({ seed: 43 })
+    // Image-to-image batches too (drawn one after another).
+    const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: '#336699' } }).png().toBuffer()
+    const i2i = await pipeline.generate({ ...base, steps: 2, batchSize: 2, initImage: init, strength: 0.5 })
+    const [i2iAlone] = await pipeline.generate({ ...base, steps: 2, seed: 43, initImage: init, strength: 0.5 })
+    expect(i2i.map((i) => i.seed)).toEqual([42, 43])
+    expect((await sharp(i2i[1]!.data).raw().toBuffer()).equals(await sharp(i2iAlone!.data).raw().toBuffer())).toBe(true)
+    // Past 2^64 - 1 the next image wraps to 0; seeds above 2^53 stay exact as bigints.
+    const top = 2n ** 64n - 1n
+    const wrapped = await pipeline.generate({ ...base, steps: 1, seed: top, batchSize: 2 })
+    expect(wrapped.map((i) => i.seed)).toEqual([top, 0])
+    expect(wrapped[0]!.info).toContain(`Seed: ${top},`)
+  })
+
+  it('refuses seeds that are not whole numbers in [0, 2^64) with INVALID_ARGUMENT', async () => {
+    for (const seed of [1.5, Number.NaN, -1, 2 ** 60, 2n ** 64n, -1n]) {
+      const error = await rejection(pipeline.generate({ ...base, seed }))
+      expect(error.code, String(seed)).toBe('INVALID_ARGUMENT')
+      expect(error.message).toMatch(/^seed must be a whole number in \[0, 2\^64\)/)
+    }
+  })
+
+  it('warns about options that have no effect, on every image of the call', async () => {
+    const images = await pipeline.generate({ ...base, steps: 1, batchSize: 2, identityWeight: 0.6, strength: 0.3 })
+    for (const image of images) {
+      expect(image.warnings).toEqual(['identityWeight 0.6 has no effect without an identity', 'strength 0.3 has no effect without an initImage'])
+    }
   })
 
   it('runs image-to-image from any format sharp reads', async () => {

@@ -1,13 +1,15 @@
 /**
  * The `hyperlora` command line. Every command takes `--help`; `--json` prints one JSON document
  * on stdout instead of text. Exit codes: 0 success, 1 the engine failed (the error code is
- * printed), 2 bad usage.
+ * printed), 2 bad usage (`INVALID_ARGUMENT`: a flag, a file or a request the engine refuses).
+ * Warnings go to stderr as `warning: …` lines (also with --quiet), or into the JSON document's
+ * `warnings` with --json.
  */
-import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { parseArgs } from 'node:util'
+import { parseArgs, type ParseArgsConfig } from 'node:util'
 
-import { generateCommand, identityCommand, UsageError } from './commands.js'
+import { generateCommand, identityCommand, TINY_IMAGE_SIZE, type Warn } from './commands.js'
+import { checkedOutputFile, joinNegativeNumbers, usageError } from './flags.js'
 import { writeAtomic } from './files.js'
 import { HyperLoraError } from './errors.js'
 import { info, type RuntimeInfo } from './info.js'
@@ -33,9 +35,12 @@ Commands:
   models    list the known models: installed or not, where, sizes
 
 Options:
-  --json    machine-readable output
-  --quiet   no progress output
+  --json    machine-readable output (warnings go into it)
+  --quiet   no progress output (warnings are still printed)
   --help    help for a command
+
+Exit codes: 0 success, 1 the engine failed (its error code is printed), 2 bad usage
+(INVALID_ARGUMENT: a flag value, a missing file, an --out that cannot be written).
 
 Examples:
   npx hyperlora demo
@@ -66,7 +71,10 @@ Draws one picture. With --face photos (one or more of the same person) or a save
 the person's identity LoRA is merged in and HyperLoRA's trigger words are prepended.
   --out file            .png (default, with A1111 parameters), .jpg or .webp; default hyperlora-<seed>.png
   --negative text       negative prompt
-  --seed n --steps n --cfg x --width n --height n
+  --seed n              a whole number from 0 to 2^64-1 (default: random, printed)
+  --steps n             1 to 1000 (default 20)
+  --cfg x               0 to 100 (default 5)
+  --width n --height n  multiples of 8 up to 4096 (default 1024; 128 with --tiny)
   --sampler s           euler, euler_ancestral, dpmpp_2m (default), dpmpp_2m_sde, ddim
   --scheduler s         normal, karras (default), exponential
   --identity-weight x   default 0.85
@@ -113,17 +121,14 @@ Lists the tensors of a safetensors file (name, dtype, shape) without loading it.
   --sha256   also hash the whole file`,
 }
 
-interface Flags {
-  json: boolean
-  quiet: boolean
-}
-
 function printInfo(runtime: RuntimeInfo): void {
   console.log(`hyperlora ${runtime.version}`)
-  console.log(`backend:     ${runtime.backends.join(', ')}`)
+  console.log(`native:      ${runtime.native ?? 'none (see the warning below)'}`)
+  console.log(`backend:     ${runtime.backends.join(', ') || 'none'}`)
   console.log(`cpu threads: ${runtime.cpuThreads}`)
   console.log(`models:      ${runtime.modelDir}`)
   console.log(`hf cache:    ${runtime.huggingFaceCache}`)
+  for (const warning of runtime.warnings) console.log(`warning:     ${warning}`)
 }
 
 function summary(index: WeightsIndex): string {
@@ -134,14 +139,15 @@ function summary(index: WeightsIndex): string {
 /** The bundled demo photo (NASA, public domain). */
 const DEMO_PHOTO = path.join(packageRoot, 'models', 'tiny', 'photos', 'astronaut.png')
 
-async function demo(flags: Flags, out: string | undefined, real: boolean): Promise<void> {
+async function demo(flags: Flags, out: string | undefined, real: boolean, warn: Warn): Promise<void> {
+  const file = checkedOutputFile(out ?? 'demo.png')
   const runtime = info()
   if (!flags.json && !flags.quiet) printInfo(runtime)
   const bar = progressBar(!flags.quiet && !flags.json)
   const timings = stageTimings(bar)
   // Without model options, load() takes the manifest's defaults and downloads what is missing.
   const engine = await HyperLoRA.load({ ...(real ? {} : TINY_MODELS), onProgress: timings.call() })
-  const size = real ? 1024 : 128
+  const size = real ? 1024 : TINY_IMAGE_SIZE
   try {
     const identity = await engine.createIdentity(DEMO_PHOTO, { onProgress: timings.call() })
     const steps = 20
@@ -155,12 +161,12 @@ async function demo(flags: Flags, out: string | undefined, real: boolean): Promi
       seed: 42,
       onProgress: timings.call(),
     })
-    const file = path.resolve(out ?? 'demo.png')
+    for (const warning of image!.warnings) warn(warning)
     writeAtomic(file, image!.data)
     const face = identity.photos[0]!.face
     const stages = timings.result()
     if (flags.json) {
-      console.log(JSON.stringify({ info: runtime, photo: DEMO_PHOTO, face, identityModules: identity.modules, device: engine.device, steps, timingsMs: stages, output: file }, null, 2))
+      console.log(JSON.stringify({ info: runtime, photo: DEMO_PHOTO, face, identityModules: identity.modules, device: engine.device, steps, timingsMs: stages, output: file, warnings: flags.warnings }, null, 2))
       return
     }
     if (flags.quiet) return
@@ -193,7 +199,7 @@ function stageTimings(bar: ((e: EngineProgress) => void) | undefined): { call():
 }
 
 async function inspect(file: string | undefined, sha256: boolean, flags: Flags): Promise<void> {
-  if (!file) throw new UsageError('inspect needs a file: hyperlora inspect <file.safetensors>')
+  if (!file) throw usageError('inspect needs a file: hyperlora inspect <file.safetensors>')
   const index = await inspectWeights(path.resolve(file), { sha256, onProgress: progressBar(!flags.quiet && !flags.json) })
   if (flags.json) {
     console.log(JSON.stringify(index, null, 2))
@@ -203,50 +209,75 @@ async function inspect(file: string | undefined, sha256: boolean, flags: Flags):
   for (const t of index.tensors) console.log(`  ${t.name}  ${t.dtype}  [${t.shape.join(', ')}]`)
 }
 
+const OPTIONS = {
+  help: { type: 'boolean', short: 'h' },
+  json: { type: 'boolean' },
+  quiet: { type: 'boolean', short: 'q' },
+  sha256: { type: 'boolean' },
+  out: { type: 'string', short: 'o' },
+  face: { type: 'string', multiple: true },
+  identity: { type: 'string' },
+  'identity-weight': { type: 'string' },
+  prompt: { type: 'string', short: 'p' },
+  negative: { type: 'string', short: 'n' },
+  seed: { type: 'string' },
+  steps: { type: 'string' },
+  cfg: { type: 'string' },
+  width: { type: 'string' },
+  height: { type: 'string' },
+  sampler: { type: 'string' },
+  scheduler: { type: 'string' },
+  lora: { type: 'string', multiple: true },
+  'keep-background': { type: 'boolean' },
+  'refine-face': { type: 'boolean' },
+  real: { type: 'boolean' },
+  checkpoint: { type: 'string' },
+  hyperlora: { type: 'string' },
+  'clip-vision': { type: 'string' },
+  'face-models': { type: 'string' },
+  comfyui: { type: 'string' },
+  tiny: { type: 'boolean' },
+  version: { type: 'boolean', short: 'v' },
+} as const satisfies ParseArgsConfig['options']
+
+const VALUE_FLAGS = new Set(Object.entries(OPTIONS).filter(([, o]) => o.type === 'string').map(([name]) => name))
+
+/** node's parser errors, as one line naming the flag. */
+function parseError(error: unknown, argv: readonly string[]): string {
+  const message = (error as Error).message
+  const command = argv.find((a) => !a.startsWith('-'))
+  const help = `'hyperlora ${command && HELP[command] ? `${command} ` : ''}--help' lists the options`
+  const unknown = /Unknown option '([^']+)'/.exec(message)
+  if (unknown) return `unknown option ${unknown[1]} (${help})`
+  // A value missing at the end, or followed by another option (`--steps --json`).
+  const missing = /Option '(-\w, )?(--[\w-]+)[^']*' argument (missing|is ambiguous)/.exec(message)
+  if (missing) return `${missing[2]} needs a value (${help})`
+  return `${message.split('. ')[0]} (${help})`
+}
+
+interface Flags {
+  json: boolean
+  quiet: boolean
+  /** Every warning of the run, for the --json document. */
+  warnings: string[]
+}
+
 export async function main(argv: string[]): Promise<number> {
   let parsed
+  const json = argv.includes('--json')
   try {
-    parsed = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        help: { type: 'boolean', short: 'h' },
-        json: { type: 'boolean' },
-        quiet: { type: 'boolean', short: 'q' },
-        sha256: { type: 'boolean' },
-        out: { type: 'string', short: 'o' },
-        face: { type: 'string', multiple: true },
-        identity: { type: 'string' },
-        'identity-weight': { type: 'string' },
-        prompt: { type: 'string', short: 'p' },
-        negative: { type: 'string', short: 'n' },
-        seed: { type: 'string' },
-        steps: { type: 'string' },
-        cfg: { type: 'string' },
-        width: { type: 'string' },
-        height: { type: 'string' },
-        sampler: { type: 'string' },
-        scheduler: { type: 'string' },
-        lora: { type: 'string', multiple: true },
-        'keep-background': { type: 'boolean' },
-        'refine-face': { type: 'boolean' },
-        real: { type: 'boolean' },
-        checkpoint: { type: 'string' },
-        hyperlora: { type: 'string' },
-        'clip-vision': { type: 'string' },
-        'face-models': { type: 'string' },
-        comfyui: { type: 'string' },
-        tiny: { type: 'boolean' },
-        version: { type: 'boolean', short: 'v' },
-      },
-    })
+    parsed = parseArgs({ args: joinNegativeNumbers(argv, VALUE_FLAGS), allowPositionals: true, options: OPTIONS })
   } catch (error) {
-    console.error(`${(error as Error).message}\n\n${HELP['main']}`)
-    return 2
+    return fail(usageError(parseError(error, argv)), json)
   }
   const { values, positionals } = parsed
   const [command, ...rest] = positionals
-  const flags: Flags = { json: values.json ?? false, quiet: values.quiet ?? false }
+  const flags: Flags = { json: values.json ?? false, quiet: values.quiet ?? false, warnings: [] }
+  // Printed as they happen (a progress bar may be drawing), collected for --json.
+  const warn: Warn = (message) => {
+    flags.warnings.push(message)
+    if (!flags.json) console.error(`warning: ${message}`)
+  }
   if (values.version) {
     console.log(info().version)
     return 0
@@ -264,7 +295,7 @@ export async function main(argv: string[]): Promise<number> {
         return 0
       }
       case 'demo':
-        await demo(flags, values.out, values.real ?? false)
+        await demo(flags, values.out, values.real ?? false, warn)
         return 0
       case 'inspect':
         await inspect(rest[0], values.sha256 ?? false, flags)
@@ -273,31 +304,34 @@ export async function main(argv: string[]): Promise<number> {
         await pullCommand(rest, { ...flags, comfyui: values.comfyui })
         return 0
       case 'models':
-        if (rest.length > 0) throw new UsageError(`models takes no arguments, got ${rest.join(' ')}`)
+        if (rest.length > 0) throw usageError(`models takes no arguments, got ${rest.join(' ')}`)
         await modelsCommand({ ...flags, comfyui: values.comfyui })
         return 0
       case 'generate':
       case 'identity': {
-        const warn = (message: string): void => console.error(`warning: ${message}`)
         const run = command === 'generate' ? generateCommand : identityCommand
         const result = await run(values, progressBar(!flags.quiet && !flags.json), warn)
-        if (flags.json) console.log(JSON.stringify(result, null, 2))
+        if (flags.json) console.log(JSON.stringify({ ...result, warnings: flags.warnings }, null, 2))
         else if (!flags.quiet) console.log(`wrote ${(result as { output: string }).output}`)
         return 0
       }
       default:
-        throw new UsageError(`unknown command '${command}'`)
+        throw usageError(`unknown command '${command}' ('hyperlora --help' lists the commands)`)
     }
   } catch (error) {
-    if (error instanceof UsageError) {
-      console.error(`${error.message}\n\n${HELP['main']}`)
-      return 2
-    }
-    const e = error instanceof HyperLoraError ? error : new HyperLoraError('INTERNAL', String(error))
-    if (flags.json) console.log(JSON.stringify({ error: { code: e.code, message: e.message } }))
-    else console.error(`error ${e.code}: ${e.message}`)
-    return 1
+    return fail(error, flags.json)
   }
+}
+
+/**
+ * Reports a failure: one line (or a JSON document) with the code. Exit 2 for `INVALID_ARGUMENT`
+ * (the same for a flag the CLI refuses and one the engine refuses), 1 for everything else.
+ */
+function fail(error: unknown, json: boolean): number {
+  const e = error instanceof HyperLoraError ? error : new HyperLoraError('INTERNAL', String(error))
+  if (json) console.log(JSON.stringify({ error: { code: e.code, message: e.message } }))
+  else console.error(`error ${e.code}: ${e.message}`)
+  return e.code === 'INVALID_ARGUMENT' ? 2 : 1
 }
 
 if (require.main === module) {

@@ -6,11 +6,10 @@ import { writeAtomic } from './files.js'
 import { TINY_ANTELOPEV2 } from './face.js'
 import { loadIdentity, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from './identity.js'
 import { HyperLoRA, MODEL_ENV, type EngineGenerateOptions } from './engine.js'
-import { DEFAULT_MODELS, resolveModel } from './models/index.js'
-import { loadPipeline, TINY_SDXL, type Sampler, type SigmaScheduler } from './pipeline.js'
+import { DEFAULT_MODELS, resolveModel, type ModelRole } from './models/index.js'
+import { loadPipeline, TINY_SDXL, type GeneratedImage, type Sampler, type SigmaScheduler } from './pipeline.js'
 import type { StageEvent } from './progress-bar.js'
-
-export class UsageError extends Error {}
+import { checkedInputFile, checkedOutputFile, numberFlag, seedFlag, usageError } from './flags.js'
 
 /** The bundled random-weight models behind --tiny, and each model's flag. */
 const MODELS = {
@@ -20,9 +19,15 @@ const MODELS = {
   faceModels: { flag: 'face-models', tiny: TINY_ANTELOPEV2 },
 } as const
 
+/** The side the bundled tiny SDXL draws at (the demo's size): 1024² would take minutes of noise. */
+export const TINY_IMAGE_SIZE = 128
+
 export interface CommandValues {
   [key: string]: string | boolean | string[] | undefined
 }
+
+/** Reports a warning to the user (the CLI prints it, or puts it in the --json document). */
+export type Warn = (message: string) => void
 
 /**
  * A model's local path: the flag, else its environment variable, else (with --tiny) the bundled
@@ -38,12 +43,29 @@ async function model(values: CommandValues, role: keyof typeof MODELS): Promise<
   return resolveModel(role, named ?? DEFAULT_MODELS[role], { download: false, ...(typeof comfyui === 'string' && { comfyuiModels: comfyui }) })
 }
 
-function number(values: CommandValues, key: string): number | undefined {
-  const v = values[key]
-  if (v === undefined) return undefined
-  const n = Number(v)
-  if (typeof v !== 'string' || v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`--${key} must be a number, got ${String(v)}`)
-  return n
+/**
+ * Every model of `roles`, or one error listing each that is missing (not just the first), with
+ * how to get them and how to try the CLI without them.
+ */
+async function models<R extends ModelRole>(values: CommandValues, roles: readonly R[]): Promise<Record<R, string>> {
+  const settled = await Promise.allSettled(roles.map((role) => model(values, role)))
+  const failures = settled.filter((s): s is PromiseRejectedResult => s.status === 'rejected').map((s) => s.reason as unknown)
+  const other = failures.find((e) => !(e instanceof HyperLoraError && e.code === 'MODEL_NOT_FOUND'))
+  if (other) throw other
+  if (failures.length > 0) {
+    // Each model's first line; the heading already says that these commands never download.
+    const lines = (failures as HyperLoraError[]).map((e) => `  ${e.message.split('\n')[0]!.replace(/ and downloads are off \(download: false\)\.$/, '')}`)
+    throw new HyperLoraError(
+      'MODEL_NOT_FOUND',
+      [
+        `${failures.length === 1 ? '1 model is' : `${failures.length} models are`} not on this machine (generate and identity never download):`,
+        ...lines,
+        "Get the default models with 'npx hyperlora pull' (about 9 GB; 'npx hyperlora models' shows where they are looked for),",
+        'or add --tiny to try the command on the small bundled random-weight models.',
+      ].join('\n'),
+    )
+  }
+  return Object.fromEntries(roles.map((role, i) => [role, (settled[i] as PromiseFulfilledResult<string>).value])) as Record<R, string>
 }
 
 function strings(values: CommandValues, key: string): string[] {
@@ -51,86 +73,97 @@ function strings(values: CommandValues, key: string): string[] {
   return Array.isArray(v) ? v : typeof v === 'string' ? [v] : []
 }
 
-function parseSeed(value: unknown): bigint {
-  if (typeof value === 'string' && /^\d+$/.test(value)) return BigInt(value)
-  throw new UsageError(`--seed must be a non-negative integer, got ${String(value)}`)
-}
-
 type OnProgress = ((e: StageEvent) => void) | undefined
 
 /** The four models of the engine, from flags, environment, --tiny or the defaults. */
 async function loadEngine(values: CommandValues, onProgress: OnProgress): Promise<HyperLoRA> {
-  const [checkpoint, hyperlora, clipVision, faceModels] = await Promise.all(ROLES.map((role) => model(values, role)))
-  return HyperLoRA.load({ checkpoint: checkpoint!, hyperlora: hyperlora!, clipVision: clipVision!, faceModels: faceModels!, ...(onProgress && { onProgress }) })
+  const paths = await models(values, ['checkpoint', 'hyperlora', 'clipVision', 'faceModels'])
+  return HyperLoRA.load({ ...paths, ...(onProgress && { onProgress }) })
 }
 
-const ROLES = ['checkpoint', 'hyperlora', 'clipVision', 'faceModels'] as const
-
-async function identityFromFaces(engine: HyperLoRA, values: CommandValues, onProgress: OnProgress, warn: (m: string) => void): Promise<Identity> {
+/** The --face photos, each checked to exist before any model is loaded. */
+function facePhotos(values: CommandValues): string[] {
   const faces = strings(values, 'face')
-  if (faces.length === 0) throw new UsageError('give at least one --face photo')
+  if (faces.length === 0) throw usageError('give at least one --face photo')
+  return faces.map((f) => checkedInputFile('face', f))
+}
+
+async function identityFromFaces(engine: HyperLoRA, faces: string[], values: CommandValues, onProgress: OnProgress, warn: Warn): Promise<Identity> {
   return engine.createIdentity(faces, { removeBackground: !values['keep-background'], onWarning: warn, ...(onProgress && { onProgress }) })
 }
 
 /** `hyperlora identity --face a.jpg [--face b.jpg] --out me.safetensors` */
-export async function identityCommand(values: CommandValues, onProgress: OnProgress, warn: (m: string) => void): Promise<object> {
+export async function identityCommand(values: CommandValues, onProgress: OnProgress, warn: Warn): Promise<object> {
   const out = values['out']
-  if (typeof out !== 'string') throw new UsageError('identity needs --out <file.safetensors>')
+  if (typeof out !== 'string') throw usageError('identity needs --out <file.safetensors>')
+  const file = checkedOutputFile(out)
+  const faces = facePhotos(values)
   const engine = await loadEngine(values, onProgress)
-  const identity = await identityFromFaces(engine, values, onProgress, warn).finally(() => engine.dispose())
-  const file = path.resolve(out)
+  const identity = await identityFromFaces(engine, faces, values, onProgress, warn).finally(() => engine.dispose())
   await identity.saveLora(file)
-  return { output: file, modules: identity.modules, rank: identity.rank, photos: strings(values, 'face').length }
+  return { output: file, modules: identity.modules, rank: identity.rank, photos: faces.length }
+}
+
+const FORMATS: Record<string, 'png' | 'jpeg' | 'webp'> = { '.png': 'png', '.jpg': 'jpeg', '.jpeg': 'jpeg', '.webp': 'webp' }
+
+/** Everything `generate` reads from its flags, checked before any model is loaded. */
+function generateOptions(values: CommandValues, prompt: string): Omit<EngineGenerateOptions, 'onProgress' | 'identity'> & { out: string | undefined } {
+  const out = typeof values['out'] === 'string' ? checkedOutputFile(values['out']) : undefined
+  const format = out === undefined ? 'png' : FORMATS[path.extname(out).toLowerCase()]
+  if (!format) throw usageError(`--out must end in .png, .jpg or .webp, got ${values['out'] as string}`)
+  const loras = strings(values, 'lora').map((spec) => {
+    // `path:weight`; a colon that is not followed by a number belongs to the path (C:\…).
+    const weighted = /^(.*):(-?\d*\.?\d+)$/.exec(spec)
+    return { path: checkedInputFile('lora', weighted ? weighted[1]! : spec), weight: weighted ? Number(weighted[2]) : 1 }
+  })
+  const size = values['tiny'] ? TINY_IMAGE_SIZE : undefined
+  const numbers = {
+    identityWeight: numberFlag(values, 'identity-weight'),
+    steps: numberFlag(values, 'steps'),
+    cfg: numberFlag(values, 'cfg'),
+    width: numberFlag(values, 'width') ?? size,
+    height: numberFlag(values, 'height') ?? size,
+  }
+  const seed = seedFlag(values)
+  return {
+    out,
+    prompt,
+    loras,
+    format,
+    ...Object.fromEntries(Object.entries(numbers).filter(([, v]) => v !== undefined)),
+    ...(seed !== undefined && { seed }),
+    ...(typeof values['negative'] === 'string' && { negativePrompt: values['negative'] }),
+    ...(typeof values['sampler'] === 'string' && { sampler: values['sampler'] as Sampler }),
+    ...(typeof values['scheduler'] === 'string' && { scheduler: values['scheduler'] as SigmaScheduler }),
+    ...(values['refine-face'] && { refineFace: true }),
+  }
 }
 
 /** `hyperlora generate --prompt … [--face a.jpg | --identity me.safetensors] [--out out.png] …` */
-export async function generateCommand(values: CommandValues, onProgress: OnProgress, warn: (m: string) => void): Promise<object> {
+export async function generateCommand(values: CommandValues, onProgress: OnProgress, warn: Warn): Promise<object> {
   const prompt = values['prompt']
-  if (typeof prompt !== 'string') throw new UsageError('generate needs --prompt "<text>"')
-  const savedIdentity = values['identity']
-  if (typeof savedIdentity === 'string' && strings(values, 'face').length > 0) throw new UsageError('give --face photos or --identity, not both')
-  // Photos and the face refine pass need all four models; a saved identity needs only SDXL.
-  const engine = strings(values, 'face').length > 0 || values['refine-face'] ? await loadEngine(values, onProgress) : undefined
+  if (typeof prompt !== 'string') throw usageError('generate needs --prompt "<text>"')
+  const savedIdentity = typeof values['identity'] === 'string' ? checkedInputFile('identity', values['identity']) : undefined
+  const faces = strings(values, 'face').length > 0 ? facePhotos(values) : []
+  if (savedIdentity !== undefined && faces.length > 0) throw usageError('give --face photos or --identity, not both')
+  const { out, refineFace, ...options } = generateOptions(values, prompt)
+  // Photos and the face refine pass need all four models; otherwise SDXL alone does.
+  const engine = faces.length > 0 || refineFace ? await loadEngine(values, onProgress) : undefined
+  const pipeline = engine ? undefined : await loadPipeline((await models(values, ['checkpoint'])).checkpoint)
+  let image: GeneratedImage | undefined
   try {
-    const identity =
-      typeof savedIdentity === 'string' ? await loadIdentity(savedIdentity) : engine ? await identityFromFaces(engine, values, onProgress, warn) : undefined
-    return await draw(values, prompt, identity, engine, onProgress)
+    const identity = savedIdentity ? await loadIdentity(savedIdentity) : engine ? await identityFromFaces(engine, faces, values, onProgress, warn) : undefined
+    const request = { ...options, ...(identity && { identity }), ...(onProgress && { onProgress }) }
+    ;[image] = engine ? await engine.generate({ ...request, ...(refineFace && { refineFace }) }) : await pipeline!.generate(request)
   } finally {
     await engine?.dispose()
+    pipeline?.dispose()
   }
-}
-
-async function draw(values: CommandValues, prompt: string, identity: Identity | undefined, engine: HyperLoRA | undefined, onProgress: OnProgress): Promise<object> {
-  const loras = strings(values, 'lora').map((spec) => {
-    const at = spec.lastIndexOf(':')
-    const weight = at > 0 ? Number(spec.slice(at + 1)) : 1
-    if (!Number.isFinite(weight)) throw new UsageError(`--lora ${spec}: expected path[:weight]`)
-    return { path: at > 0 ? spec.slice(0, at) : spec, weight }
-  })
-  const format = path.extname(typeof values['out'] === 'string' ? values['out'] : '.png').slice(1).replace('jpg', 'jpeg') || 'png'
-  if (!['png', 'jpeg', 'webp'].includes(format)) throw new UsageError(`--out must end in .png, .jpg or .webp`)
-  const seed = values['seed'] === undefined ? undefined : parseSeed(values['seed'])
-  const options: Omit<EngineGenerateOptions, 'onProgress'> = {
-    prompt,
-    loras,
-    format: format as 'png' | 'jpeg' | 'webp',
-    ...(identity && { identity }),
-    ...(seed !== undefined && { seed }),
-    ...(typeof values['negative'] === 'string' && { negativePrompt: values['negative'] }),
-    ...(number(values, 'identity-weight') !== undefined && { identityWeight: number(values, 'identity-weight')! }),
-    ...(number(values, 'steps') !== undefined && { steps: number(values, 'steps')! }),
-    ...(number(values, 'cfg') !== undefined && { cfg: number(values, 'cfg')! }),
-    ...(number(values, 'width') !== undefined && { width: number(values, 'width')! }),
-    ...(number(values, 'height') !== undefined && { height: number(values, 'height')! }),
-    ...(typeof values['sampler'] === 'string' && { sampler: values['sampler'] as Sampler }),
-    ...(typeof values['scheduler'] === 'string' && { scheduler: values['scheduler'] as SigmaScheduler }),
-  }
-  const refine = values['refine-face'] ? { refineFace: true } : {}
-  const [image] = engine
-    ? await engine.generate({ ...options, ...refine, ...(onProgress && { onProgress }) })
-    : await (await loadPipeline(await model(values, 'checkpoint'))).generate({ ...options, ...(onProgress && { onProgress: (e) => onProgress(e) }) })
   if (!image) throw new HyperLoraError('INTERNAL', 'no image was generated')
-  const file = path.resolve(typeof values['out'] === 'string' ? values['out'] : `hyperlora-${image.seed}.${format === 'jpeg' ? 'jpg' : format}`)
+  for (const warning of image.warnings) warn(warning)
+  const file = out ?? path.resolve(`hyperlora-${image.seed}.${image.format === 'jpeg' ? 'jpg' : image.format}`)
   writeAtomic(file, image.data)
-  return { output: file, seed: image.seed.toString(), width: image.width, height: image.height, info: image.info }
+  // Seeds above 2^53 are bigints, which JSON cannot hold: those are written as strings.
+  const seed = typeof image.seed === 'bigint' ? image.seed.toString() : image.seed
+  return { output: file, seed, width: image.width, height: image.height, info: image.info }
 }

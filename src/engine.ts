@@ -197,7 +197,7 @@ export class HyperLoRA {
         signal,
         onProgress: nativeProgress(report),
         onWarning: (w) => {
-          const message = `photo ${w.index}${w.name ? ` (${w.name})` : ''} skipped: ${w.message}`
+          const message = skippedPhotoWarning(w)
           warnings.push(message)
           options.onWarning?.(message)
         },
@@ -214,6 +214,8 @@ export class HyperLoRA {
   /**
    * Draws `batchSize` pictures (default 1) with the identity (or several, or none) merged into
    * SDXL. Calls queue behind each other; the same options and seed give the same pictures.
+   * Image `k` reports seed `seed + k`, which redraws it alone, and every image carries the call's
+   * `warnings`.
    */
   async generate(options: EngineGenerateOptions): Promise<GeneratedImage[]> {
     const started = performance.now()
@@ -234,8 +236,8 @@ export class HyperLoRA {
       const rgb = await decodeRgb8(image)
       const refine = refineOptions(options)
       const prepared = await prepare({ ...rest, width: rgb.width, height: rgb.height }, refineSettings(refine))
-      const refined = await this.#refine(rgb, prepared, refine, signal, nativeProgress(report))
-      return (await finish([refined], prepared))[0]!
+      const refined = await this.#refine(rgb, 0, prepared, refine, signal, nativeProgress(report))
+      return (await finish({ images: [refined], warnings: prepared.warnings }, prepared))[0]!
     })
   }
 
@@ -248,13 +250,14 @@ export class HyperLoRA {
     const prepared = await prepare(request, refineSettings(refine))
     const pixels = await this.#pipeline.generatePixels(prepared, { signal, onProgress })
     const refined = []
-    for (const image of pixels) refined.push(await this.#refine(image, prepared, refine, signal, onProgress))
-    return finish(refined, prepared)
+    for (const [k, image] of pixels.images.entries()) refined.push(await this.#refine(image, k, prepared, refine, signal, onProgress))
+    return finish({ images: refined, warnings: pixels.warnings }, prepared)
   }
 
-  async #refine(image: Rgb8, prepared: Prepared, refine: RefineFaceOptions, signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<Rgb8> {
+  /** The refine pass on image `imageIndex` of a request (its faces are re-drawn with that image's seed). */
+  async #refine(image: Rgb8, imageIndex: number, prepared: Prepared, refine: RefineFaceOptions, signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<Rgb8> {
     const faces = await this.#faces.detectFaces(image, { signal })
-    return this.#pipeline.refinePixels(image, faces, prepared, refine, { signal, onProgress })
+    return this.#pipeline.refinePixels(image, imageIndex, faces, prepared, refine, { signal, onProgress })
   }
 
   /**
@@ -291,6 +294,14 @@ export class HyperLoRA {
     this.#encoder.dispose()
     this.#faces.dispose()
   }
+}
+
+/** `photo 1 (b.jpg) skipped: no face detected …`: the engine's reason already starts with the
+ * photo's label, which is said once. */
+function skippedPhotoWarning(w: { index: number; name?: string; message: string }): string {
+  const label = `photo ${w.index}${w.name ? ` (${w.name})` : ''}`
+  const reason = w.message.startsWith(`${label}: `) ? w.message.slice(label.length + 2) : w.message
+  return `${label} skipped: ${reason}`
 }
 
 /** Options of {@link HyperLoRA.generateMany} as a whole (each request has its own). */

@@ -7,6 +7,7 @@ export const ERROR_CODES = [
   'OUT_OF_MEMORY',
   'ABORTED',
   'IO',
+  'NATIVE_MISSING',
   'INTERNAL',
 ] as const
 

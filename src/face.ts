@@ -96,7 +96,7 @@ export class FaceAnalyzer {
     const faces = await Promise.all(
       result.faces.map(async (f) => ({
         index: f.index,
-        conditions: { arcface: f.arcface, clipCrop: toRgb8(f.clipCrop) },
+        conditions: { arcface: f.arcface, clipCrop: toRgb8(f.clipCrop), ...(f.baseCrop && { baseCrop: toRgb8(f.baseCrop) }) },
         face: f.face,
         preview: await encodeRgb8(toRgb8(f.preview), 'png'),
         detSize: f.detSize,

@@ -20,6 +20,9 @@ export interface FaceConditions {
   arcface: Float32Array | readonly number[]
   /** The face crop for CLIP; centre-cropped and resized to the tower's input size (224²). */
   clipCrop: ImageInput
+  /** For models with a Base-LoRA: the photo around the face with the face blurred away, at the
+   * same size (face analysis makes it). Without it (on any photo) no Base-LoRA is made. */
+  baseCrop?: ImageInput
 }
 
 /** One module of an identity's LoRA: `delta W = alpha / rank · up @ down`, row-major f32. */
@@ -122,6 +125,7 @@ export class IdentityEncoder {
       photos.map(async (p) => ({
         arcface: Float32Array.from(p.arcface),
         clipCrop: await decodeRgb8(p.clipCrop, { width: size, height: size }),
+        ...(p.baseCrop !== undefined && { baseCrop: await decodeRgb8(p.baseCrop, { width: size, height: size }) }),
       })),
     )
     return new Identity(await callNative(options, (cancel, onProgress) => this.#native.create(inputs, cancel, onProgress)))

@@ -42,10 +42,10 @@ export async function decodeRgb8(input: ImageInput, size?: { width: number; heig
     return { width: info.width, height: info.height, data }
   } catch (error) {
     const what = typeof input === 'string' ? input : isRgb8(input) ? `${input.width}x${input.height} RGB8 image` : `${input.byteLength}-byte buffer`
+    // A photo path that does not exist is the caller's mistake, not a missing model.
     const missing = (error as NodeJS.ErrnoException).code === 'ENOENT' || /Input file is missing/.test(String(error))
-    throw new HyperLoraError(missing ? 'MODEL_NOT_FOUND' : 'INVALID_ARGUMENT', `cannot read image ${what}: ${(error as Error).message}`, {
-      cause: error,
-    })
+    const reason = missing ? 'no such file' : (error as Error).message
+    throw new HyperLoraError('INVALID_ARGUMENT', `cannot read image ${what}: ${reason}`, { cause: error })
   }
 }
 

@@ -53,7 +53,9 @@ export interface GenerateOptions extends CallOptions {
   sampler?: Sampler
   /** Sigma schedule; default `karras`. */
   scheduler?: SigmaScheduler
-  /** Same seed, same picture (and the same as diffusers with `torch.Generator().manual_seed(seed)`).
+  /** Same seed, same picture: a whole number in [0, 2^64) (a bigint above 2^53). Image `k` of a
+   * batch is drawn from `seed + k` (A1111's numbering), so each image's reported seed redraws it
+   * alone; a single image is the same as diffusers' with `torch.Generator().manual_seed(seed)`.
    * Default: random, reported back in the result. */
   seed?: number | bigint
   /** Images in one batch (one UNet pass); default 1. */
@@ -116,12 +118,17 @@ export interface GeneratedImage {
   format: ImageFormat
   width: number
   height: number
-  /** The seed of the batch this image came from. */
-  seed: bigint
+  /** The seed that draws this image alone: the request's seed plus the image's position in its
+   * batch. A `number` when it is a safe integer (so `JSON.stringify` works), else a `bigint`. */
+  seed: number | bigint
   /** Position in its batch. */
   index: number
   /** The generation settings in A1111's `parameters` format (also stored in PNGs). */
   info: string
+  /** What the caller should know about the call that drew this image, one sentence each (options
+   * that had no effect; from the engine, e.g. LoRA keys that matched no layer). The same list on
+   * every image of a call; empty when all went as asked. */
+  warnings: string[]
 }
 
 /** A loaded SDXL model. Create with {@link loadPipeline}. */
@@ -171,21 +178,29 @@ export class Pipeline {
         onProgress,
       ),
     )
-    return Promise.all(raw.map((images, i) => finish(images, prepared[i]!)))
+    return Promise.all(raw.map((images, i) => finish(drawn(images, prepared[i]!), prepared[i]!)))
   }
 
   /** @internal Pixels out, for callers that post-process before encoding. */
-  async generatePixels(prepared: Prepared, options: CallOptions): Promise<Binding.RawImage[]> {
-    return callNative(options, (cancel, onProgress) =>
+  async generatePixels(prepared: Prepared, options: CallOptions): Promise<Drawn> {
+    const images = await callNative(options, (cancel, onProgress) =>
       this.#native.generate(prepared.request, prepared.identities, prepared.identityWeights, prepared.loras, cancel, onProgress),
     )
+    return drawn(images, prepared)
   }
 
   /**
    * @internal The face refine pass on `image` for the given faces (from a face detector), with
    * the request's identities and LoRAs merged. Progress reports stage `refine`.
    */
-  async refinePixels(image: Binding.RawImage, faces: readonly { bbox: number[] }[], prepared: Prepared, refine: RefineFaceOptions, options: CallOptions): Promise<Binding.RawImage> {
+  async refinePixels(
+    image: Binding.RawImage,
+    imageIndex: number,
+    faces: readonly { bbox: number[] }[],
+    prepared: Prepared,
+    refine: RefineFaceOptions,
+    options: CallOptions,
+  ): Promise<Binding.RawImage> {
     const r = prepared.request
     const request: Binding.RefineRequest = {
       prompt: refine.prompt === undefined ? r.prompt : refine.prompt,
@@ -194,7 +209,7 @@ export class Pipeline {
       cfg: r.cfg,
       sampler: r.sampler,
       scheduler: r.scheduler,
-      seed: prepared.seed,
+      seed: imageSeed(prepared.seed, imageIndex),
       ...(refine.strength !== undefined && { strength: refine.strength }),
       ...(refine.size !== undefined && { size: checkedInt('refineFace.size', refine.size) }),
       ...(refine.padding !== undefined && { padding: refine.padding }),
@@ -217,14 +232,68 @@ export interface Prepared {
   loras: { path: string; weight: number }[]
   format: ImageFormat
   seed: bigint
-  info: string
+  /** The `parameters` text of image `k`, whose seed is `seed + k`. */
+  info(imageIndex: number): string
+  /** Options that had no effect, as warnings. */
+  warnings: string[]
+}
+
+/** @internal What a native generation gave: each image's pixels and the call's warnings. */
+export interface Drawn {
+  images: Binding.RawImage[]
+  warnings: string[]
+}
+
+/**
+ * @internal The one place where a native generation's result is read, and the call's warnings
+ * gathered: those `prepare` found in the options, then the engine's own. The native result is
+ * the images alone today; engine warnings (e.g. LoRA keys that matched no layer) join here.
+ */
+function drawn(images: Binding.RawImage[], prepared: Prepared): Drawn {
+  return { images, warnings: [...prepared.warnings] }
+}
+
+const MAX_SEED = 2n ** 64n
+
+/** A seed as the engine takes it, or `INVALID_ARGUMENT` (never a bare `RangeError` from `BigInt`). */
+function checkedSeed(seed: unknown): bigint {
+  if (seed === undefined) return BigInt(randomInt(0, 2 ** 48 - 1))
+  if (typeof seed === 'number' && Number.isSafeInteger(seed) && seed >= 0) return BigInt(seed)
+  if (typeof seed === 'bigint' && seed >= 0n && seed < MAX_SEED) return seed
+  const shown = typeof seed === 'bigint' ? `${seed}n` : typeof seed === 'string' ? `'${seed}'` : String(seed)
+  throw new HyperLoraError('INVALID_ARGUMENT', `seed must be a whole number in [0, 2^64) (a number up to 2^53, else a bigint), got ${shown}`)
+}
+
+/** The seed of image `k` of a batch, as the engine draws it (wrapping at 2^64). */
+function imageSeed(seed: bigint, k: number): bigint {
+  return BigInt.asUintN(64, seed + BigInt(k))
+}
+
+/** A seed as results report it: a `number` when it is exact as one. */
+function reportedSeed(seed: bigint): number | bigint {
+  return seed <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(seed) : seed
+}
+
+/** Options given that this request does not use: silently dropping them would hide a mistake. */
+function unusedOptions(options: GenerateOptions, hasIdentity: boolean): string[] {
+  const warnings: string[] = []
+  if (options.identityWeight !== undefined && !options.identity) {
+    warnings.push(`identityWeight ${options.identityWeight} has no effect without an identity`)
+  }
+  if (options.strength !== undefined && options.initImage === undefined) {
+    warnings.push(`strength ${options.strength} has no effect without an initImage`)
+  }
+  if (typeof options.triggerWords === 'string' && !hasIdentity) {
+    warnings.push('triggerWords have no effect without an identity')
+  }
+  return warnings
 }
 
 /** @internal Validates and fills in defaults; the generation parameters text is made here too. */
 export async function prepare(options: GenerateOptions, extraSettings: readonly string[] = []): Promise<Prepared> {
   const width = options.width ?? 1024
   const height = options.height ?? 1024
-  const seed = BigInt(options.seed ?? randomInt(0, 2 ** 48 - 1))
+  const seed = checkedSeed(options.seed)
   const format = options.format ?? 'png'
   if (!['png', 'jpeg', 'webp'].includes(format)) throw new HyperLoraError('INVALID_ARGUMENT', `unknown format ${format}`)
   const initImage = options.initImage === undefined ? undefined : await decodeRgb8(options.initImage, { width, height })
@@ -249,14 +318,15 @@ export async function prepare(options: GenerateOptions, extraSettings: readonly 
     strength: options.strength ?? 0.75,
     ...(initImage && { initImage }),
   }
-  const info = a1111Parameters({
+  const info = (imageIndex: number): string =>
+    a1111Parameters({
     prompt,
     negativePrompt: request.negativePrompt ?? '',
     steps: request.steps,
     sampler: request.sampler,
     scheduler: request.scheduler,
     cfg: request.cfg,
-    seed,
+    seed: imageSeed(seed, imageIndex),
     width: request.width,
     height: request.height,
     loras: [...identities.map((i) => `identity: ${i.weight}`), ...loras.map((l) => `${path.basename(l.path, '.safetensors')}: ${l.weight}`)],
@@ -271,20 +341,22 @@ export async function prepare(options: GenerateOptions, extraSettings: readonly 
     format,
     seed,
     info,
+    warnings: unusedOptions(options, identities.length > 0),
   }
 }
 
 /** @internal Encodes the engine's pixels, with the parameters as metadata. */
-export async function finish(raw: Binding.RawImage[], p: Prepared): Promise<GeneratedImage[]> {
+export async function finish(raw: Drawn, p: Prepared): Promise<GeneratedImage[]> {
   return Promise.all(
-    raw.map(async (image, index) => ({
-      data: await encodeWithParameters(image, p.format, p.info),
+    raw.images.map(async (image, index) => ({
+      data: await encodeWithParameters(image, p.format, p.info(index)),
       format: p.format,
       width: image.width,
       height: image.height,
-      seed: p.seed,
+      seed: reportedSeed(imageSeed(p.seed, index)),
       index,
-      info: p.info,
+      info: p.info(index),
+      warnings: [...raw.warnings],
     })),
   )
 }

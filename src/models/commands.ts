@@ -1,6 +1,7 @@
 /** The CLI's `pull` and `models` commands. */
 import * as path from 'node:path'
 
+import { formatDuration, RateMeter } from './rate.js'
 import { defaultModelNames, listModels, pullModels, type InstalledModel, type ModelEvent, type PulledModel, type ResolveOptions } from './resolve.js'
 
 /** The flags these commands read. */
@@ -23,33 +24,46 @@ export function formatBytes(bytes: number): string {
   return `${unit === 0 ? value : value.toFixed(1)} ${units[unit]}`
 }
 
+/** `12.3 MB/s, 1m05s left` once there is a speed to tell. */
+export function speedAndEta(bytesPerSecond: number | null, remaining: number): string {
+  if (bytesPerSecond === null) return ''
+  const eta = bytesPerSecond > 0 ? formatDuration(remaining / bytesPerSecond) : null
+  return `${formatBytes(bytesPerSecond)}/s${eta ? `, ${eta} left` : ''}`
+}
+
 /**
- * Download progress on stderr: one bar redrawn in place on a terminal, a line per file start and
- * end otherwise (logs, CI).
+ * Download progress on stderr: one bar redrawn in place on a terminal (with speed and time
+ * left), a line per file start and end otherwise (logs, CI).
  */
 function progressReporter(): { onProgress: (e: ModelEvent) => void; finish: () => void } {
-  const files = new Map<string, { bytes: number; total: number }>()
+  const files = new Map<string, { bytes: number; total: number; resumedFrom: number }>()
+  const meter = new RateMeter()
   const tty = process.stderr.isTTY === true
   let drawn = false
   const onProgress = (e: ModelEvent): void => {
     const key = `${e.model}\0${e.file}`
-    const started = files.has(key)
-    files.set(key, { bytes: e.bytes, total: e.totalBytes })
+    const known = files.get(key)
+    // Bytes already on disk from an earlier, interrupted run do not count towards the speed.
+    files.set(key, { bytes: e.bytes, total: e.totalBytes, resumedFrom: known?.resumedFrom ?? e.bytes })
     if (!tty) {
-      if (!started) process.stderr.write(`downloading ${e.model}: ${e.file} (${formatBytes(e.totalBytes)})\n`)
+      if (!known) process.stderr.write(`downloading ${e.model}: ${e.file} (${formatBytes(e.totalBytes)})\n`)
       if (e.bytes === e.totalBytes) process.stderr.write(`downloaded  ${e.model}: ${e.file}\n`)
       return
     }
     let done = 0
     let total = 0
+    let fresh = 0
     for (const f of files.values()) {
       done += f.bytes
       total += f.total
+      fresh += f.bytes - f.resumedFrom
     }
+    meter.add(performance.now(), fresh)
     const fraction = total > 0 ? done / total : 1
     const width = 24
     const filled = Math.round(fraction * width)
-    const line = `[${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${Math.floor(fraction * 100)}% ${formatBytes(done)}/${formatBytes(total)} ${e.model}: ${path.posix.basename(e.file)}`
+    const speed = speedAndEta(meter.bytesPerSecond(), total - done)
+    const line = `[${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${Math.floor(fraction * 100)}% ${formatBytes(done)}/${formatBytes(total)}${speed ? ` ${speed}` : ''} ${e.model}: ${path.posix.basename(e.file)}`
     process.stderr.write(`\r${line.slice(0, (process.stderr.columns || 80) - 1)}\x1b[K`)
     drawn = true
   }

@@ -16,6 +16,9 @@ export interface Hub {
   endpoint: string
   token: string | null
   signal?: AbortSignal | undefined
+  /** A request is given up (and retried) when the server sends nothing for this long: no
+   * connection, no answer, or no body bytes (`HYPERLORA_DOWNLOAD_TIMEOUT`, seconds; default 30). */
+  timeoutMs: number
 }
 
 const TRUE_VALUES = new Set(['1', 'on', 'yes', 'true'])
@@ -37,9 +40,22 @@ function tokenFromEnv(env: NodeJS.ProcessEnv): string | null {
   }
 }
 
+const DEFAULT_TIMEOUT_S = 30
+
+/** `HYPERLORA_DOWNLOAD_TIMEOUT` in seconds (fractions allowed), default 30. */
+function timeoutFromEnv(env: NodeJS.ProcessEnv): number {
+  const given = env['HYPERLORA_DOWNLOAD_TIMEOUT']?.trim()
+  if (!given) return DEFAULT_TIMEOUT_S * 1000
+  const seconds = Number(given)
+  if (!Number.isFinite(seconds) || seconds <= 0) {
+    throw new HyperLoraError('INVALID_ARGUMENT', `HYPERLORA_DOWNLOAD_TIMEOUT must be a number of seconds above 0, got '${given}'`)
+  }
+  return seconds * 1000
+}
+
 export function hubFromEnv(env: NodeJS.ProcessEnv, signal?: AbortSignal): Hub {
   const endpoint = (env['HF_ENDPOINT']?.trim() || 'https://huggingface.co').replace(/\/+$/, '')
-  return { endpoint, token: tokenFromEnv(env), signal }
+  return { endpoint, token: tokenFromEnv(env), signal, timeoutMs: timeoutFromEnv(env) }
 }
 
 /** `{endpoint}/{repo}/resolve/{revision}/{path}` */
@@ -49,6 +65,55 @@ export function resolveUrl(hub: Hub, repo: string, revision: string, repoPath: s
 }
 
 class RetryableError extends Error {}
+
+/**
+ * Gives up on a request when the server stays silent for `hub.timeoutMs`: `fetch` alone waits
+ * minutes for a connection that was accepted but never answered, or a body that stopped.
+ * `touch()` on every sign of life (an answer, a chunk) restarts the clock.
+ */
+class SilenceWatch {
+  readonly #controller = new AbortController()
+  readonly #ms: number
+  #timer: NodeJS.Timeout | undefined
+  expired = false
+  readonly signal: AbortSignal
+  /** The server being waited for (`host:port`): the hub, or the CDN it redirected to. */
+  server: string
+
+  constructor(hub: Hub, url: string) {
+    this.server = new URL(url).host
+    this.#ms = hub.timeoutMs
+    this.signal = hub.signal ? AbortSignal.any([hub.signal, this.#controller.signal]) : this.#controller.signal
+    this.touch()
+  }
+
+  touch(): void {
+    clearTimeout(this.#timer)
+    this.#timer = setTimeout(() => {
+      this.expired = true
+      this.#controller.abort()
+    }, this.#ms)
+  }
+
+  stop(): void {
+    clearTimeout(this.#timer)
+  }
+}
+
+/** Runs one attempt under a {@link SilenceWatch}; silence becomes a retryable error naming the server. */
+async function watched<T>(hub: Hub, url: string, attempt: (watch: SilenceWatch) => Promise<T>): Promise<T> {
+  const watch = new SilenceWatch(hub, url)
+  try {
+    return await attempt(watch)
+  } catch (error) {
+    if (watch.expired && !hub.signal?.aborted) {
+      throw new RetryableError(`${watch.server} sent nothing for ${hub.timeoutMs / 1000} s (HYPERLORA_DOWNLOAD_TIMEOUT)`)
+    }
+    throw error
+  } finally {
+    watch.stop()
+  }
+}
 
 function aborted(hub: Hub): HyperLoraError {
   return new HyperLoraError('ABORTED', 'download aborted', { cause: hub.signal?.reason })
@@ -71,13 +136,20 @@ function httpError(hub: Hub, response: Response, what: string): Error {
  * With `stopAtOtherOrigin` the redirect to another origin (the CDN) is returned as is: for a HEAD
  * its headers are the file's metadata.
  */
-async function request(hub: Hub, url: string, init: { method: 'GET' | 'HEAD'; headers?: Record<string, string>; stopAtOtherOrigin?: boolean }): Promise<Response> {
+async function request(
+  hub: Hub,
+  url: string,
+  watch: SilenceWatch,
+  init: { method: 'GET' | 'HEAD'; headers?: Record<string, string>; stopAtOtherOrigin?: boolean },
+): Promise<Response> {
   const hubOrigin = new URL(hub.endpoint).origin
   let current = url
   for (let hop = 0; hop < 10; hop++) {
     const headers: Record<string, string> = { 'user-agent': 'hyperlora', 'accept-encoding': 'identity', ...init.headers }
     if (hub.token && new URL(current).origin === hubOrigin) headers['authorization'] = `Bearer ${hub.token}`
-    const response = await fetch(current, { method: init.method, headers, redirect: 'manual', ...(hub.signal && { signal: hub.signal }) })
+    watch.server = new URL(current).host
+    const response = await fetch(current, { method: init.method, headers, redirect: 'manual', signal: watch.signal })
+    watch.touch()
     const location = response.headers.get('location')
     if (response.status < 300 || response.status >= 400 || !location) return response
     const next = new URL(location, current)
@@ -155,8 +227,9 @@ export function isRepoPath(file: string): boolean {
 /** HEAD `resolve/...`: commit, ETag and size, as huggingface_hub reads them. */
 export async function fileMetadata(hub: Hub, repo: string, revision: string, repoPath: string): Promise<FileMetadata> {
   const what = `${repo}/${repoPath}`
-  return withRetries(hub, what, async () => {
-    const response = await request(hub, resolveUrl(hub, repo, revision, repoPath), { method: 'HEAD', stopAtOtherOrigin: true })
+  const url = resolveUrl(hub, repo, revision, repoPath)
+  return withRetries(hub, what, () => watched(hub, url, async (watch) => {
+    const response = await request(hub, url, watch, { method: 'HEAD', stopAtOtherOrigin: true })
     if (response.status >= 400) throw httpError(hub, response, what)
     const commit = response.headers.get('x-repo-commit')
     const etag = cleanEtag(response.headers.get('x-linked-etag') ?? response.headers.get('etag'))
@@ -165,20 +238,20 @@ export async function fileMetadata(hub: Hub, repo: string, revision: string, rep
       throw new HyperLoraError('IO', `${what}: ${hub.endpoint} did not send the hub's file headers (X-Repo-Commit, ETag, size); is HF_ENDPOINT a Hugging Face hub?`)
     }
     return { commit, etag, size }
-  })
+  }))
 }
 
 /** Every file path of a repository at a revision (`/api/models/{repo}/revision/{revision}`). */
 export async function listRepoFiles(hub: Hub, repo: string, revision: string): Promise<{ commit: string; files: string[] }> {
   const url = `${hub.endpoint}/api/models/${repo}/revision/${encodeURIComponent(revision)}`
-  return withRetries(hub, repo, async () => {
-    const response = await request(hub, url, { method: 'GET' })
+  return withRetries(hub, repo, () => watched(hub, url, async (watch) => {
+    const response = await request(hub, url, watch, { method: 'GET' })
     if (!response.ok) throw httpError(hub, response, repo)
     const body = (await response.json()) as { sha?: string; siblings?: { rfilename?: string }[] }
     const files = (body.siblings ?? []).map((s) => s.rfilename).filter((f): f is string => typeof f === 'string' && isRepoPath(f))
     if (!body.sha || !isCommit(body.sha)) throw new HyperLoraError('IO', `${repo}: the hub's listing has no commit`)
     return { commit: body.sha, files }
-  })
+  }))
 }
 
 /** A file to download into a blob, with what it must hash to. */
@@ -220,14 +293,14 @@ export async function downloadBlob(hub: Hub, job: DownloadJob, onBytes: (bytes: 
   const partial = `${job.blob}.incomplete`
   fs.mkdirSync(path.dirname(partial), { recursive: true })
   let received = 0
-  await withRetries(hub, `download ${job.label}`, async () => {
+  await withRetries(hub, `download ${job.label}`, () => watched(hub, job.url, async (watch) => {
     let have = sizeOf(partial)
     if (have > job.size) {
       fs.truncateSync(partial, 0)
       have = 0
     }
     if (have < job.size) {
-      const response = await request(hub, job.url, { method: 'GET', headers: have > 0 ? { range: `bytes=${have}-` } : {} })
+      const response = await request(hub, job.url, watch, { method: 'GET', headers: have > 0 ? { range: `bytes=${have}-` } : {} })
       const resumed = response.status === 206 && (response.headers.get('content-range') ?? '').startsWith(`bytes ${have}-`)
       if (!resumed && response.status !== 200) {
         await response.body?.cancel()
@@ -242,6 +315,7 @@ export async function downloadBlob(hub: Hub, job: DownloadJob, onBytes: (bytes: 
       try {
         onBytes(have)
         for await (const chunk of response.body ?? []) {
+          watch.touch()
           await out.write(chunk as Uint8Array)
           have += (chunk as Uint8Array).byteLength
           received += (chunk as Uint8Array).byteLength
@@ -253,7 +327,7 @@ export async function downloadBlob(hub: Hub, job: DownloadJob, onBytes: (bytes: 
       if (have !== job.size) throw new RetryableError(`${job.label}: connection closed at ${have} of ${job.size} bytes`)
     }
     onBytes(have)
-  })
+  }))
   await verifyAndPublish(job, partial)
   return received
 }

@@ -18,6 +18,7 @@ mod pipeline;
 mod progress;
 mod refine;
 mod resident;
+mod seeds;
 
 pub use progress::CancelHandle;
 

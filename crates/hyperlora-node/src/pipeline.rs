@@ -11,7 +11,7 @@ use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
 use hyperlora::sdxl::batch::BatchRequest;
 use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, SdxlPipeline};
 use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
-use hyperlora::Error;
+use hyperlora::{CancelToken, Error, Progress};
 use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, ClassInstance};
 use napi::{Env, Task};
 use napi_derive::napi;
@@ -20,6 +20,7 @@ use crate::errors::{guarded, to_napi};
 use crate::identity::Identity;
 use crate::progress::{CallContext, ProgressCallback};
 use crate::resident::Resident;
+use crate::seeds;
 use crate::CancelHandle;
 
 #[napi(object)]
@@ -183,7 +184,8 @@ impl Pipeline {
     }
 
     /// Generates images with the given identities and LoRA files merged in (weights may be
-    /// negative); resolves to raw RGB8 pixels, one entry per image.
+    /// negative); resolves to raw RGB8 pixels, one entry per image. Image `k` is drawn from
+    /// `seed + k` (wrapping at 2^64), so each one can be redrawn alone with its seed.
     #[napi(ts_return_type = "Promise<Array<RawImage>>")]
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
@@ -211,7 +213,8 @@ impl Pipeline {
     /// cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
     /// batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
     /// `loras` apply to every request. Each request's images equal what `generate` gives it
-    /// alone. Resolves to one array of images per request, in request order.
+    /// alone (image `k` from the request's `seed + k`). Resolves to one array of images per
+    /// request, in request order.
     #[napi(ts_return_type = "Promise<Array<Array<RawImage>>>")]
     #[allow(clippy::too_many_arguments)]
     pub fn generate_many(
@@ -424,9 +427,12 @@ impl Task for GenerateTask {
         guarded(|| {
             let mut loaded = Loaded::lock(&self.pipeline);
             loaded.activate(&self.loras)?;
-            loaded
-                .pipeline
-                .generate(&self.params, &self.call.cancel, &mut report)
+            seeds::generate(
+                &loaded.pipeline,
+                &self.params,
+                &self.call.cancel,
+                &mut report,
+            )
         })
     }
 
@@ -454,6 +460,58 @@ impl GenerateManyTask {
             })
             .collect()
     }
+
+    /// One UNet batch of `params[i]` with `identities[i]` and the shared `files`.
+    fn run(
+        loaded: &mut Loaded,
+        files: &[ActiveLora],
+        identities: &[Vec<(Arc<KohyaLora>, f32)>],
+        params: &[GenerateParams],
+        cancel: &CancelToken,
+        report: &mut dyn FnMut(Progress),
+    ) -> hyperlora::Result<Vec<Vec<RgbImage>>> {
+        let shared = identities
+            .windows(2)
+            .all(|w| Self::as_active(&w[0]) == Self::as_active(&w[1]));
+        if shared {
+            // One identity set for all: merged with the files, the batch needs no side path.
+            let mut set = Self::as_active(identities.first().map_or(&[], |s| s));
+            set.extend(files.iter().cloned());
+            loaded.activate(&set)?;
+            let requests: Vec<BatchRequest> = params
+                .iter()
+                .map(|p| BatchRequest {
+                    params: p.clone(),
+                    loras: Vec::new(),
+                })
+                .collect();
+            return loaded.pipeline.generate_many(&requests, cancel, report);
+        }
+        loaded.activate(files)?;
+        // Each distinct identity's layers once: requests that share one share its rows' run.
+        let mut distinct: Vec<(&Arc<KohyaLora>, Vec<LoraLayer>)> = Vec::new();
+        for (lora, _) in identities.iter().flatten() {
+            if !distinct.iter().any(|(d, _)| Arc::ptr_eq(d, lora)) {
+                distinct.push((lora, lora.to_layers()?));
+            }
+        }
+        let layers_of = |lora: &Arc<KohyaLora>| {
+            distinct
+                .iter()
+                .find(|(d, _)| Arc::ptr_eq(d, lora))
+                .map(|(_, layers)| layers.as_slice())
+                .unwrap_or_default()
+        };
+        let requests: Vec<BatchRequest> = params
+            .iter()
+            .zip(identities)
+            .map(|(p, set)| BatchRequest {
+                params: p.clone(),
+                loras: set.iter().map(|(l, w)| (layers_of(l), *w)).collect(),
+            })
+            .collect();
+        loaded.pipeline.generate_many(&requests, cancel, report)
+    }
 }
 
 impl Task for GenerateManyTask {
@@ -464,54 +522,35 @@ impl Task for GenerateManyTask {
         let mut report = self.call.reporter();
         guarded(|| {
             let mut loaded = Loaded::lock(&self.pipeline);
-            let shared = self
-                .identities
-                .windows(2)
-                .all(|w| Self::as_active(&w[0]) == Self::as_active(&w[1]));
-            if shared {
-                // One identity set for all: merged with the files, the batch needs no side path.
-                let mut set = Self::as_active(self.identities.first().map_or(&[], |s| s));
-                set.extend(self.files.iter().cloned());
-                loaded.activate(&set)?;
-                let requests: Vec<BatchRequest> = self
-                    .params
-                    .iter()
-                    .map(|p| BatchRequest {
-                        params: p.clone(),
-                        loras: Vec::new(),
-                    })
-                    .collect();
-                return loaded
+            for (i, p) in self.params.iter().enumerate() {
+                loaded
                     .pipeline
-                    .generate_many(&requests, &self.call.cancel, &mut report);
+                    .validate(p)
+                    .map_err(|e| e.context(format!("requests[{i}]")))?;
             }
-            loaded.activate(&self.files)?;
-            // Each distinct identity's layers once: requests that share one share its rows' run.
-            let mut distinct: Vec<(&Arc<KohyaLora>, Vec<LoraLayer>)> = Vec::new();
-            for (lora, _) in self.identities.iter().flatten() {
-                if !distinct.iter().any(|(d, _)| Arc::ptr_eq(d, lora)) {
-                    distinct.push((lora, lora.to_layers()?));
-                }
-            }
-            let layers_of = |lora: &Arc<KohyaLora>| {
-                distinct
-                    .iter()
-                    .find(|(d, _)| Arc::ptr_eq(d, lora))
-                    .map(|(_, layers)| layers.as_slice())
-                    .unwrap_or_default()
-            };
-            let requests: Vec<BatchRequest> = self
-                .params
+            // One single-image request per image (per-image seeds), regrouped at the end.
+            let counts: Vec<usize> = self.params.iter().map(|p| p.batch_size).collect();
+            let params: Vec<GenerateParams> =
+                self.params.iter().flat_map(seeds::per_image).collect();
+            let identities: Vec<Vec<(Arc<KohyaLora>, f32)>> = self
+                .identities
                 .iter()
-                .zip(&self.identities)
-                .map(|(p, set)| BatchRequest {
-                    params: p.clone(),
-                    loras: set.iter().map(|(l, w)| (layers_of(l), *w)).collect(),
-                })
+                .zip(&counts)
+                .flat_map(|(set, &n)| std::iter::repeat_n(set.clone(), n))
                 .collect();
-            loaded
-                .pipeline
-                .generate_many(&requests, &self.call.cancel, &mut report)
+            let images = Self::run(
+                &mut loaded,
+                &self.files,
+                &identities,
+                &params,
+                &self.call.cancel,
+                &mut report,
+            )?;
+            let mut images = images.into_iter().flatten();
+            Ok(counts
+                .iter()
+                .map(|&n| images.by_ref().take(n).collect())
+                .collect())
         })
     }
 

@@ -284,7 +284,8 @@ impl SdxlPipeline {
         1 << (self.vae.config().block_out_channels.len() - 1)
     }
 
-    pub(crate) fn validate(&self, p: &GenerateParams) -> Result<()> {
+    /// Checks a request against the limits `generate` enforces (size, steps, batch, cfg, strength).
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
         let f = self.vae_scale_factor();
         if !(MIN_SIDE..=MAX_SIDE).contains(&p.width)
             || !(MIN_SIDE..=MAX_SIDE).contains(&p.height)
