@@ -10,15 +10,13 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 /**
- * A call's cancellation flag and progress counter, shared with its task. The TypeScript layer
- * calls `cancel()` from an `AbortSignal`'s abort event and reads `progressSent` at the end.
+ * A call's cancellation flag. The TypeScript layer calls `cancel()` from an `AbortSignal`'s abort
+ * event.
  */
 export declare class CancelHandle {
   constructor()
   cancel(): void
   get cancelled(): boolean
-  /** Progress reports the task has sent so far. */
-  get progressSent(): number
 }
 
 /** antelopev2's detector, landmark model and ArcFace, run in-process. */
@@ -28,21 +26,32 @@ export declare class FaceAnalyzer {
   /** Every face in the picture, best score first (detector retried at 640, 512, 384, 256). */
   detect(image: RawImage, cancel?: CancelHandle | undefined | null): Promise<Array<DetectedFace>>
   /**
-   * The identity conditions of each photo (docs/hyperlora-model.md §3); photos without a face are skipped
-   * when others have one, else the call fails with `NO_FACE` naming the photo.
+   * The identity conditions of each photo (docs/hyperlora-model.md §3); photos without a
+   * face are skipped when others have one, else the call fails with `NO_FACE` naming the photo.
    */
-  analyze(photos: Array<RawImage>, names: Array<string | undefined | null>, options?: AnalyzeFacesOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<FaceAnalysisResult>
+  analyze(photos: Array<RawImage>, names: Array<string | undefined | null>, options?: AnalyzeFacesOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<FaceAnalysisResult>
 }
 
-/** A person's identity: the LoRA the hypernetwork wrote for them. */
+/**
+ * A person's identity: the LoRA the hypernetwork wrote for them, and its Base-LoRA when the
+ * model has one.
+ */
 export declare class Identity {
   /** Number of LoRA modules (UNet attention layers × projections). */
   get modules(): number
   get rank(): number
-  /** The LoRA's tensors (f32 copies), module by module in file order. */
-  tensors(): Promise<Array<LoraModuleTensors>>
-  /** Writes the identity as a kohya-format `.safetensors` LoRA (temp file, then rename). */
-  save(path: string): Promise<void>
+  /** Whether the identity has a Base-LoRA (clothes, background, lighting). */
+  get hasBaseLora(): boolean
+  /**
+   * The LoRA's tensors (f32 copies), module by module in file order; `base` for the
+   * Base-LoRA's.
+   */
+  tensors(base?: boolean | undefined | null): Promise<Array<LoraModuleTensors>>
+  /**
+   * Writes the identity (or, with `base`, its Base-LoRA) as a kohya-format `.safetensors`
+   * LoRA (temp file, then rename).
+   */
+  save(path: string, base?: boolean | undefined | null): Promise<void>
 }
 
 /** CLIP vision tower + HyperLoRA hypernetwork. */
@@ -51,8 +60,11 @@ export declare class IdentityEncoder {
   get clipImageSize(): number
   /** Frees the models; running calls finish first, later calls fail with `INVALID_ARGUMENT`. */
   dispose(): void
-  /** Creates the identity of 1..N photos of one person. */
-  create(photos: Array<FaceConditionsInput>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Identity>
+  /**
+   * Creates the identity of 1..N photos of one person (with its Base-LoRA when the model has
+   * one and every photo has a base crop).
+   */
+  create(photos: Array<FaceConditionsInput>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<Identity>
 }
 
 /** A loaded SDXL model. Weights stay resident until `dispose()` or garbage collection. */
@@ -67,26 +79,28 @@ export declare class Pipeline {
    */
   __panicWhileBusyForTests(): Promise<void>
   /**
-   * Generates images with the given identities and LoRA files merged in (weights may be
-   * negative); resolves to raw RGB8 pixels, one entry per image. Image `k` is drawn from
-   * `seed + k` (wrapping at 2^64), so each one can be redrawn alone with its seed.
+   * Draws one request with its identities and LoRA files merged in (weights may be
+   * negative). Image `k` is drawn from `seed + k`, so each redraws alone with its seed.
    */
-  generate(params: GenerateRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
+  generate(request: GenerateRequest, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<Generated>
   /**
-   * Generates several requests in one UNet batch: they must share width, height, steps,
-   * cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
-   * batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
-   * `loras` apply to every request. Each request's images equal what `generate` gives it
-   * alone (image `k` from the request's `seed + k`). Resolves to one array of images per
-   * request, in request order.
+   * Splits requests into batches to run one after the other (indices into `requests`):
+   * requests that share size, steps, cfg, sampler, sigma schedule and LoRA files, without an
+   * init image, share a batch of at most `maxImages` images, whatever their identities.
    */
-  generateMany(requests: Array<GenerateRequest>, identities: Array<Array<Identity>>, identityWeights: Array<Array<number>>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<Array<RawImage>>>
+  planBatches(requests: Array<GenerateRequest>, maxImages: number): Array<Array<number>>
+  /**
+   * Draws requests that `planBatches` put in one batch as one UNet batch, each with its own
+   * prompts, seed, batch size and identities; each request's images equal what `generate`
+   * draws for it alone. One result per request, in order.
+   */
+  generateMany(requests: Array<GenerateRequest>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<Array<Generated>>
   /**
    * Re-draws each face of `image` at high resolution with the given identities and LoRA
    * files merged in (img2img on a square crop around the face, blended back with a feathered
    * mask); pixels outside the masks are returned unchanged. Progress stage: `refine`.
    */
-  refineFaces(image: RawImage, faces: Array<FaceBox>, request: RefineRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<RawImage>
+  refineFaces(image: RawImage, faces: Array<FaceBox>, request: RefineRequest, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<Refined>
 }
 
 /** Test hook: panics inside a worker task so tests can prove panics never cross into Node. */
@@ -148,6 +162,9 @@ export interface DeviceOptions {
   dtype?: string
 }
 
+/** Every code an engine error can carry (in its `[CODE] message` prefix). */
+export declare function errorCodes(): Array<string>
+
 export interface FaceAnalysisResult {
   faces: Array<AnalyzedFace>
   /** Photos without a usable face (only when at least one other photo had one). */
@@ -170,26 +187,87 @@ export interface FaceConditionsInput {
   baseCrop?: RawImage
 }
 
-export interface GenerateRequest {
-  prompt: string
-  negativePrompt?: string
+/** What one request drew: its images, the settings used, and what the caller should know. */
+export interface Generated {
+  images: Array<RawImage>
+  settings: GenerateSettings
+  warnings: Array<string>
+}
+
+/** The engine's defaults (the one place they are written is the engine). */
+export declare function generateDefaults(): GenerateDefaults
+
+/** What a request gets for the fields it leaves unset. */
+export interface GenerateDefaults {
   width: number
   height: number
   steps: number
   cfg: number
-  /** `euler`, `euler_ancestral`, `dpmpp_2m`, `dpmpp_2m_sde`, `ddim`. */
-  sampler: string
-  /** `normal`, `karras`, `exponential`. */
-  scheduler: string
-  /** Seeds above 2^53 cannot be represented exactly in JavaScript; pass them as a bigint. */
-  seed: bigint
+  sampler: Sampler
+  schedule: SigmaSchedule
   batchSize: number
+  /** With an init image. */
+  strength: number
+  identityWeight: number
+}
+
+/**
+ * One generation request. Unset fields take the engine's defaults: 1024², 20 steps, cfg 5,
+ * `dpmpp_2m` with `karras` sigmas, a random seed, one image, strength 0.75 with an init image.
+ */
+export interface GenerateRequest {
+  prompt: string
+  negativePrompt?: string
+  width?: number
+  height?: number
+  steps?: number
+  cfg?: number
+  sampler?: Sampler
+  schedule?: SigmaSchedule
+  /** Image `k` is drawn from `seed + k`. Seeds above 2^53 need a bigint. */
+  seed?: bigint
+  batchSize?: number
   initImage?: RawImage
   strength?: number
+  identities?: Array<IdentityUse>
+  loras?: Array<LoraFile>
+}
+
+/** The settings a request was drawn with, every default filled in. */
+export interface GenerateSettings {
+  prompt: string
+  negativePrompt: string
+  width: number
+  height: number
+  steps: number
+  cfg: number
+  sampler: Sampler
+  schedule: SigmaSchedule
+  /** The seed of image 0; image `k` has `seed + k` (wrapping at 2^64). */
+  seed: bigint
+  batchSize: number
+  /** Only with an init image. */
+  strength?: number
+  /**
+   * The weight of each identity, in request order (a Base-LoRA in use follows its
+   * identity).
+   */
+  identityWeights: Array<number>
+  loras: Array<LoraFile>
+}
+
+/**
+ * An identity to draw, with its LoRA weight (default 0.85; negative weights subtract) and the
+ * weight of its Base-LoRA (default 0: off, as the reference workflows leave it).
+ */
+export interface IdentityUse {
+  identity: Identity
+  weight?: number
+  baseWeight?: number
 }
 
 /** Reads the tensor index of a `.safetensors` file (memory-mapped; data is not loaded). */
-export declare function inspectWeights(path: string, options?: InspectWeightsOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<WeightsIndexResult>
+export declare function inspectWeights(path: string, options?: InspectWeightsOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<WeightsIndexResult>
 
 export interface InspectWeightsOptions {
   /** Also compute the SHA-256 of the whole file (reads every byte). */
@@ -198,7 +276,8 @@ export interface InspectWeightsOptions {
 
 /**
  * `(1 − t)·a + t·b` of the LoRA tensors (down and up separately). Both are linear in the
- * hypernetwork's output tokens, so this is the identity of the interpolated tokens.
+ * hypernetwork's output tokens, so this is the identity of the interpolated tokens. The
+ * Base-LoRAs blend the same way when both identities have one.
  */
 export declare function interpolateIdentities(a: Identity, b: Identity, t: number): Promise<Identity>
 
@@ -228,10 +307,10 @@ export interface LoadPipelineOptions {
   mergesFile?: string
 }
 
-/** A LoRA file to apply to a generation. */
+/** A LoRA file to apply, with its weight (default 1). */
 export interface LoraFile {
   path: string
-  weight: number
+  weight?: number
 }
 
 /** One LoRA module: `delta W = alpha / rank · up @ down`. */
@@ -249,9 +328,9 @@ export interface LoraModuleTensors {
 
 /** One progress report, as the JavaScript callback receives it. */
 export interface ProgressEvent {
-  stage: string
+  stage: Stage
   step: number
-  total: number
+  totalSteps: number
 }
 
 /** An RGB8 picture handed in or out of the engine. */
@@ -262,20 +341,27 @@ export interface RawImage {
   data: Buffer
 }
 
-/** The refine pass's sampling and region options; unset options take the engine's defaults. */
+/** A refined picture and the settings used. */
+export interface Refined {
+  image: RawImage
+  settings: RefineSettings
+}
+
+/**
+ * The refine pass's sampling and region options; unset options take the engine's defaults
+ * (the sampling ones those of `generate`).
+ */
 export interface RefineRequest {
   /** The image's prompt or one written for the face. */
   prompt: string
   negativePrompt?: string
   /** Scheduler steps; `int(steps × strength)` of them run per face. */
-  steps: number
-  cfg: number
-  /** `euler`, `euler_ancestral`, `dpmpp_2m`, `dpmpp_2m_sde`, `ddim`. */
-  sampler: string
-  /** `normal`, `karras`, `exponential`. */
-  scheduler: string
+  steps?: number
+  cfg?: number
+  sampler?: Sampler
+  schedule?: SigmaSchedule
   /** Face `i` (among the refined faces, in order) uses `seed + i`. */
-  seed: bigint
+  seed?: bigint
   /** Re-noising strength in (0, 1] (default 0.5). */
   strength?: number
   /** Side the face's square crop is re-drawn at, rounded to a multiple of 8 (default 1024). */
@@ -290,13 +376,44 @@ export interface RefineRequest {
   feather?: number
   /** `all` (default) or `largest`. */
   faces?: string
+  identities?: Array<IdentityUse>
+  loras?: Array<LoraFile>
 }
+
+/** The settings a refine pass ran with, every default filled in. */
+export interface RefineSettings {
+  prompt: string
+  negativePrompt: string
+  steps: number
+  cfg: number
+  sampler: Sampler
+  schedule: SigmaSchedule
+  /** The seed of the first refined face; face `i` has `seed + i`. */
+  seed: bigint
+  strength: number
+  size: number
+}
+
+/**
+ * Samplers, as diffusers' schedulers of the same names (A1111: Euler, Euler a, DPM++ 2M,
+ * DPM++ 2M SDE, DDIM).
+ */
+export type Sampler = 'euler' | 'euler_ancestral' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'ddim'
+
+/** How the sampler spaces its noise levels (A1111's "Schedule type"). */
+export type SigmaSchedule = 'normal' | 'karras' | 'exponential'
 
 export interface SkippedPhoto {
   index: number
   name?: string
   message: string
 }
+
+/**
+ * What a long call is doing. `download` and `loading` are reported by the TypeScript layer
+ * (model files fetched, models loaded); the engine reports the others.
+ */
+export type Stage = 'download' | 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode' | 'refine' | 'hash'
 
 export interface TensorEntry {
   name: string

@@ -26,7 +26,7 @@ describe('native calls run off the event loop', () => {
     expect(events.every((e) => e.stage === 'hash')).toBe(true)
     const steps = events.map((e) => e.step)
     expect(steps).toEqual([...steps].sort((a, b) => a - b))
-    expect(events.at(-1)).toMatchObject({ step: index.fileSize, total: index.fileSize })
+    expect(events.at(-1)).toMatchObject({ step: index.fileSize, totalSteps: index.fileSize })
   })
 
   it('rejects with an AbortError soon after the signal aborts', async () => {

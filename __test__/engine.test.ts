@@ -70,7 +70,6 @@ describe('HyperLoRA engine', () => {
       ['identity', 1, 4],
       ['identity', 2, 4],
       ['identity', 3, 4],
-      ['identity', 3, 4],
       ['identity', 4, 4],
     ])
     const times = events.map((e) => e.elapsedMs)

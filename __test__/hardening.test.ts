@@ -43,14 +43,14 @@ function xorshift(seed: number): () => number {
 describe('hardening', () => {
   it('a panic while the model is busy fails that call with INTERNAL; the model keeps working', async () => {
     const pipeline = await native().loadPipeline(TINY_SDXL, { device: 'cpu', mergesFile: CLIP_MERGES })
-    const request = { prompt: 'x', negativePrompt: '', width: 64, height: 64, steps: 1, cfg: 5, sampler: 'euler', scheduler: 'normal', seed: 1n, batchSize: 1 }
-    const before = await pipeline.generate(request, [], [], [])
+    const request = { prompt: 'x', width: 64, height: 64, steps: 1, sampler: 'euler', schedule: 'normal', seed: 1n } as const
+    const before = (await pipeline.generate(request)).images
     const error = await pipeline.__panicWhileBusyForTests().then(
       () => undefined,
       (e: unknown) => fromNativeError(e),
     )
     expect(error?.code).toBe('INTERNAL')
-    const after = await pipeline.generate(request, [], [], [])
+    const after = (await pipeline.generate(request)).images
     expect(after[0]!.data.equals(before[0]!.data)).toBe(true)
     pipeline.dispose()
   })

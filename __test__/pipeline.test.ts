@@ -30,7 +30,7 @@ describe('SDXL pipeline from TypeScript', () => {
     expect(meta.comments).toEqual([{ keyword: 'parameters', text: image!.info }])
     const [unicode] = await pipeline.generate({ ...base, prompt: 'Ångström 🐱', negativePrompt: 'blur', steps: 1 })
     expect((await sharp(unicode!.data).metadata()).comments?.[0]?.text).toMatch(/^Ångström 🐱\nNegative prompt: blur\nSteps: 1,/)
-    const denoise = events.filter((e) => e.stage === 'denoise').map((e) => [e.step, e.total])
+    const denoise = events.filter((e) => e.stage === 'denoise').map((e) => [e.step, e.totalSteps])
     expect(denoise).toEqual([
       [1, 4],
       [2, 4],
@@ -38,7 +38,7 @@ describe('SDXL pipeline from TypeScript', () => {
       [4, 4],
     ])
     expect(events[0]?.stage).toBe('text')
-    expect(events.at(-1)).toMatchObject({ stage: 'decode', step: 1, total: 1 })
+    expect(events.at(-1)).toMatchObject({ stage: 'decode', step: 1, totalSteps: 1 })
   })
 
   it('is deterministic per seed and differs across seeds; batches, JPEG and WebP work', async () => {

@@ -7,20 +7,18 @@ import { HyperLoraError } from './errors.js'
 import { loadFaceAnalyzer, TINY_ANTELOPEV2, type FaceAnalyzer } from './face.js'
 import { Identity, loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYPERLORA, type IdentityEncoder, type IdentityPhoto } from './identity.js'
 import { decodeRgb8, type ImageInput, type Rgb8 } from './images.js'
-import type { ProgressEvent } from './native.js'
+import type { GenerateSettings, RefineSettings, Refined } from '../index.js'
+import { native, type ProgressEvent } from './native.js'
 import { finish, loadPipeline, prepare, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision, type Prepared, type RefineFaceOptions } from './pipeline.js'
 import { DEFAULT_MODELS, resolveModel, type ModelEvent, type ModelRole, type ResolveOptions } from './models/index.js'
 import { TaskQueue } from './queue.js'
 
-/** What every long call reports through `onProgress`. */
-export interface EngineProgress {
-  /** `download` (models fetched on first use), `loading` (models), `face` (face analysis, per photo), `identity` (CLIP per photo, then the
-   * hypernetwork), `text` (prompt encoding), `denoise` (per step), `decode` (VAE), `refine` (the
-   * face refine pass: its steps over all faces). */
-  stage: 'download' | 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode' | 'refine'
-  /** For `download`: bytes so far of all files being fetched. */
-  step: number
-  totalSteps: number
+/** What every long call reports through `onProgress`: the native progress event (its `stage`
+ * list is generated from the engine) with the time since the call started. Stages: `download`
+ * (models fetched on first use; `step` counts bytes), `loading` (models), `face` (face analysis,
+ * per photo), `identity` (CLIP per photo, then the hypernetwork), `text` (prompt encoding),
+ * `denoise` (per step), `decode` (VAE), `refine` (the face refine pass: its steps over all faces). */
+export interface EngineProgress extends ProgressEvent {
   /** Milliseconds since the call started (queue time included). */
   elapsedMs: number
 }
@@ -93,30 +91,13 @@ export interface RefineFacesOptions
   extends Omit<EngineGenerateOptions, 'width' | 'height' | 'batchSize' | 'initImage' | 'strength' | 'refineFace'>,
     Omit<RefineFaceOptions, 'prompt'> {}
 
-const NATIVE_STAGES: Record<string, EngineProgress['stage']> = {
-  faces: 'face',
-  clip: 'identity',
-  hypernet: 'identity',
-  text: 'text',
-  denoise: 'denoise',
-  decode: 'decode',
-  refine: 'refine',
-}
-
 /** Maps the native reports of one call onto {@link EngineProgress}, with the elapsed time. */
 function reporter(options: EngineCallOptions, started: number): (stage: EngineProgress['stage'], step: number, totalSteps: number) => void {
   return (stage, step, totalSteps) => options.onProgress?.({ stage, step, totalSteps, elapsedMs: performance.now() - started })
 }
 
-function nativeProgress(report: ReturnType<typeof reporter>, photos = 0): (e: ProgressEvent) => void {
-  return (e) => {
-    const stage = NATIVE_STAGES[e.stage]
-    if (!stage) return
-    // The identity stage is one bar: CLIP photo by photo, then the hypernetwork as the last step.
-    if (e.stage === 'clip') report(stage, e.step, photos + 1)
-    else if (e.stage === 'hypernet') report(stage, photos + e.step / e.total, photos + 1)
-    else report(stage, e.step, e.total)
-  }
+function nativeProgress(report: ReturnType<typeof reporter>): (e: ProgressEvent) => void {
+  return (e) => report(e.stage, e.step, e.totalSteps)
 }
 
 /**
@@ -205,7 +186,7 @@ export class HyperLoRA {
       const photosUsed: IdentityPhoto[] = analysis.faces.map((f) => ({ index: f.index, face: f.face, preview: f.preview }))
       const identity = await this.#encoder.createIdentity(
         analysis.faces.map((f) => f.conditions),
-        { signal, onProgress: nativeProgress(report, analysis.faces.length) },
+        { signal, onProgress: nativeProgress(report) },
       )
       return new Identity(identity.native, { photos: photosUsed, warnings })
     })
@@ -220,7 +201,7 @@ export class HyperLoRA {
   async generate(options: EngineGenerateOptions): Promise<GeneratedImage[]> {
     const started = performance.now()
     const report = reporter(options, started)
-    return this.#generation.run(options.signal, (signal) => this.#draw(options, signal, nativeProgress(report)))
+    return this.#generation.run(options.signal, async (signal) => (await this.#draw([options], signal, nativeProgress(report)))[0]!)
   }
 
   /**
@@ -234,30 +215,55 @@ export class HyperLoRA {
     const { signal: _, onProgress: __, ...rest } = options
     return this.#generation.run(options.signal, async (signal) => {
       const rgb = await decodeRgb8(image)
-      const refine = refineOptions(options)
-      const prepared = await prepare({ ...rest, width: rgb.width, height: rgb.height }, refineSettings(refine))
-      const refined = await this.#refine(rgb, 0, prepared, refine, signal, nativeProgress(report))
-      return (await finish({ images: [refined], warnings: prepared.warnings }, prepared))[0]!
+      const prepared = await prepare(rest)
+      const refined = await this.#refine(rgb, prepared, undefined, 0, refineOptions(options), signal, nativeProgress(report))
+      const s = refined.settings
+      const settings: GenerateSettings = {
+        ...s,
+        width: rgb.width,
+        height: rgb.height,
+        batchSize: 1,
+        identityWeights: (prepared.request.identities ?? []).map((i) => i.weight ?? native().generateDefaults().identityWeight),
+        loras: prepared.request.loras ?? [],
+      }
+      return (await finish({ images: [refined.image], settings, warnings: [] }, prepared, refineSettings(s)))[0]!
     })
   }
 
-  /** `generate`, with the refine pass when asked for; runs inside the generation queue. */
-  async #draw(options: EngineGenerateOptions, signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<GeneratedImage[]> {
+  /** Draws requests that share one batch (or one request alone), with the refine pass on the
+   * pictures of those that ask for it; runs inside the generation queue. */
+  async #draw(requests: readonly EngineGenerateOptions[], signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<GeneratedImage[][]> {
     // The caller's own signal and progress are already folded into `signal` and `onProgress`.
-    const { refineFace, onProgress: _, signal: __, ...request } = options
-    if (!refineFace) return this.#pipeline.generate({ ...request, signal, onProgress })
-    const refine = refineFace === true ? {} : refineFace
-    const prepared = await prepare(request, refineSettings(refine))
-    const pixels = await this.#pipeline.generatePixels(prepared, { signal, onProgress })
-    const refined = []
-    for (const [k, image] of pixels.images.entries()) refined.push(await this.#refine(image, k, prepared, refine, signal, onProgress))
-    return finish({ images: refined, warnings: pixels.warnings }, prepared)
+    const prepared = await Promise.all(requests.map(({ refineFace: _, onProgress: __, signal: ___, ...request }) => prepare(request)))
+    const drawn =
+      prepared.length === 1
+        ? [await this.#pipeline.generatePixels(prepared[0]!, { signal, onProgress })]
+        : await this.#pipeline.generateManyPixels(prepared, { signal, onProgress })
+    return Promise.all(
+      drawn.map(async (d, r) => {
+        const refineFace = requests[r]!.refineFace
+        if (!refineFace) return finish(d, prepared[r]!)
+        const refine = refineFace === true ? {} : refineFace
+        const refined = []
+        for (const [k, image] of d.images.entries()) refined.push(await this.#refine(image, prepared[r]!, d.settings, k, refine, signal, onProgress))
+        return finish({ ...d, images: refined.map((x) => x.image) }, prepared[r]!, refineSettings(refined[0]?.settings))
+      }),
+    )
   }
 
-  /** The refine pass on image `imageIndex` of a request (its faces are re-drawn with that image's seed). */
-  async #refine(image: Rgb8, imageIndex: number, prepared: Prepared, refine: RefineFaceOptions, signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<Rgb8> {
+  /** The refine pass on image `imageIndex` of a request drawn with `drawnWith` (its faces are
+   * re-drawn with that image's seed), or on any picture when `drawnWith` is undefined. */
+  async #refine(
+    image: Rgb8,
+    prepared: Prepared,
+    drawnWith: GenerateSettings | undefined,
+    imageIndex: number,
+    refine: RefineFaceOptions,
+    signal: AbortSignal,
+    onProgress: (e: ProgressEvent) => void,
+  ): Promise<Refined> {
     const faces = await this.#faces.detectFaces(image, { signal })
-    return this.#pipeline.refinePixels(image, imageIndex, faces, prepared, refine, { signal, onProgress })
+    return this.#pipeline.refinePixels(image, faces, prepared, drawnWith, imageIndex, refine, { signal, onProgress })
   }
 
   /**
@@ -273,14 +279,17 @@ export class HyperLoRA {
     if (!Number.isSafeInteger(maxBatchSize) || maxBatchSize < 1) throw new HyperLoraError('INVALID_ARGUMENT', `maxBatchSize must be a positive integer, got ${maxBatchSize}`)
     const started = performance.now()
     const report = reporter(options, started)
-    for (const batch of batches([...requests], maxBatchSize)) {
-      const list = batch.map(({ options: { onProgress: _, signal: __, ...request } }) => request)
+    const list = [...requests]
+    const plan = this.#pipeline.planBatches(await Promise.all(list.map(({ refineFace: _, onProgress: __, signal: ___, ...r }) => prepare(r))), maxBatchSize)
+    for (const batch of plan) {
       const images = await this.#generation.run(options.signal, (signal) =>
-        list.length === 1
-          ? this.#draw(list[0]!, signal, nativeProgress(report)).then((one) => [one])
-          : this.#pipeline.generateBatch(list, { signal, onProgress: nativeProgress(report) }),
+        this.#draw(
+          batch.map((i) => list[i]!),
+          signal,
+          nativeProgress(report),
+        ),
       )
-      for (const [k, item] of batch.entries()) yield { index: item.index, images: images[k]! }
+      for (const [k, index] of batch.entries()) yield { index, images: images[k]! }
     }
   }
 
@@ -318,42 +327,14 @@ export interface GenerateManyResult {
   images: GeneratedImage[]
 }
 
-/** Groups requests that can share a UNet batch, in order of first appearance, and cuts each
- * group into batches of at most `maxBatchSize` images. A request with an `initImage` or the face
- * refine pass goes alone. */
-function batches(requests: readonly EngineGenerateOptions[], maxBatchSize: number): { index: number; options: EngineGenerateOptions }[][] {
-  const groups = new Map<string, { index: number; options: EngineGenerateOptions }[][]>()
-  const order: { index: number; options: EngineGenerateOptions }[][][] = []
-  requests.forEach((options, index) => {
-    const key = options.initImage === undefined && !options.refineFace ? batchKey(options) : `alone:${index}`
-    let group = groups.get(key)
-    if (!group) {
-      group = [[]]
-      groups.set(key, group)
-      order.push(group)
-    }
-    const size = (r: { options: EngineGenerateOptions }): number => r.options.batchSize ?? 1
-    const current = group.at(-1)!
-    if (current.length > 0 && current.reduce((n, r) => n + size(r), 0) + size({ options }) > maxBatchSize) group.push([])
-    group.at(-1)!.push({ index, options })
-  })
-  return order.flat()
-}
-
-/** What requests in one batch must share (with `generate`'s defaults filled in). */
-function batchKey(o: EngineGenerateOptions): string {
-  const loras = (o.loras ?? []).map((l) => [l.path, l.weight])
-  return JSON.stringify([o.width ?? 1024, o.height ?? 1024, o.steps ?? 20, o.cfg ?? 5, o.sampler ?? 'dpmpp_2m', o.scheduler ?? 'karras', loras])
-}
-
 function refineOptions(o: RefineFacesOptions): RefineFaceOptions {
   const keys = ['strength', 'steps', 'size', 'padding', 'minSize', 'dilate', 'feather', 'faces'] as const
   return Object.fromEntries(keys.filter((k) => o[k] !== undefined).map((k) => [k, o[k]])) as RefineFaceOptions
 }
 
 /** The refine pass in the picture's parameters text. */
-function refineSettings(r: RefineFaceOptions): string[] {
-  return [`Face refine strength: ${r.strength ?? 0.5}`, `Face refine size: ${r.size ?? 1024}`]
+function refineSettings(s: RefineSettings | undefined): string[] {
+  return s ? [`Face refine strength: ${s.strength}`, `Face refine size: ${s.size}`] : []
 }
 
 /** The environment variable each model falls back to (the CLI reads the same ones). */

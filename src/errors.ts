@@ -30,6 +30,8 @@ export class HyperLoraError extends Error {
 }
 
 const NATIVE_MESSAGE = /^\[([A-Z_]+)\] ([\s\S]*)$/
+/** napi's message for a string outside a generated word list: the value, then the field. */
+const NAPI_UNKNOWN_WORD = /^value `(.*)` does not match any variant of enum `\w+` on `?\w+\.(\w+)`?/
 
 /** Turns an error thrown by the native binding (`[CODE] message`) into a `HyperLoraError`. */
 export function fromNativeError(error: unknown): HyperLoraError {
@@ -39,6 +41,12 @@ export function fromNativeError(error: unknown): HyperLoraError {
   const code = match?.[1]
   if (match && code && (ERROR_CODES as readonly string[]).includes(code)) {
     return new HyperLoraError(code as ErrorCode, match[2] ?? '', { cause: error })
+  }
+  // napi's own conversion of an argument (a word not in a generated list, a wrong type).
+  if ((error as { code?: unknown } | null)?.code === 'InvalidArg') {
+    const word = NAPI_UNKNOWN_WORD.exec(message)
+    const readable = word ? `unknown ${word[2]} ${word[1]}` : message.replaceAll('`', '')
+    return new HyperLoraError('INVALID_ARGUMENT', readable, { cause: error })
   }
   return new HyperLoraError('INTERNAL', message, { cause: error })
 }

@@ -67,7 +67,7 @@ export class FaceAnalyzer {
   /** Every face in the picture, best score first. EXIF orientation is applied first. */
   async detectFaces(image: ImageInput, options: CallOptions = {}): Promise<DetectedFace[]> {
     const rgb = await decodeRgb8(image)
-    return callNative(options, (cancel) => this.#native.detect(rgb, cancel))
+    return callNative({ signal: options.signal }, (cancel) => this.#native.detect(rgb, cancel))
   }
 
   /** {@link analyzeFaces} for one photo: rejects with `NO_FACE` when it has no usable face. */

@@ -61,14 +61,22 @@ export class Identity {
     return this.native.rank
   }
 
-  /** The LoRA's tensors (f32), module by module: `delta W = alpha / rank · up @ down`. */
-  async lora(): Promise<LoraModuleTensors[]> {
-    return callNative({}, () => this.native.tensors())
+  /** Whether the identity has a Base-LoRA (clothes, background, lighting): its HyperLoRA model
+   * has a base resampler. Generate applies it at `baseWeight` (default 0). */
+  get hasBaseLora(): boolean {
+    return this.native.hasBaseLora
   }
 
-  /** Saves as a kohya-format `.safetensors` LoRA that ComfyUI, A1111 and diffusers load. */
-  async saveLora(file: string): Promise<void> {
-    await callNative({}, () => this.native.save(path.resolve(file)))
+  /** The LoRA's tensors (f32), module by module: `delta W = alpha / rank · up @ down`; with
+   * `base`, the Base-LoRA's. */
+  async lora(options: { base?: boolean } = {}): Promise<LoraModuleTensors[]> {
+    return callNative({}, () => this.native.tensors(options.base ?? false))
+  }
+
+  /** Saves as a kohya-format `.safetensors` LoRA that ComfyUI, A1111 and diffusers load; with
+   * `base`, the Base-LoRA instead (`INVALID_ARGUMENT` when the identity has none). */
+  async saveLora(file: string, options: { base?: boolean } = {}): Promise<void> {
+    await callNative({}, () => this.native.save(path.resolve(file), options.base ?? false))
   }
 
   /**

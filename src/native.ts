@@ -129,22 +129,25 @@ export interface CallOptions {
 
 /**
  * Runs one native async call. The signal is wired to a native cancel flag (the engine checks it
- * between steps); native errors become {@link HyperLoraError}s with their codes.
+ * between steps); native errors become {@link HyperLoraError}s with their codes. With a progress
+ * callback, the promise settles only after the call's last report: the native side ends its
+ * reports with `null`, through the same queue, so nothing arrives after the result.
  */
 export async function callNative<T>(
   options: CallOptions,
-  run: (cancel: Binding.CancelHandle, onProgress: ((event: ProgressEvent) => void) | null) => Promise<T>,
+  run: (cancel: Binding.CancelHandle, onProgress: ((event: ProgressEvent | null) => void) | null) => Promise<T>,
 ): Promise<T> {
   const { signal, onProgress } = options
   if (signal?.aborted) throw abortError()
   const cancel = new (native().CancelHandle)()
   const onAbort = (): void => cancel.cancel()
   signal?.addEventListener('abort', onAbort, { once: true })
+  let reportsEnded = (): void => {}
+  const lastReport = new Promise<void>((resolve) => (reportsEnded = resolve))
   // A throwing progress callback must not take the process down from inside a native callback.
-  let received = 0
   const progress = onProgress
-    ? (event: ProgressEvent): void => {
-        received++
+    ? (event: ProgressEvent | null): void => {
+        if (event === null) return reportsEnded()
         try {
           onProgress(event)
         } catch (error) {
@@ -156,22 +159,12 @@ export async function callNative<T>(
     : null
   try {
     const result = await run(cancel, progress)
-    await progressDelivered(() => received >= cancel.progressSent)
+    if (progress) await lastReport
     return result
   } catch (error) {
     throw fromNativeError(error)
   } finally {
     signal?.removeEventListener('abort', onAbort)
-  }
-}
-
-/**
- * Progress reports travel on their own queue and can arrive after the promise settles; give the
- * last ones a few event-loop turns so that every report comes before the result, as callers expect.
- */
-async function progressDelivered(done: () => boolean): Promise<void> {
-  for (let turn = 0; turn < 1000 && !done(); turn++) {
-    await new Promise<void>((resolve) => setImmediate(resolve))
   }
 }
 

@@ -1,4 +1,3 @@
-import { randomInt } from 'node:crypto'
 import * as path from 'node:path'
 
 import type * as Binding from '../index.js'
@@ -9,9 +8,11 @@ import { a1111Parameters } from './metadata.js'
 import { callNative, native, type CallOptions } from './native.js'
 
 /** Samplers, as diffusers' schedulers of the same names (A1111: Euler, Euler a, DPM++ 2M, DPM++ 2M SDE, DDIM). */
-export type Sampler = 'euler' | 'euler_ancestral' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'ddim'
-/** Sigma schedules (A1111's "Schedule type"). */
-export type SigmaScheduler = 'normal' | 'karras' | 'exponential'
+export type Sampler = Binding.Sampler
+/** How the sampler spaces its noise levels (A1111's "Schedule type"). */
+export type SigmaSchedule = Binding.SigmaSchedule
+/** @deprecated The old name of {@link SigmaSchedule}. */
+export type SigmaScheduler = SigmaSchedule
 /** Where models run; `auto` picks CUDA or Metal when the binary and the machine have it. */
 export type DeviceName = 'auto' | 'cpu' | 'cuda' | 'metal'
 /** Weight and activation precision; `auto` is f16 on GPUs, f32 on the CPU. */
@@ -51,8 +52,10 @@ export interface GenerateOptions extends CallOptions {
   cfg?: number
   /** Default `dpmpp_2m` (DPM++ 2M). */
   sampler?: Sampler
-  /** Sigma schedule; default `karras`. */
-  scheduler?: SigmaScheduler
+  /** How the sampler spaces its noise levels; default `karras`. */
+  schedule?: SigmaSchedule
+  /** @deprecated The old name of `schedule`, still accepted. */
+  scheduler?: SigmaSchedule
   /** Same seed, same picture: a whole number in [0, 2^64) (a bigint above 2^53). Image `k` of a
    * batch is drawn from `seed + k` (A1111's numbering), so each image's reported seed redraws it
    * alone; a single image is the same as diffusers' with `torch.Generator().manual_seed(seed)`.
@@ -70,14 +73,24 @@ export interface GenerateOptions extends CallOptions {
   identity?: Identity
   /** LoRA weight of `identity`; default 0.85 (the HyperLoRA authors' recommendation). */
   identityWeight?: number
+  /** Weight of `identity`'s Base-LoRA (clothes, background, lighting) when its model has one;
+   * default 0 (off, as the reference workflows leave it). */
+  baseWeight?: number
   /** Several identities with their own weights, which may be negative: a concept slider is
    * `[{ identity: a, weight: -0.7 }, { identity: b, weight: 0.7 }]`. */
-  identities?: readonly { identity: Identity; weight: number }[]
+  identities?: readonly IdentityWeight[]
   /** Other LoRA files (kohya with diffusers or SGM names, diffusers/PEFT), e.g. styles. */
   loras?: readonly { path: string; weight: number }[]
   /** Prepended to the prompt when an identity is active, unless the prompt already starts with
    * them; `false` turns this off. Default `'fcsks fxhks fhyks, '` (HyperLoRA's trigger words). */
   triggerWords?: string | false
+}
+
+/** An identity in a request, with its weights (default 0.85; Base-LoRA default 0). */
+export interface IdentityWeight {
+  identity: Identity
+  weight?: number | undefined
+  baseWeight?: number | undefined
 }
 
 /** The face refine pass ("face detailer"): each face is cropped with context, re-drawn at
@@ -162,54 +175,70 @@ export class Pipeline {
   /**
    * Draws several requests in one UNet batch, each with its own prompt, seed and identities:
    * identities are applied per sample, so requests for different people share every step.
-   * The requests must agree on size, steps, cfg, sampler, scheduler and LoRA files, and have no
-   * `initImage`; each one's pictures equal what {@link generate} draws for it (within float
-   * rounding). Resolves to one list of images per request, in order.
+   * The requests must agree on size, steps, cfg, sampler, schedule and LoRA files, and have no
+   * `initImage` ({@link planBatches} groups requests that do); each one's pictures equal what
+   * {@link generate} draws for it (within float rounding). Resolves to one list of images per
+   * request, in order.
    */
   async generateBatch(requests: readonly GenerateOptions[], options: CallOptions = {}): Promise<GeneratedImage[][]> {
     const prepared = await Promise.all(requests.map((r) => prepare(r)))
-    const raw = await callNative(options, (cancel, onProgress) =>
+    const drawn = await this.generateManyPixels(prepared, options)
+    return Promise.all(drawn.map((d, i) => finish(d, prepared[i]!)))
+  }
+
+  /** @internal Which prepared requests can share a batch of at most `maxImages` images, as the
+   * engine groups them: indices, batch by batch. */
+  planBatches(prepared: readonly Prepared[], maxImages: number): number[][] {
+    return this.#native.planBatches(
+      prepared.map((p) => p.request),
+      maxImages,
+    )
+  }
+
+  /** @internal Pixels out, for callers that post-process before encoding. */
+  async generatePixels(prepared: Prepared, options: CallOptions): Promise<Binding.Generated> {
+    return callNative(options, (cancel, onProgress) => this.#native.generate(prepared.request, cancel, onProgress))
+  }
+
+  /** @internal {@link generatePixels} for requests that share one batch. */
+  async generateManyPixels(prepared: readonly Prepared[], options: CallOptions): Promise<Binding.Generated[]> {
+    return callNative(options, (cancel, onProgress) =>
       this.#native.generateMany(
         prepared.map((p) => p.request),
-        prepared.map((p) => p.identities),
-        prepared.map((p) => p.identityWeights),
-        prepared[0]?.loras ?? [],
         cancel,
         onProgress,
       ),
     )
-    return Promise.all(raw.map((images, i) => finish(drawn(images, prepared[i]!), prepared[i]!)))
-  }
-
-  /** @internal Pixels out, for callers that post-process before encoding. */
-  async generatePixels(prepared: Prepared, options: CallOptions): Promise<Drawn> {
-    const images = await callNative(options, (cancel, onProgress) =>
-      this.#native.generate(prepared.request, prepared.identities, prepared.identityWeights, prepared.loras, cancel, onProgress),
-    )
-    return drawn(images, prepared)
   }
 
   /**
    * @internal The face refine pass on `image` for the given faces (from a face detector), with
-   * the request's identities and LoRAs merged. Progress reports stage `refine`.
+   * the request's identities and LoRAs merged and, unless `refine` says otherwise, the sampling
+   * settings `image` was drawn with (its own seed: image `imageIndex` of its batch). Progress
+   * reports stage `refine`.
    */
   async refinePixels(
     image: Binding.RawImage,
-    imageIndex: number,
     faces: readonly { bbox: number[] }[],
     prepared: Prepared,
+    drawnWith: Pick<Binding.GenerateSettings, 'prompt' | 'negativePrompt' | 'steps' | 'cfg' | 'sampler' | 'schedule' | 'seed'> | undefined,
+    imageIndex: number,
     refine: RefineFaceOptions,
     options: CallOptions,
-  ): Promise<Binding.RawImage> {
+  ): Promise<Binding.Refined> {
     const r = prepared.request
     const request: Binding.RefineRequest = {
-      prompt: refine.prompt === undefined ? r.prompt : refine.prompt,
-      negativePrompt: r.negativePrompt ?? '',
-      steps: checkedInt('refineFace.steps', refine.steps ?? r.steps),
-      cfg: r.cfg,
-      sampler: r.sampler,
-      scheduler: r.scheduler,
-      seed: imageSeed(prepared.seed, imageIndex),
+      prompt: refine.prompt ?? drawnWith?.prompt ?? r.prompt,
+      ...(drawnWith && {
+        negativePrompt: drawnWith.negativePrompt,
+        steps: drawnWith.steps,
+        cfg: drawnWith.cfg,
+        sampler: drawnWith.sampler,
+        schedule: drawnWith.schedule,
+        seed: imageSeed(drawnWith.seed, imageIndex),
+      }),
+      ...(!drawnWith && pick(r, ['negativePrompt', 'steps', 'cfg', 'sampler', 'schedule', 'seed'])),
+      ...(refine.steps !== undefined && { steps: checkedInt('refineFace.steps', refine.steps) }),
       ...(refine.strength !== undefined && { strength: refine.strength }),
       ...(refine.size !== undefined && { size: checkedInt('refineFace.size', refine.size) }),
       ...(refine.padding !== undefined && { padding: refine.padding }),
@@ -217,47 +246,32 @@ export class Pipeline {
       ...(refine.dilate !== undefined && { dilate: refine.dilate }),
       ...(refine.feather !== undefined && { feather: refine.feather }),
       ...(refine.faces !== undefined && { faces: refine.faces }),
+      ...(r.identities && { identities: r.identities }),
+      ...(r.loras && { loras: r.loras }),
     }
     return callNative(options, (cancel, onProgress) =>
-      this.#native.refineFaces(image, faces.map((f) => ({ bbox: [...f.bbox] })), request, prepared.identities, prepared.identityWeights, prepared.loras, cancel, onProgress),
+      this.#native.refineFaces(image, faces.map((f) => ({ bbox: [...f.bbox] })), request, cancel, onProgress),
     )
   }
 }
 
-/** @internal A request validated and filled in, ready for the engine. */
+/** The fields of `o` among `keys` that are set. */
+function pick<T extends object, K extends keyof T>(o: T, keys: readonly K[]): Partial<Pick<T, K>> {
+  return Object.fromEntries(keys.filter((k) => o[k] !== undefined).map((k) => [k, o[k]])) as Partial<Pick<T, K>>
+}
+
+/** @internal A request validated, ready for the engine (which fills in the defaults). */
 export interface Prepared {
   request: Binding.GenerateRequest
-  identities: Binding.Identity[]
-  identityWeights: number[]
-  loras: { path: string; weight: number }[]
   format: ImageFormat
-  seed: bigint
-  /** The `parameters` text of image `k`, whose seed is `seed + k`. */
-  info(imageIndex: number): string
   /** Options that had no effect, as warnings. */
   warnings: string[]
-}
-
-/** @internal What a native generation gave: each image's pixels and the call's warnings. */
-export interface Drawn {
-  images: Binding.RawImage[]
-  warnings: string[]
-}
-
-/**
- * @internal The one place where a native generation's result is read, and the call's warnings
- * gathered: those `prepare` found in the options, then the engine's own. The native result is
- * the images alone today; engine warnings (e.g. LoRA keys that matched no layer) join here.
- */
-function drawn(images: Binding.RawImage[], prepared: Prepared): Drawn {
-  return { images, warnings: [...prepared.warnings] }
 }
 
 const MAX_SEED = 2n ** 64n
 
 /** A seed as the engine takes it, or `INVALID_ARGUMENT` (never a bare `RangeError` from `BigInt`). */
 function checkedSeed(seed: unknown): bigint {
-  if (seed === undefined) return BigInt(randomInt(0, 2 ** 48 - 1))
   if (typeof seed === 'number' && Number.isSafeInteger(seed) && seed >= 0) return BigInt(seed)
   if (typeof seed === 'bigint' && seed >= 0n && seed < MAX_SEED) return seed
   const shown = typeof seed === 'bigint' ? `${seed}n` : typeof seed === 'string' ? `'${seed}'` : String(seed)
@@ -280,6 +294,9 @@ function unusedOptions(options: GenerateOptions, hasIdentity: boolean): string[]
   if (options.identityWeight !== undefined && !options.identity) {
     warnings.push(`identityWeight ${options.identityWeight} has no effect without an identity`)
   }
+  if (options.baseWeight !== undefined && !options.identity) {
+    warnings.push(`baseWeight ${options.baseWeight} has no effect without an identity`)
+  }
   if (options.strength !== undefined && options.initImage === undefined) {
     warnings.push(`strength ${options.strength} has no effect without an initImage`)
   }
@@ -289,75 +306,80 @@ function unusedOptions(options: GenerateOptions, hasIdentity: boolean): string[]
   return warnings
 }
 
-/** @internal Validates and fills in defaults; the generation parameters text is made here too. */
-export async function prepare(options: GenerateOptions, extraSettings: readonly string[] = []): Promise<Prepared> {
-  const width = options.width ?? 1024
-  const height = options.height ?? 1024
-  const seed = checkedSeed(options.seed)
+/** @internal Validates a request and puts it in the engine's terms; the engine fills in what is
+ * left unset and reports the settings it used. */
+export async function prepare(options: GenerateOptions): Promise<Prepared> {
   const format = options.format ?? 'png'
   if (!['png', 'jpeg', 'webp'].includes(format)) throw new HyperLoraError('INVALID_ARGUMENT', `unknown format ${format}`)
-  const initImage = options.initImage === undefined ? undefined : await decodeRgb8(options.initImage, { width, height })
-  const identities = [
-    ...(options.identity ? [{ identity: options.identity, weight: options.identityWeight ?? 0.85 }] : []),
+  if (typeof options.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'prompt must be a string')
+  const identities: IdentityWeight[] = [
+    ...(options.identity ? [{ identity: options.identity, weight: options.identityWeight, baseWeight: options.baseWeight }] : []),
     ...(options.identities ?? []),
   ]
-  if (typeof options.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'prompt must be a string')
   const prompt = identities.length > 0 ? withTriggerWords(options.prompt, options.triggerWords ?? TRIGGER_WORDS) : options.prompt
-  const loras = (options.loras ?? []).map((l) => ({ path: path.resolve(l.path), weight: l.weight }))
+  const schedule = options.schedule ?? options.scheduler
   const request: Binding.GenerateRequest = {
     prompt,
-    negativePrompt: options.negativePrompt ?? '',
-    width: checkedInt('width', width),
-    height: checkedInt('height', height),
-    steps: checkedInt('steps', options.steps ?? 20),
-    cfg: options.cfg ?? 5,
-    sampler: options.sampler ?? 'dpmpp_2m',
-    scheduler: options.scheduler ?? 'karras',
-    seed,
-    batchSize: checkedInt('batchSize', options.batchSize ?? 1),
-    strength: options.strength ?? 0.75,
-    ...(initImage && { initImage }),
+    ...(options.negativePrompt !== undefined && { negativePrompt: options.negativePrompt }),
+    ...(options.width !== undefined && { width: checkedInt('width', options.width) }),
+    ...(options.height !== undefined && { height: checkedInt('height', options.height) }),
+    ...(options.steps !== undefined && { steps: checkedInt('steps', options.steps) }),
+    ...(options.cfg !== undefined && { cfg: options.cfg }),
+    ...(options.sampler !== undefined && { sampler: options.sampler }),
+    ...(schedule !== undefined && { schedule }),
+    ...(options.seed !== undefined && { seed: checkedSeed(options.seed) }),
+    ...(options.batchSize !== undefined && { batchSize: checkedInt('batchSize', options.batchSize) }),
+    ...(options.strength !== undefined && { strength: options.strength }),
+    identities: identities.map((i) => ({
+      identity: i.identity.native,
+      ...(i.weight !== undefined && { weight: i.weight }),
+      ...(i.baseWeight !== undefined && { baseWeight: i.baseWeight }),
+    })),
+    loras: (options.loras ?? []).map((l) => ({ path: path.resolve(l.path), weight: l.weight })),
   }
-  const info = (imageIndex: number): string =>
-    a1111Parameters({
-    prompt,
-    negativePrompt: request.negativePrompt ?? '',
-    steps: request.steps,
-    sampler: request.sampler,
-    scheduler: request.scheduler,
-    cfg: request.cfg,
-    seed: imageSeed(seed, imageIndex),
-    width: request.width,
-    height: request.height,
-    loras: [...identities.map((i) => `identity: ${i.weight}`), ...loras.map((l) => `${path.basename(l.path, '.safetensors')}: ${l.weight}`)],
-    ...(initImage && { strength: request.strength ?? 0.75 }),
-    extra: extraSettings,
-  })
-  return {
-    request,
-    identities: identities.map((i) => i.identity.native),
-    identityWeights: identities.map((i) => i.weight),
-    loras,
-    format,
-    seed,
-    info,
-    warnings: unusedOptions(options, identities.length > 0),
+  if (options.initImage !== undefined) {
+    const defaults = native().generateDefaults()
+    request.initImage = await decodeRgb8(options.initImage, { width: request.width ?? defaults.width, height: request.height ?? defaults.height })
   }
+  return { request, format, warnings: unusedOptions(options, identities.length > 0) }
 }
 
-/** @internal Encodes the engine's pixels, with the parameters as metadata. */
-export async function finish(raw: Drawn, p: Prepared): Promise<GeneratedImage[]> {
+/** The A1111 `parameters` text of image `k` of a request drawn with `s`. */
+function parametersOf(s: Binding.GenerateSettings, k: number, extra: readonly string[]): string {
+  return a1111Parameters({
+    prompt: s.prompt,
+    negativePrompt: s.negativePrompt,
+    steps: s.steps,
+    sampler: s.sampler,
+    scheduler: s.schedule,
+    cfg: s.cfg,
+    seed: imageSeed(s.seed, k),
+    width: s.width,
+    height: s.height,
+    loras: [...s.identityWeights.map((w) => `identity: ${w}`), ...s.loras.map((l) => `${path.basename(l.path, '.safetensors')}: ${l.weight}`)],
+    ...(s.strength != null && { strength: s.strength }),
+    extra,
+  })
+}
+
+/** @internal Encodes the engine's pixels, with the settings it used as metadata (and `extra`
+ * settings lines, e.g. the refine pass's). */
+export async function finish(drawn: Binding.Generated, p: Prepared, extra: readonly string[] = []): Promise<GeneratedImage[]> {
+  const s = drawn.settings
   return Promise.all(
-    raw.images.map(async (image, index) => ({
-      data: await encodeWithParameters(image, p.format, p.info(index)),
-      format: p.format,
-      width: image.width,
-      height: image.height,
-      seed: reportedSeed(imageSeed(p.seed, index)),
-      index,
-      info: p.info(index),
-      warnings: [...raw.warnings],
-    })),
+    drawn.images.map(async (image, index) => {
+      const info = parametersOf(s, index, extra)
+      return {
+        data: await encodeWithParameters(image, p.format, info),
+        format: p.format,
+        width: image.width,
+        height: image.height,
+        seed: reportedSeed(imageSeed(s.seed, index)),
+        index,
+        info,
+        warnings: [...p.warnings, ...drawn.warnings],
+      }
+    }),
   )
 }
 

@@ -1,11 +1,10 @@
 /** The CLI's progress display: one redrawn line per stage on a terminal, nothing elsewhere. */
 
-/** A progress report from any call: engine events carry `totalSteps`, native ones `total`. */
+/** A progress report from any call (engine and native events alike). */
 export interface StageEvent {
   stage: string
   step: number
-  totalSteps?: number
-  total?: number
+  totalSteps: number
 }
 
 /** Bars appear only for work that has already taken this long, so quick commands stay quiet. */
@@ -21,7 +20,7 @@ export function progressBar(enabled: boolean, stream: NodeJS.WriteStream = proce
   const started = performance.now()
   let open: string | undefined
   return (e) => {
-    const total = e.totalSteps ?? e.total ?? 0
+    const total = e.totalSteps
     const elapsed = performance.now() - started
     if (elapsed < SHOW_AFTER_MS && open === undefined) return
     if (open !== undefined && open !== e.stage) stream.write('\n')

@@ -1,7 +1,6 @@
 //! Face analysis: `loadFaceAnalyzer`, `FaceAnalyzer.detect` and `FaceAnalyzer.analyze`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use hyperlora::face::{
     AnalyzeOptions, AnalyzedPhotos, FaceAnalyzer as Analyzer, FaceChoice, FaceInfo,
@@ -9,12 +8,11 @@ use hyperlora::face::{
 use hyperlora::image::RgbImage;
 use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, ClassInstance, Float32Array};
-use napi::{Env, Task};
 use napi_derive::napi;
 
-use crate::errors::{guarded, to_napi};
+use crate::call::{call, Call, CallContext, ProgressCallback};
+use crate::errors::to_napi;
 use crate::pipeline::RawImage;
-use crate::progress::{CallContext, ProgressCallback};
 use crate::resident::Resident;
 use crate::CancelHandle;
 
@@ -125,16 +123,18 @@ impl FaceAnalyzer {
         &self,
         image: RawImage,
         cancel: Option<ClassInstance<CancelHandle>>,
-    ) -> napi::Result<AsyncTask<DetectTask>> {
-        Ok(AsyncTask::new(DetectTask {
-            analyzer: self.inner.get()?,
-            image: RgbImage::from(&image),
-            call: CallContext::new(cancel, None),
-        }))
+    ) -> napi::Result<AsyncTask<Call<Vec<FaceInfo>, Vec<DetectedFace>>>> {
+        let analyzer = self.inner.get()?;
+        let image = RgbImage::from(&image);
+        Ok(call(
+            CallContext::new(cancel, None),
+            |faces: Vec<FaceInfo>| Ok(faces.iter().map(DetectedFace::from).collect()),
+            move |cancel, _| Ok(analyzer.detect(&image, cancel)?.0),
+        ))
     }
 
-    /// The identity conditions of each photo (docs/hyperlora-model.md §3); photos without a face are skipped
-    /// when others have one, else the call fails with `NO_FACE` naming the photo.
+    /// The identity conditions of each photo (docs/hyperlora-model.md §3); photos without a
+    /// face are skipped when others have one, else the call fails with `NO_FACE` naming the photo.
     #[napi(ts_return_type = "Promise<FaceAnalysisResult>")]
     pub fn analyze(
         &self,
@@ -142,111 +142,65 @@ impl FaceAnalyzer {
         names: Vec<Option<String>>,
         options: Option<AnalyzeFacesOptions>,
         cancel: Option<ClassInstance<CancelHandle>>,
-        #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
+        #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
-    ) -> napi::Result<AsyncTask<AnalyzeTask>> {
+    ) -> napi::Result<AsyncTask<Call<AnalyzedPhotos, FaceAnalysisResult>>> {
         let options = analyze_options(options).map_err(to_napi)?;
-        Ok(AsyncTask::new(AnalyzeTask {
-            analyzer: self.inner.get()?,
-            photos: photos.iter().map(RgbImage::from).collect(),
-            names,
-            options,
-            call: CallContext::new(cancel, on_progress),
-        }))
+        let analyzer = self.inner.get()?;
+        let photos: Vec<RgbImage> = photos.iter().map(RgbImage::from).collect();
+        Ok(call(
+            CallContext::new(cancel, on_progress),
+            analysis_result,
+            move |cancel, progress| {
+                let photos: Vec<(&RgbImage, Option<&str>)> = photos
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (p, names.get(i).and_then(|n| n.as_deref())))
+                    .collect();
+                analyzer.analyze_photos(&photos, &options, cancel, progress)
+            },
+        ))
     }
 }
 
-pub struct DetectTask {
-    analyzer: Arc<Analyzer>,
-    image: RgbImage,
-    call: CallContext,
-}
-
-impl Task for DetectTask {
-    type Output = Vec<FaceInfo>;
-    type JsValue = Vec<DetectedFace>;
-    fn compute(&mut self) -> napi::Result<Vec<FaceInfo>> {
-        guarded(|| Ok(self.analyzer.detect(&self.image, &self.call.cancel)?.0))
-    }
-    fn resolve(&mut self, _env: Env, faces: Vec<FaceInfo>) -> napi::Result<Vec<DetectedFace>> {
-        Ok(faces.iter().map(DetectedFace::from).collect())
-    }
-}
-
-pub struct AnalyzeTask {
-    analyzer: Arc<Analyzer>,
-    photos: Vec<RgbImage>,
-    names: Vec<Option<String>>,
-    options: AnalyzeOptions,
-    call: CallContext,
-}
-
-impl Task for AnalyzeTask {
-    type Output = AnalyzedPhotos;
-    type JsValue = FaceAnalysisResult;
-    fn compute(&mut self) -> napi::Result<AnalyzedPhotos> {
-        let mut report = self.call.reporter();
-        guarded(|| {
-            let photos: Vec<(&RgbImage, Option<&str>)> = self
-                .photos
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p, self.names.get(i).and_then(|n| n.as_deref())))
-                .collect();
-            self.analyzer
-                .analyze_photos(&photos, &self.options, &self.call.cancel, &mut report)
-        })
-    }
-    fn resolve(&mut self, _env: Env, result: AnalyzedPhotos) -> napi::Result<FaceAnalysisResult> {
-        Ok(FaceAnalysisResult {
-            faces: result
-                .analyzed
-                .into_iter()
-                .map(|(index, a)| AnalyzedFace {
-                    index: index as u32,
-                    face: DetectedFace::from(&a.face),
-                    arcface: Float32Array::new(a.conditions.arcface),
-                    clip_crop: RawImage::from(a.conditions.clip_crop),
-                    base_crop: a.conditions.base_crop.map(RawImage::from),
-                    preview: RawImage::from(a.preview),
-                    det_size: a.det_size as u32,
-                })
-                .collect(),
-            skipped: result
-                .skipped
-                .into_iter()
-                .map(|s| SkippedPhoto {
-                    index: s.index as u32,
-                    name: s.name,
-                    message: s.message,
-                })
-                .collect(),
-        })
-    }
-}
-
-pub struct LoadAnalyzerTask {
-    dir: PathBuf,
-}
-
-impl Task for LoadAnalyzerTask {
-    type Output = Analyzer;
-    type JsValue = FaceAnalyzer;
-    fn compute(&mut self) -> napi::Result<Analyzer> {
-        guarded(|| Analyzer::load(&self.dir))
-    }
-    fn resolve(&mut self, _env: Env, analyzer: Analyzer) -> napi::Result<FaceAnalyzer> {
-        Ok(FaceAnalyzer {
-            inner: Resident::new(analyzer),
-        })
-    }
+fn analysis_result(result: AnalyzedPhotos) -> napi::Result<FaceAnalysisResult> {
+    Ok(FaceAnalysisResult {
+        faces: result
+            .analyzed
+            .into_iter()
+            .map(|(index, a)| AnalyzedFace {
+                index: index as u32,
+                face: DetectedFace::from(&a.face),
+                arcface: Float32Array::new(a.conditions.arcface),
+                clip_crop: RawImage::from(a.conditions.clip_crop),
+                base_crop: a.conditions.base_crop.map(RawImage::from),
+                preview: RawImage::from(a.preview),
+                det_size: a.det_size as u32,
+            })
+            .collect(),
+        skipped: result
+            .skipped
+            .into_iter()
+            .map(|s| SkippedPhoto {
+                index: s.index as u32,
+                name: s.name,
+                message: s.message,
+            })
+            .collect(),
+    })
 }
 
 /// Loads an insightface antelopev2 folder (`scrfd_10g_bnkps.onnx`, `2d106det.onnx`,
 /// `glintr100.onnx`; buffalo_l's equivalents are accepted).
 #[napi(ts_return_type = "Promise<FaceAnalyzer>")]
-pub fn load_face_analyzer(dir: String) -> AsyncTask<LoadAnalyzerTask> {
-    AsyncTask::new(LoadAnalyzerTask {
-        dir: PathBuf::from(dir),
-    })
+pub fn load_face_analyzer(dir: String) -> AsyncTask<Call<Analyzer, FaceAnalyzer>> {
+    call(
+        CallContext::default(),
+        |analyzer| {
+            Ok(FaceAnalyzer {
+                inner: Resident::new(analyzer),
+            })
+        },
+        move |_, _| Analyzer::load(&PathBuf::from(dir)),
+    )
 }

@@ -1,8 +1,8 @@
 //! Identities: `loadIdentityEncoder`, `IdentityEncoder.create`, `Identity.save`, `loadIdentity`,
-//! `interpolateIdentities`. An identity is a kohya LoRA held in native memory.
+//! `interpolateIdentities`. An identity is the LoRA the hypernetwork wrote (and, for models with
+//! one, its Base-LoRA), held in native memory under the engine's stable ids.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use candle_core::Device;
 use hyperlora::device::{select_device, select_dtype};
@@ -10,21 +10,43 @@ use hyperlora::face::FaceConditions;
 use hyperlora::identity::IdentityEncoder as Encoder;
 use hyperlora::image::RgbImage;
 use hyperlora::lora::KohyaLora;
+use hyperlora::session::HeldLora;
 use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, ClassInstance, Float32Array};
-use napi::{Env, Task};
 use napi_derive::napi;
 
-use crate::errors::guarded;
+use crate::call::{call, Call, CallContext, ProgressCallback};
+use crate::errors::to_napi;
 use crate::pipeline::RawImage;
-use crate::progress::{CallContext, ProgressCallback};
 use crate::resident::Resident;
 use crate::CancelHandle;
 
-/// A person's identity: the LoRA the hypernetwork wrote for them.
+/// A person's identity: the LoRA the hypernetwork wrote for them, and its Base-LoRA when the
+/// model has one.
 #[napi]
 pub struct Identity {
-    pub(crate) lora: Arc<KohyaLora>,
+    pub(crate) lora: HeldLora,
+    pub(crate) base: Option<HeldLora>,
+}
+
+impl Identity {
+    fn new(id: KohyaLora, base: Option<KohyaLora>) -> Self {
+        Self {
+            lora: HeldLora::new(id),
+            base: base.map(HeldLora::new),
+        }
+    }
+
+    /// The ID-LoRA, or the Base-LoRA (`INVALID_ARGUMENT` when there is none).
+    fn part(&self, base: bool) -> napi::Result<HeldLora> {
+        match (base, &self.base) {
+            (false, _) => Ok(self.lora.clone()),
+            (true, Some(b)) => Ok(b.clone()),
+            (true, None) => Err(to_napi(Error::invalid_argument(
+                "this identity has no Base-LoRA (its HyperLoRA model has none)",
+            ))),
+        }
+    }
 }
 
 #[napi]
@@ -32,29 +54,44 @@ impl Identity {
     /// Number of LoRA modules (UNet attention layers × projections).
     #[napi(getter)]
     pub fn modules(&self) -> u32 {
-        self.lora.len() as u32
+        self.lora.lora().len() as u32
     }
 
     #[napi(getter)]
     pub fn rank(&self) -> u32 {
-        self.lora.rank().unwrap_or(0) as u32
+        self.lora.lora().rank().unwrap_or(0) as u32
     }
 
-    /// The LoRA's tensors (f32 copies), module by module in file order.
+    /// Whether the identity has a Base-LoRA (clothes, background, lighting).
+    #[napi(getter)]
+    pub fn has_base_lora(&self) -> bool {
+        self.base.is_some()
+    }
+
+    /// The LoRA's tensors (f32 copies), module by module in file order; `base` for the
+    /// Base-LoRA's.
     #[napi(ts_return_type = "Promise<Array<LoraModuleTensors>>")]
-    pub fn tensors(&self) -> AsyncTask<TensorsTask> {
-        AsyncTask::new(TensorsTask {
-            lora: self.lora.clone(),
-        })
+    pub fn tensors(
+        &self,
+        base: Option<bool>,
+    ) -> napi::Result<AsyncTask<Call<Vec<ModuleData>, Vec<LoraModuleTensors>>>> {
+        let lora = self.part(base.unwrap_or(false))?;
+        Ok(call(CallContext::default(), module_tensors, move |_, _| {
+            lora.lora()
+                .iter()
+                .map(|(name, w)| module_data(name, w))
+                .collect()
+        }))
     }
 
-    /// Writes the identity as a kohya-format `.safetensors` LoRA (temp file, then rename).
+    /// Writes the identity (or, with `base`, its Base-LoRA) as a kohya-format `.safetensors`
+    /// LoRA (temp file, then rename).
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<SaveTask> {
-        AsyncTask::new(SaveTask {
-            lora: self.lora.clone(),
-            path: PathBuf::from(path),
-        })
+    pub fn save(&self, path: String, base: Option<bool>) -> napi::Result<AsyncTask<Call<(), ()>>> {
+        let lora = self.part(base.unwrap_or(false))?;
+        Ok(call(CallContext::default(), Ok, move |_, _| {
+            lora.lora().save(PathBuf::from(path))
+        }))
     }
 }
 
@@ -72,137 +109,76 @@ pub struct LoraModuleTensors {
     pub alpha: f64,
 }
 
-pub struct TensorsTask {
-    lora: Arc<KohyaLora>,
-}
+/// The ID-LoRA and the Base-LoRA a call makes an identity of.
+type IdentityLoras = (KohyaLora, Option<KohyaLora>);
+type IdentityCall = AsyncTask<Call<IdentityLoras, Identity>>;
 
 /// A module's tensors as host f32 vectors with their shapes.
 type ModuleData = (String, (Vec<f32>, Vec<u32>), (Vec<f32>, Vec<u32>), f64);
 
-impl Task for TensorsTask {
-    type Output = Vec<ModuleData>;
-    type JsValue = Vec<LoraModuleTensors>;
-    fn compute(&mut self) -> napi::Result<Self::Output> {
-        let host = |t: &candle_core::Tensor| -> hyperlora::Result<(Vec<f32>, Vec<u32>)> {
-            let shape = t.dims().iter().map(|d| *d as u32).collect();
-            let data = t
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            Ok((data, shape))
-        };
-        guarded(|| {
-            self.lora
-                .iter()
-                .map(|(name, w)| {
-                    Ok((
-                        name.to_string(),
-                        host(&w.down)?,
-                        host(&w.up)?,
-                        w.alpha as f64,
-                    ))
-                })
-                .collect()
-        })
-    }
-    fn resolve(
-        &mut self,
-        _env: Env,
-        modules: Self::Output,
-    ) -> napi::Result<Vec<LoraModuleTensors>> {
-        Ok(modules
-            .into_iter()
-            .map(
-                |(name, (down, down_shape), (up, up_shape), alpha)| LoraModuleTensors {
-                    name,
-                    down: down.into(),
-                    down_shape,
-                    up: up.into(),
-                    up_shape,
-                    alpha,
-                },
-            )
-            .collect())
-    }
+fn module_data(name: &str, w: &hyperlora::lora::LoraWeights) -> hyperlora::Result<ModuleData> {
+    let host = |t: &candle_core::Tensor| -> hyperlora::Result<(Vec<f32>, Vec<u32>)> {
+        let shape = t.dims().iter().map(|d| *d as u32).collect();
+        let data = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok((data, shape))
+    };
+    Ok((
+        name.to_string(),
+        host(&w.down)?,
+        host(&w.up)?,
+        w.alpha as f64,
+    ))
 }
 
-pub struct SaveTask {
-    lora: Arc<KohyaLora>,
-    path: PathBuf,
+fn module_tensors(modules: Vec<ModuleData>) -> napi::Result<Vec<LoraModuleTensors>> {
+    Ok(modules
+        .into_iter()
+        .map(
+            |(name, (down, down_shape), (up, up_shape), alpha)| LoraModuleTensors {
+                name,
+                down: down.into(),
+                down_shape,
+                up: up.into(),
+                up_shape,
+                alpha,
+            },
+        )
+        .collect())
 }
 
-impl Task for SaveTask {
-    type Output = ();
-    type JsValue = ();
-    fn compute(&mut self) -> napi::Result<()> {
-        guarded(|| self.lora.save(&self.path))
-    }
-    fn resolve(&mut self, _env: Env, _: ()) -> napi::Result<()> {
-        Ok(())
-    }
-}
-
-pub struct LoadIdentityTask {
-    path: PathBuf,
-}
-
-impl Task for LoadIdentityTask {
-    type Output = KohyaLora;
-    type JsValue = Identity;
-    fn compute(&mut self) -> napi::Result<KohyaLora> {
-        guarded(|| KohyaLora::load(&self.path, &Device::Cpu))
-    }
-    fn resolve(&mut self, _env: Env, lora: KohyaLora) -> napi::Result<Identity> {
-        Ok(Identity {
-            lora: Arc::new(lora),
-        })
-    }
+fn identity((id, base): IdentityLoras) -> napi::Result<Identity> {
+    Ok(Identity::new(id, base))
 }
 
 /// Loads an identity saved with `Identity.save` (any kohya LoRA in the same layout works).
 #[napi(ts_return_type = "Promise<Identity>")]
-pub fn load_identity(path: String) -> AsyncTask<LoadIdentityTask> {
-    AsyncTask::new(LoadIdentityTask {
-        path: PathBuf::from(path),
+pub fn load_identity(path: String) -> IdentityCall {
+    call(CallContext::default(), identity, move |_, _| {
+        Ok((KohyaLora::load(PathBuf::from(path), &Device::Cpu)?, None))
     })
 }
 
-pub struct InterpolateTask {
-    a: Arc<KohyaLora>,
-    b: Arc<KohyaLora>,
-    t: f64,
-}
-
-impl Task for InterpolateTask {
-    type Output = KohyaLora;
-    type JsValue = Identity;
-    fn compute(&mut self) -> napi::Result<KohyaLora> {
-        guarded(|| KohyaLora::lerp(&self.a, &self.b, self.t))
-    }
-    fn resolve(&mut self, _env: Env, lora: KohyaLora) -> napi::Result<Identity> {
-        Ok(Identity {
-            lora: Arc::new(lora),
-        })
-    }
-}
-
 /// `(1 − t)·a + t·b` of the LoRA tensors (down and up separately). Both are linear in the
-/// hypernetwork's output tokens, so this is the identity of the interpolated tokens.
+/// hypernetwork's output tokens, so this is the identity of the interpolated tokens. The
+/// Base-LoRAs blend the same way when both identities have one.
 #[napi(ts_return_type = "Promise<Identity>")]
-pub fn interpolate_identities(
-    a: &Identity,
-    b: &Identity,
-    t: f64,
-) -> napi::Result<AsyncTask<InterpolateTask>> {
+pub fn interpolate_identities(a: &Identity, b: &Identity, t: f64) -> napi::Result<IdentityCall> {
     if !t.is_finite() {
-        return Err(crate::errors::to_napi(Error::invalid_argument(
+        return Err(to_napi(Error::invalid_argument(
             "t must be a finite number",
         )));
     }
-    Ok(AsyncTask::new(InterpolateTask {
-        a: a.lora.clone(),
-        b: b.lora.clone(),
-        t,
+    let (a_id, b_id) = (a.lora.clone(), b.lora.clone());
+    let bases = a.base.clone().zip(b.base.clone());
+    Ok(call(CallContext::default(), identity, move |_, _| {
+        let id = KohyaLora::lerp(a_id.lora(), b_id.lora(), t)?;
+        let base = bases
+            .map(|(a, b)| KohyaLora::lerp(a.lora(), b.lora(), t))
+            .transpose()?;
+        Ok((id, base))
     }))
 }
 
@@ -236,18 +212,19 @@ impl IdentityEncoder {
         self.inner.dispose();
     }
 
-    /// Creates the identity of 1..N photos of one person.
+    /// Creates the identity of 1..N photos of one person (with its Base-LoRA when the model has
+    /// one and every photo has a base crop).
     #[napi(ts_return_type = "Promise<Identity>")]
     pub fn create(
         &self,
         photos: Vec<FaceConditionsInput>,
         cancel: Option<ClassInstance<CancelHandle>>,
-        #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
+        #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
-    ) -> napi::Result<AsyncTask<CreateIdentityTask>> {
+    ) -> napi::Result<IdentityCall> {
         let encoder = self.inner.get()?;
         // Copied on the JavaScript thread: the task must not touch JS-owned buffers.
-        let photos = photos
+        let photos: Vec<FaceConditions> = photos
             .into_iter()
             .map(|p| FaceConditions {
                 arcface: p.arcface.to_vec(),
@@ -255,61 +232,14 @@ impl IdentityEncoder {
                 base_crop: p.base_crop.as_ref().map(RgbImage::from),
             })
             .collect();
-        Ok(AsyncTask::new(CreateIdentityTask {
-            encoder,
-            photos,
-            call: CallContext::new(cancel, on_progress),
-        }))
-    }
-}
-
-pub struct CreateIdentityTask {
-    encoder: Arc<Encoder>,
-    photos: Vec<FaceConditions>,
-    call: CallContext,
-}
-
-impl Task for CreateIdentityTask {
-    type Output = KohyaLora;
-    type JsValue = Identity;
-    fn compute(&mut self) -> napi::Result<KohyaLora> {
-        let mut report = self.call.reporter();
-        guarded(|| {
-            Ok(self
-                .encoder
-                .create(&self.photos, &self.call.cancel, &mut report)?
-                .id)
-        })
-    }
-    fn resolve(&mut self, _env: Env, lora: KohyaLora) -> napi::Result<Identity> {
-        Ok(Identity {
-            lora: Arc::new(lora),
-        })
-    }
-}
-
-pub struct LoadEncoderTask {
-    hyperlora: PathBuf,
-    clip_vision: PathBuf,
-    device: String,
-    dtype: Option<String>,
-}
-
-impl Task for LoadEncoderTask {
-    type Output = Encoder;
-    type JsValue = IdentityEncoder;
-    fn compute(&mut self) -> napi::Result<Encoder> {
-        guarded(|| {
-            let device = select_device(&self.device)?;
-            let dtype = select_dtype(self.dtype.as_deref(), &device)?;
-            Encoder::load(&self.hyperlora, &self.clip_vision, dtype, &device)
-        })
-    }
-    fn resolve(&mut self, _env: Env, encoder: Encoder) -> napi::Result<IdentityEncoder> {
-        Ok(IdentityEncoder {
-            clip_image_size: encoder.clip_image_size() as u32,
-            inner: Resident::new(encoder),
-        })
+        Ok(call(
+            CallContext::new(cancel, on_progress),
+            identity,
+            move |cancel, progress| {
+                let out = encoder.create(&photos, cancel, progress)?;
+                Ok((out.id, out.base))
+            },
+        ))
     }
 }
 
@@ -327,12 +257,26 @@ pub fn load_identity_encoder(
     hyperlora: String,
     clip_vision: String,
     options: Option<DeviceOptions>,
-) -> AsyncTask<LoadEncoderTask> {
+) -> AsyncTask<Call<Encoder, IdentityEncoder>> {
     let (device, dtype) = options.map(|o| (o.device, o.dtype)).unwrap_or((None, None));
-    AsyncTask::new(LoadEncoderTask {
-        hyperlora: PathBuf::from(hyperlora),
-        clip_vision: PathBuf::from(clip_vision),
-        device: device.unwrap_or_else(|| "auto".to_string()),
-        dtype,
-    })
+    let device = device.unwrap_or_else(|| "auto".to_string());
+    call(
+        CallContext::default(),
+        |encoder: Encoder| {
+            Ok(IdentityEncoder {
+                clip_image_size: encoder.clip_image_size() as u32,
+                inner: Resident::new(encoder),
+            })
+        },
+        move |_, _| {
+            let device = select_device(&device)?;
+            let dtype = select_dtype(dtype.as_deref(), &device)?;
+            Encoder::load(
+                &PathBuf::from(hyperlora),
+                &PathBuf::from(clip_vision),
+                dtype,
+                &device,
+            )
+        },
+    )
 }

@@ -5,11 +5,9 @@ use std::path::PathBuf;
 
 use hyperlora::weights::inspect::{inspect_safetensors, InspectOptions, WeightsIndex};
 use napi::bindgen_prelude::{AsyncTask, ClassInstance};
-use napi::{Env, Task};
 use napi_derive::napi;
 
-use crate::errors::guarded;
-use crate::progress::{CallContext, ProgressCallback};
+use crate::call::{call, Call, CallContext, ProgressCallback};
 use crate::CancelHandle;
 
 #[napi(object)]
@@ -36,40 +34,24 @@ pub struct InspectWeightsOptions {
     pub sha256: Option<bool>,
 }
 
-pub struct InspectTask {
-    path: PathBuf,
-    options: InspectOptions,
-    call: CallContext,
-}
-
-impl Task for InspectTask {
-    type Output = WeightsIndex;
-    type JsValue = WeightsIndexResult;
-
-    fn compute(&mut self) -> napi::Result<WeightsIndex> {
-        let mut report = self.call.reporter();
-        guarded(|| inspect_safetensors(&self.path, self.options, &self.call.cancel, &mut report))
-    }
-
-    fn resolve(&mut self, _env: Env, index: WeightsIndex) -> napi::Result<WeightsIndexResult> {
-        Ok(WeightsIndexResult {
-            file_size: index.file_size as f64,
-            header_size: index.header_size as f64,
-            tensors: index
-                .tensors
-                .into_iter()
-                .map(|t| TensorEntry {
-                    name: t.name,
-                    dtype: t.dtype,
-                    shape: t.shape.into_iter().map(|d| d as f64).collect(),
-                    offset: t.offset as f64,
-                    byte_size: t.byte_size as f64,
-                })
-                .collect(),
-            metadata: index.metadata.into_iter().collect(),
-            sha256: index.sha256,
-        })
-    }
+fn index_result(index: WeightsIndex) -> napi::Result<WeightsIndexResult> {
+    Ok(WeightsIndexResult {
+        file_size: index.file_size as f64,
+        header_size: index.header_size as f64,
+        tensors: index
+            .tensors
+            .into_iter()
+            .map(|t| TensorEntry {
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape.into_iter().map(|d| d as f64).collect(),
+                offset: t.offset as f64,
+                byte_size: t.byte_size as f64,
+            })
+            .collect(),
+        metadata: index.metadata.into_iter().collect(),
+        sha256: index.sha256,
+    })
 }
 
 /// Reads the tensor index of a `.safetensors` file (memory-mapped; data is not loaded).
@@ -78,36 +60,25 @@ pub fn inspect_weights(
     path: String,
     options: Option<InspectWeightsOptions>,
     cancel: Option<ClassInstance<CancelHandle>>,
-    #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
+    #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
     on_progress: Option<ProgressCallback>,
-) -> AsyncTask<InspectTask> {
+) -> AsyncTask<Call<WeightsIndex, WeightsIndexResult>> {
     let options = InspectOptions {
         sha256: options.and_then(|o| o.sha256).unwrap_or(false),
     };
-    AsyncTask::new(InspectTask {
-        path: PathBuf::from(path),
-        options,
-        call: CallContext::new(cancel, on_progress),
-    })
+    call(
+        CallContext::new(cancel, on_progress),
+        index_result,
+        move |cancel, progress| {
+            inspect_safetensors(&PathBuf::from(path), options, cancel, progress)
+        },
+    )
 }
 
 /// Test hook: panics inside a worker task so tests can prove panics never cross into Node.
 #[napi(js_name = "__panicForTests", ts_return_type = "Promise<void>")]
-pub fn panic_for_tests() -> AsyncTask<PanicTask> {
-    AsyncTask::new(PanicTask)
-}
-
-pub struct PanicTask;
-
-impl Task for PanicTask {
-    type Output = ();
-    type JsValue = ();
-
-    fn compute(&mut self) -> napi::Result<()> {
-        guarded(|| panic!("injected test panic"))
-    }
-
-    fn resolve(&mut self, _env: Env, _: ()) -> napi::Result<()> {
-        Ok(())
-    }
+pub fn panic_for_tests() -> AsyncTask<Call<(), ()>> {
+    call(CallContext::default(), Ok, |_, _| {
+        panic!("injected test panic")
+    })
 }

@@ -1,26 +1,26 @@
 //! Node.js bindings for the hyperlora engine. Bindings only: types, async tasks, progress
 //! callbacks and error mapping; all work happens in the `hyperlora` crate.
 //!
-//! Every engine call follows one pattern: an [`napi::bindgen_prelude::AsyncTask`] runs the work
-//! on a libuv worker thread, a [`CancelHandle`] (wired to an `AbortSignal` by the TypeScript
-//! layer) stops it at the next step, progress flows back through a thread-safe function, and any
-//! error or panic becomes a rejected promise whose message starts with `[CODE]`.
+//! Every engine call follows one pattern ([`call::call`]): an async task runs the work on a libuv
+//! worker thread, a [`CancelHandle`] (wired to an `AbortSignal` by the TypeScript layer) stops it
+//! at the next step, progress flows back through a thread-safe function, and any error or panic
+//! becomes a rejected promise whose message starts with `[CODE]`.
 
 // napi-derive registers exports only outside `cfg(test)`, so under test everything looks unused;
 // the bindings are tested from JavaScript (vitest).
 #![cfg_attr(test, allow(dead_code))]
 
+mod call;
 mod errors;
 mod face;
 mod identity;
 mod inspect;
 mod pipeline;
-mod progress;
 mod refine;
 mod resident;
-mod seeds;
+mod words;
 
-pub use progress::CancelHandle;
+pub use call::CancelHandle;
 
 use napi_derive::napi;
 
@@ -49,4 +49,13 @@ pub fn backend_info() -> BackendInfo {
         features,
         cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     }
+}
+
+/// Every code an engine error can carry (in its `[CODE] message` prefix).
+#[napi]
+pub fn error_codes() -> Vec<String> {
+    hyperlora::ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str().to_string())
+        .collect()
 }

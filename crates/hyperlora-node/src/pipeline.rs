@@ -1,26 +1,23 @@
-//! `loadPipeline`, `Pipeline.generate` and `Pipeline.generateMany`: SDXL text-to-image /
-//! image-to-image off the event loop, one request or a batch of requests with different
-//! identities.
+//! `loadPipeline` and the `Pipeline` class: conversions between JavaScript requests and the
+//! engine's [`Session`], which owns the LoRA sets, batching and defaults. Unset request fields
+//! take the engine's defaults, and every result says which settings it was drawn with.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use hyperlora::device::{device_name, select_device, select_dtype};
 use hyperlora::image::RgbImage;
-use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
-use hyperlora::sdxl::batch::BatchRequest;
 use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, SdxlPipeline};
-use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
-use hyperlora::{CancelToken, Error, Progress};
+use hyperlora::session::{self, plan_batches, random_seed, Session, DEFAULT_IDENTITY_WEIGHT};
+use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, ClassInstance};
-use napi::{Env, Task};
 use napi_derive::napi;
 
+use crate::call::{call, Call, CallContext, ProgressCallback};
 use crate::errors::{guarded, to_napi};
 use crate::identity::Identity;
-use crate::progress::{CallContext, ProgressCallback};
 use crate::resident::Resident;
-use crate::seeds;
+use crate::words::{Sampler, SigmaSchedule};
 use crate::CancelHandle;
 
 #[napi(object)]
@@ -38,110 +35,85 @@ pub struct LoadPipelineOptions {
 /// A loaded SDXL model. Weights stay resident until `dispose()` or garbage collection.
 #[napi]
 pub struct Pipeline {
-    pub(crate) inner: Resident<Mutex<Loaded>>,
+    pub(crate) inner: Resident<Mutex<Session>>,
     device: &'static str,
 }
 
-/// The model and the LoRA set merged into it. Calls take turns: each needs its own LoRA set.
-pub struct Loaded {
-    pub(crate) pipeline: SdxlPipeline,
-    active: Vec<ActiveLora>,
+/// Takes the session for one call. A panic while it was held poisons the lock; the merged set
+/// is then unknown, so the next call merges its own afresh and the model stays usable.
+pub(crate) fn lock(session: &Mutex<Session>) -> MutexGuard<'_, Session> {
+    session.lock().unwrap_or_else(|poisoned| {
+        let mut session = poisoned.into_inner();
+        session.forget_active_set();
+        session
+    })
 }
 
-/// One LoRA of a request: an identity held in memory or a file, with its weight.
-#[derive(Clone)]
-pub struct ActiveLora {
-    source: LoraSource,
-    weight: f32,
+/// An identity to draw, with its LoRA weight (default 0.85; negative weights subtract) and the
+/// weight of its Base-LoRA (default 0: off, as the reference workflows leave it).
+#[napi(object, object_to_js = false)]
+pub struct IdentityUse<'a> {
+    pub identity: ClassInstance<'a, Identity>,
+    pub weight: Option<f64>,
+    pub base_weight: Option<f64>,
 }
 
-#[derive(Clone)]
-enum LoraSource {
-    Identity(Arc<KohyaLora>),
-    File(PathBuf),
-}
-
-impl PartialEq for ActiveLora {
-    fn eq(&self, other: &Self) -> bool {
-        let same = match (&self.source, &other.source) {
-            (LoraSource::Identity(a), LoraSource::Identity(b)) => Arc::ptr_eq(a, b),
-            (LoraSource::File(a), LoraSource::File(b)) => a == b,
-            _ => false,
-        };
-        same && self.weight.to_bits() == other.weight.to_bits()
-    }
-}
-
-impl Loaded {
-    /// Takes the model for one call. A panic while merging poisons the lock; the active set is
-    /// then marked unknown, so the next merge is redone from the resident base weights and the
-    /// model stays usable.
-    pub(crate) fn lock(model: &Mutex<Loaded>) -> MutexGuard<'_, Loaded> {
-        model.lock().unwrap_or_else(|poisoned| {
-            let mut loaded = poisoned.into_inner();
-            loaded.active = vec![ActiveLora {
-                source: LoraSource::File(PathBuf::new()),
-                weight: f32::NAN,
-            }];
-            loaded
-        })
-    }
-
-    /// Merges `loras` unless they are already the active set (switching never reloads the base).
-    pub(crate) fn activate(&mut self, loras: &[ActiveLora]) -> hyperlora::Result<()> {
-        if self.active == loras {
-            return Ok(());
-        }
-        let device = self.pipeline.device().clone();
-        let layers = loras
-            .iter()
-            .map(|l| match &l.source {
-                LoraSource::Identity(lora) => lora.to_layers(),
-                LoraSource::File(path) => Ok(read_lora_file(path, &device)?.layers),
-            })
-            .collect::<hyperlora::Result<Vec<Vec<LoraLayer>>>>()?;
-        let set: Vec<(&[LoraLayer], f32)> = layers
-            .iter()
-            .zip(loras)
-            .map(|(l, a)| (l.as_slice(), a.weight))
-            .collect();
-        // Until the merge succeeds the active set is unknown: a failure leaves it to be redone.
-        self.active.clear();
-        self.pipeline.set_loras(&set)?;
-        self.active = loras.to_vec();
-        Ok(())
-    }
-}
-
-/// A LoRA file to apply to a generation.
+/// A LoRA file to apply, with its weight (default 1).
 #[napi(object)]
 pub struct LoraFile {
     pub path: String,
-    pub weight: f64,
+    pub weight: Option<f64>,
 }
 
-/// A request's LoRA set: the identities with their weights, then the files.
-pub(crate) fn lora_set(
-    identities: &[ClassInstance<Identity>],
-    identity_weights: Vec<f64>,
-    loras: Vec<LoraFile>,
-) -> hyperlora::Result<Vec<ActiveLora>> {
-    if identities.len() != identity_weights.len() {
-        return Err(Error::invalid_argument("one weight per identity"));
+/// `params` with a request's identities (and the Base-LoRAs asked for) and LoRA files, weights
+/// defaulted; and those weights as JavaScript gave them, for the settings.
+pub(crate) fn with_loras(
+    params: GenerateParams,
+    identities: &[IdentityUse],
+    loras: &[LoraFile],
+) -> hyperlora::Result<(session::Request, Vec<f64>, Vec<LoraFile>)> {
+    let mut held = Vec::new();
+    let mut weights = Vec::new();
+    for (i, u) in identities.iter().enumerate() {
+        let weight = u.weight.unwrap_or(DEFAULT_IDENTITY_WEIGHT);
+        held.push((u.identity.lora.clone(), weight as f32));
+        weights.push(weight);
+        match (u.base_weight.unwrap_or(0.0), &u.identity.base) {
+            (0.0, _) => {}
+            (w, Some(base)) => {
+                held.push((base.clone(), w as f32));
+                weights.push(w);
+            }
+            (_, None) => {
+                return Err(Error::invalid_argument(format!(
+                    "identities[{i}].baseWeight: this identity has no Base-LoRA (its HyperLoRA model has none)"
+                )))
+            }
+        }
     }
-    let identities = identities
+    let files: Vec<LoraFile> = loras
         .iter()
-        .zip(identity_weights)
-        .map(|(i, w)| ActiveLora {
-            source: LoraSource::Identity(i.lora.clone()),
-            weight: w as f32,
-        });
-    let files = loras.into_iter().map(ActiveLora::file);
-    Ok(identities.chain(files).collect())
+        .map(|l| LoraFile {
+            path: l.path.clone(),
+            weight: Some(l.weight.unwrap_or(1.0)),
+        })
+        .collect();
+    let request = session::Request {
+        params,
+        identities: held,
+        files: files
+            .iter()
+            .map(|l| (PathBuf::from(&l.path), l.weight.unwrap_or(1.0) as f32))
+            .collect(),
+    };
+    Ok((request, weights, files))
 }
 
-/// A seed from JavaScript (a bigint, so seeds above 2^53 survive).
-pub(crate) fn seed_u64(seed: &BigInt) -> hyperlora::Result<u64> {
+/// A seed from JavaScript (a bigint, so seeds above 2^53 survive); none gives a random one.
+pub(crate) fn seed_u64(seed: Option<&BigInt>) -> hyperlora::Result<u64> {
+    let Some(seed) = seed else {
+        return Ok(random_seed());
+    };
     let (sign, seed, lossless) = seed.get_u64();
     if sign || !lossless {
         return Err(Error::invalid_argument(
@@ -149,197 +121,6 @@ pub(crate) fn seed_u64(seed: &BigInt) -> hyperlora::Result<u64> {
         ));
     }
     Ok(seed)
-}
-
-impl ActiveLora {
-    fn file(l: LoraFile) -> Self {
-        Self {
-            source: LoraSource::File(PathBuf::from(l.path)),
-            weight: l.weight as f32,
-        }
-    }
-}
-
-#[napi]
-impl Pipeline {
-    /// `cpu`, `cuda` or `metal`: where the model runs.
-    #[napi(getter)]
-    pub fn device(&self) -> String {
-        self.device.to_string()
-    }
-
-    /// Frees the model; a running call finishes first, later calls fail with `INVALID_ARGUMENT`.
-    #[napi]
-    pub fn dispose(&self) {
-        self.inner.dispose();
-    }
-
-    /// Test hook: panics in a worker while holding the model (poisoning its lock), so tests can
-    /// prove the call fails with `INTERNAL` and the model keeps working.
-    #[napi(js_name = "__panicWhileBusyForTests", ts_return_type = "Promise<void>")]
-    pub fn panic_while_busy_for_tests(&self) -> napi::Result<AsyncTask<PanicWhileBusyTask>> {
-        Ok(AsyncTask::new(PanicWhileBusyTask {
-            pipeline: self.inner.get()?,
-        }))
-    }
-
-    /// Generates images with the given identities and LoRA files merged in (weights may be
-    /// negative); resolves to raw RGB8 pixels, one entry per image. Image `k` is drawn from
-    /// `seed + k` (wrapping at 2^64), so each one can be redrawn alone with its seed.
-    #[napi(ts_return_type = "Promise<Array<RawImage>>")]
-    #[allow(clippy::too_many_arguments)]
-    pub fn generate(
-        &self,
-        params: GenerateRequest,
-        identities: Vec<ClassInstance<Identity>>,
-        identity_weights: Vec<f64>,
-        loras: Vec<LoraFile>,
-        cancel: Option<ClassInstance<CancelHandle>>,
-        #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
-        on_progress: Option<ProgressCallback>,
-    ) -> napi::Result<AsyncTask<GenerateTask>> {
-        // Convert on the JavaScript thread: the task must not touch JS-owned buffers.
-        let params = guarded(|| engine_params(&params))?;
-        let loras = lora_set(&identities, identity_weights, loras).map_err(to_napi)?;
-        Ok(AsyncTask::new(GenerateTask {
-            pipeline: self.inner.get()?,
-            loras,
-            params,
-            call: CallContext::new(cancel, on_progress),
-        }))
-    }
-
-    /// Generates several requests in one UNet batch: they must share width, height, steps,
-    /// cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
-    /// batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
-    /// `loras` apply to every request. Each request's images equal what `generate` gives it
-    /// alone (image `k` from the request's `seed + k`). Resolves to one array of images per
-    /// request, in request order.
-    #[napi(ts_return_type = "Promise<Array<Array<RawImage>>>")]
-    #[allow(clippy::too_many_arguments)]
-    pub fn generate_many(
-        &self,
-        requests: Vec<GenerateRequest>,
-        identities: Vec<Vec<ClassInstance<Identity>>>,
-        identity_weights: Vec<Vec<f64>>,
-        loras: Vec<LoraFile>,
-        cancel: Option<ClassInstance<CancelHandle>>,
-        #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
-        on_progress: Option<ProgressCallback>,
-    ) -> napi::Result<AsyncTask<GenerateManyTask>> {
-        let params = guarded(|| {
-            if identities.len() != requests.len() || identity_weights.len() != requests.len() {
-                return Err(Error::invalid_argument(format!(
-                    "identities and identityWeights need one entry per request ({} requests, {} identity sets, {} weight sets)",
-                    requests.len(),
-                    identities.len(),
-                    identity_weights.len()
-                )));
-            }
-            requests
-                .iter()
-                .enumerate()
-                .map(|(i, r)| engine_params(r).map_err(|e| e.context(format!("requests[{i}]"))))
-                .collect::<hyperlora::Result<Vec<_>>>()
-        })?;
-        let identities = identities
-            .iter()
-            .zip(identity_weights)
-            .enumerate()
-            .map(|(i, (set, weights))| {
-                if set.len() != weights.len() {
-                    return Err(crate::errors::to_napi(Error::invalid_argument(format!(
-                        "identityWeights[{i}]: one weight per identity ({} identities, {} weights)",
-                        set.len(),
-                        weights.len()
-                    ))));
-                }
-                Ok(set
-                    .iter()
-                    .zip(weights)
-                    .map(|(identity, w)| (identity.lora.clone(), w as f32))
-                    .collect())
-            })
-            .collect::<napi::Result<Vec<_>>>()?;
-        Ok(AsyncTask::new(GenerateManyTask {
-            pipeline: self.inner.get()?,
-            files: loras.into_iter().map(ActiveLora::file).collect(),
-            identities,
-            params,
-            call: CallContext::new(cancel, on_progress),
-        }))
-    }
-}
-
-pub struct PanicWhileBusyTask {
-    pipeline: Arc<Mutex<Loaded>>,
-}
-
-impl Task for PanicWhileBusyTask {
-    type Output = ();
-    type JsValue = ();
-
-    fn compute(&mut self) -> napi::Result<()> {
-        guarded(|| {
-            let _busy = Loaded::lock(&self.pipeline);
-            panic!("injected test panic while the model is busy")
-        })
-    }
-
-    fn resolve(&mut self, _env: Env, _: ()) -> napi::Result<()> {
-        Ok(())
-    }
-}
-
-pub struct LoadTask {
-    path: PathBuf,
-    options: LoadOptions,
-    device: String,
-    dtype: Option<String>,
-}
-
-impl Task for LoadTask {
-    type Output = Pipeline;
-    type JsValue = Pipeline;
-
-    fn compute(&mut self) -> napi::Result<Pipeline> {
-        guarded(|| {
-            let device = select_device(&self.device)?;
-            let dtype = select_dtype(self.dtype.as_deref(), &device)?;
-            let pipeline = SdxlPipeline::load(&self.path, &self.options, &device, dtype)?;
-            Ok(Pipeline {
-                inner: Resident::new(Mutex::new(Loaded {
-                    pipeline,
-                    active: Vec::new(),
-                })),
-                device: device_name(&device),
-            })
-        })
-    }
-
-    fn resolve(&mut self, _env: Env, pipeline: Pipeline) -> napi::Result<Pipeline> {
-        Ok(pipeline)
-    }
-}
-
-/// Loads an SDXL model: a diffusers folder, a Hugging Face cache entry or a single-file checkpoint.
-#[napi(ts_return_type = "Promise<Pipeline>")]
-pub fn load_pipeline(path: String, options: Option<LoadPipelineOptions>) -> AsyncTask<LoadTask> {
-    let options = options.unwrap_or(LoadPipelineOptions {
-        device: None,
-        dtype: None,
-        config_dir: None,
-        merges_file: None,
-    });
-    AsyncTask::new(LoadTask {
-        path: PathBuf::from(path),
-        options: LoadOptions {
-            config_dir: options.config_dir.map(PathBuf::from),
-            merges_file: options.merges_file.map(PathBuf::from),
-        },
-        device: options.device.unwrap_or_else(|| "auto".to_string()),
-        dtype: options.dtype,
-    })
 }
 
 /// An RGB8 picture handed in or out of the engine.
@@ -371,197 +152,275 @@ impl From<RgbImage> for RawImage {
     }
 }
 
-#[napi(object)]
-pub struct GenerateRequest {
+/// One generation request. Unset fields take the engine's defaults: 1024², 20 steps, cfg 5,
+/// `dpmpp_2m` with `karras` sigmas, a random seed, one image, strength 0.75 with an init image.
+#[napi(object, object_to_js = false)]
+pub struct GenerateRequest<'a> {
     pub prompt: String,
     pub negative_prompt: Option<String>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub steps: Option<u32>,
+    pub cfg: Option<f64>,
+    pub sampler: Option<Sampler>,
+    pub schedule: Option<SigmaSchedule>,
+    /// Image `k` is drawn from `seed + k`. Seeds above 2^53 need a bigint.
+    pub seed: Option<BigInt>,
+    pub batch_size: Option<u32>,
+    pub init_image: Option<RawImage>,
+    pub strength: Option<f64>,
+    pub identities: Option<Vec<IdentityUse<'a>>>,
+    pub loras: Option<Vec<LoraFile>>,
+}
+
+/// The settings a request was drawn with, every default filled in.
+#[napi(object)]
+pub struct GenerateSettings {
+    pub prompt: String,
+    pub negative_prompt: String,
     pub width: u32,
     pub height: u32,
     pub steps: u32,
     pub cfg: f64,
-    /// `euler`, `euler_ancestral`, `dpmpp_2m`, `dpmpp_2m_sde`, `ddim`.
-    pub sampler: String,
-    /// `normal`, `karras`, `exponential`.
-    pub scheduler: String,
-    /// Seeds above 2^53 cannot be represented exactly in JavaScript; pass them as a bigint.
-    pub seed: napi::bindgen_prelude::BigInt,
+    pub sampler: Sampler,
+    pub schedule: SigmaSchedule,
+    /// The seed of image 0; image `k` has `seed + k` (wrapping at 2^64).
+    pub seed: BigInt,
     pub batch_size: u32,
-    pub init_image: Option<RawImage>,
+    /// Only with an init image.
     pub strength: Option<f64>,
+    /// The weight of each identity, in request order (a Base-LoRA in use follows its
+    /// identity).
+    pub identity_weights: Vec<f64>,
+    pub loras: Vec<LoraFile>,
 }
 
-pub struct GenerateTask {
-    pipeline: Arc<Mutex<Loaded>>,
-    loras: Vec<ActiveLora>,
-    params: GenerateParams,
-    call: CallContext,
+/// What a request gets for the fields it leaves unset.
+#[napi(object)]
+pub struct GenerateDefaults {
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub cfg: f64,
+    pub sampler: Sampler,
+    pub schedule: SigmaSchedule,
+    pub batch_size: u32,
+    /// With an init image.
+    pub strength: f64,
+    pub identity_weight: f64,
 }
 
-fn engine_params(r: &GenerateRequest) -> hyperlora::Result<GenerateParams> {
-    let seed = seed_u64(&r.seed)?;
+/// The engine's defaults (the one place they are written is the engine).
+#[napi]
+pub fn generate_defaults() -> GenerateDefaults {
+    let d = GenerateParams::default();
+    GenerateDefaults {
+        width: d.width as u32,
+        height: d.height as u32,
+        steps: d.steps as u32,
+        cfg: d.guidance_scale,
+        sampler: d.sampler.into(),
+        schedule: d.schedule.into(),
+        batch_size: d.batch_size as u32,
+        strength: InitImage::DEFAULT_STRENGTH,
+        identity_weight: DEFAULT_IDENTITY_WEIGHT,
+    }
+}
+
+/// What one request drew: its images, the settings used, and what the caller should know.
+#[napi(object)]
+pub struct Generated {
+    pub images: Vec<RawImage>,
+    pub settings: GenerateSettings,
+    pub warnings: Vec<String>,
+}
+
+/// A request in the engine's terms (defaults filled in), with its settings for the result.
+/// Runs on the JavaScript thread: the task must not touch JS-owned buffers.
+fn engine_request(r: &GenerateRequest) -> hyperlora::Result<(session::Request, GenerateSettings)> {
+    let d = GenerateParams::default();
+    let seed = seed_u64(r.seed.as_ref())?;
     let init_image = r.init_image.as_ref().map(|image| InitImage {
         image: image.into(),
-        strength: r.strength.unwrap_or(0.75),
+        strength: r.strength.unwrap_or(InitImage::DEFAULT_STRENGTH),
     });
-    Ok(GenerateParams {
+    let params = GenerateParams {
         prompt: r.prompt.clone(),
-        negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
-        width: r.width as usize,
-        height: r.height as usize,
-        steps: r.steps as usize,
-        guidance_scale: r.cfg,
-        sampler: Sampler::parse(&r.sampler)?,
-        schedule: SigmaSchedule::parse(&r.scheduler)?,
+        negative_prompt: r.negative_prompt.clone().unwrap_or(d.negative_prompt),
+        width: r.width.map_or(d.width, |v| v as usize),
+        height: r.height.map_or(d.height, |v| v as usize),
+        steps: r.steps.map_or(d.steps, |v| v as usize),
+        guidance_scale: r.cfg.unwrap_or(d.guidance_scale),
+        sampler: r.sampler.map_or(d.sampler, Into::into),
+        schedule: r.schedule.map_or(d.schedule, Into::into),
         seed,
-        batch_size: r.batch_size as usize,
+        batch_size: r.batch_size.map_or(d.batch_size, |v| v as usize),
         init_image,
-    })
+    };
+    let (request, identity_weights, loras) = with_loras(
+        params,
+        r.identities.as_deref().unwrap_or_default(),
+        r.loras.as_deref().unwrap_or_default(),
+    )?;
+    let params = &request.params;
+    let settings = GenerateSettings {
+        prompt: params.prompt.clone(),
+        negative_prompt: params.negative_prompt.clone(),
+        width: params.width as u32,
+        height: params.height as u32,
+        steps: params.steps as u32,
+        cfg: params.guidance_scale,
+        sampler: params.sampler.into(),
+        schedule: params.schedule.into(),
+        seed: BigInt::from(seed),
+        batch_size: params.batch_size as u32,
+        strength: params.init_image.as_ref().map(|i| i.strength),
+        identity_weights,
+        loras,
+    };
+    Ok((request, settings))
 }
 
-impl Task for GenerateTask {
-    type Output = Vec<RgbImage>;
-    type JsValue = Vec<RawImage>;
-
-    fn compute(&mut self) -> napi::Result<Vec<RgbImage>> {
-        let mut report = self.call.reporter();
-        guarded(|| {
-            let mut loaded = Loaded::lock(&self.pipeline);
-            loaded.activate(&self.loras)?;
-            seeds::generate(
-                &loaded.pipeline,
-                &self.params,
-                &self.call.cancel,
-                &mut report,
-            )
-        })
-    }
-
-    fn resolve(&mut self, _env: Env, images: Vec<RgbImage>) -> napi::Result<Vec<RawImage>> {
-        Ok(images.into_iter().map(RawImage::from).collect())
-    }
+fn engine_requests(
+    requests: &[GenerateRequest],
+) -> hyperlora::Result<(Vec<session::Request>, Vec<GenerateSettings>)> {
+    requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| engine_request(r).map_err(|e| e.context(format!("requests[{i}]"))))
+        .collect::<hyperlora::Result<Vec<_>>>()
+        .map(|pairs| pairs.into_iter().unzip())
 }
 
-pub struct GenerateManyTask {
-    pipeline: Arc<Mutex<Loaded>>,
-    /// LoRA files shared by every request.
-    files: Vec<ActiveLora>,
-    /// Each request's identities with their weights.
-    identities: Vec<Vec<(Arc<KohyaLora>, f32)>>,
-    params: Vec<GenerateParams>,
-    call: CallContext,
-}
-
-impl GenerateManyTask {
-    fn as_active(set: &[(Arc<KohyaLora>, f32)]) -> Vec<ActiveLora> {
-        set.iter()
-            .map(|(lora, weight)| ActiveLora {
-                source: LoraSource::Identity(lora.clone()),
-                weight: *weight,
-            })
-            .collect()
-    }
-
-    /// One UNet batch of `params[i]` with `identities[i]` and the shared `files`.
-    fn run(
-        loaded: &mut Loaded,
-        files: &[ActiveLora],
-        identities: &[Vec<(Arc<KohyaLora>, f32)>],
-        params: &[GenerateParams],
-        cancel: &CancelToken,
-        report: &mut dyn FnMut(Progress),
-    ) -> hyperlora::Result<Vec<Vec<RgbImage>>> {
-        let shared = identities
-            .windows(2)
-            .all(|w| Self::as_active(&w[0]) == Self::as_active(&w[1]));
-        if shared {
-            // One identity set for all: merged with the files, the batch needs no side path.
-            let mut set = Self::as_active(identities.first().map_or(&[], |s| s));
-            set.extend(files.iter().cloned());
-            loaded.activate(&set)?;
-            let requests: Vec<BatchRequest> = params
-                .iter()
-                .map(|p| BatchRequest {
-                    params: p.clone(),
-                    loras: Vec::new(),
-                })
-                .collect();
-            return loaded.pipeline.generate_many(&requests, cancel, report);
-        }
-        loaded.activate(files)?;
-        // Each distinct identity's layers once: requests that share one share its rows' run.
-        let mut distinct: Vec<(&Arc<KohyaLora>, Vec<LoraLayer>)> = Vec::new();
-        for (lora, _) in identities.iter().flatten() {
-            if !distinct.iter().any(|(d, _)| Arc::ptr_eq(d, lora)) {
-                distinct.push((lora, lora.to_layers()?));
-            }
-        }
-        let layers_of = |lora: &Arc<KohyaLora>| {
-            distinct
-                .iter()
-                .find(|(d, _)| Arc::ptr_eq(d, lora))
-                .map(|(_, layers)| layers.as_slice())
-                .unwrap_or_default()
-        };
-        let requests: Vec<BatchRequest> = params
-            .iter()
-            .zip(identities)
-            .map(|(p, set)| BatchRequest {
-                params: p.clone(),
-                loras: set.iter().map(|(l, w)| (layers_of(l), *w)).collect(),
-            })
-            .collect();
-        loaded.pipeline.generate_many(&requests, cancel, report)
+fn generated(images: Vec<RgbImage>, settings: GenerateSettings) -> Generated {
+    Generated {
+        images: images.into_iter().map(RawImage::from).collect(),
+        settings,
+        warnings: Vec::new(),
     }
 }
 
-impl Task for GenerateManyTask {
-    type Output = Vec<Vec<RgbImage>>;
-    type JsValue = Vec<Vec<RawImage>>;
-
-    fn compute(&mut self) -> napi::Result<Vec<Vec<RgbImage>>> {
-        let mut report = self.call.reporter();
-        guarded(|| {
-            let mut loaded = Loaded::lock(&self.pipeline);
-            for (i, p) in self.params.iter().enumerate() {
-                loaded
-                    .pipeline
-                    .validate(p)
-                    .map_err(|e| e.context(format!("requests[{i}]")))?;
-            }
-            // One single-image request per image (per-image seeds), regrouped at the end.
-            let counts: Vec<usize> = self.params.iter().map(|p| p.batch_size).collect();
-            let params: Vec<GenerateParams> =
-                self.params.iter().flat_map(seeds::per_image).collect();
-            let identities: Vec<Vec<(Arc<KohyaLora>, f32)>> = self
-                .identities
-                .iter()
-                .zip(&counts)
-                .flat_map(|(set, &n)| std::iter::repeat_n(set.clone(), n))
-                .collect();
-            let images = Self::run(
-                &mut loaded,
-                &self.files,
-                &identities,
-                &params,
-                &self.call.cancel,
-                &mut report,
-            )?;
-            let mut images = images.into_iter().flatten();
-            Ok(counts
-                .iter()
-                .map(|&n| images.by_ref().take(n).collect())
-                .collect())
-        })
+#[napi]
+impl Pipeline {
+    /// `cpu`, `cuda` or `metal`: where the model runs.
+    #[napi(getter)]
+    pub fn device(&self) -> String {
+        self.device.to_string()
     }
 
-    fn resolve(
-        &mut self,
-        _env: Env,
-        images: Vec<Vec<RgbImage>>,
-    ) -> napi::Result<Vec<Vec<RawImage>>> {
-        Ok(images
+    /// Frees the model; a running call finishes first, later calls fail with `INVALID_ARGUMENT`.
+    #[napi]
+    pub fn dispose(&self) {
+        self.inner.dispose();
+    }
+
+    /// Test hook: panics in a worker while holding the model (poisoning its lock), so tests can
+    /// prove the call fails with `INTERNAL` and the model keeps working.
+    #[napi(js_name = "__panicWhileBusyForTests", ts_return_type = "Promise<void>")]
+    pub fn panic_while_busy_for_tests(&self) -> napi::Result<AsyncTask<Call<(), ()>>> {
+        let session = self.inner.get()?;
+        Ok(call(CallContext::default(), Ok, move |_, _| {
+            let _busy = lock(&session);
+            panic!("injected test panic while the model is busy")
+        }))
+    }
+
+    /// Draws one request with its identities and LoRA files merged in (weights may be
+    /// negative). Image `k` is drawn from `seed + k`, so each redraws alone with its seed.
+    #[napi(ts_return_type = "Promise<Generated>")]
+    pub fn generate(
+        &self,
+        request: GenerateRequest,
+        cancel: Option<ClassInstance<CancelHandle>>,
+        #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
+        on_progress: Option<ProgressCallback>,
+    ) -> napi::Result<AsyncTask<Call<Generated, Generated>>> {
+        let (request, settings) = engine_request(&request).map_err(to_napi)?;
+        let session = self.inner.get()?;
+        Ok(call(
+            CallContext::new(cancel, on_progress),
+            Ok,
+            move |cancel, progress| {
+                let images = lock(&session).generate(&request, cancel, progress)?;
+                Ok(generated(images, settings))
+            },
+        ))
+    }
+
+    /// Splits requests into batches to run one after the other (indices into `requests`):
+    /// requests that share size, steps, cfg, sampler, sigma schedule and LoRA files, without an
+    /// init image, share a batch of at most `maxImages` images, whatever their identities.
+    #[napi]
+    pub fn plan_batches(
+        &self,
+        requests: Vec<GenerateRequest>,
+        max_images: u32,
+    ) -> napi::Result<Vec<Vec<u32>>> {
+        let (requests, _) = guarded(|| engine_requests(&requests))?;
+        Ok(plan_batches(&requests, max_images as usize)
             .into_iter()
-            .map(|set| set.into_iter().map(RawImage::from).collect())
+            .map(|batch| batch.into_iter().map(|i| i as u32).collect())
             .collect())
     }
+
+    /// Draws requests that `planBatches` put in one batch as one UNet batch, each with its own
+    /// prompts, seed, batch size and identities; each request's images equal what `generate`
+    /// draws for it alone. One result per request, in order.
+    #[napi(ts_return_type = "Promise<Array<Generated>>")]
+    pub fn generate_many(
+        &self,
+        requests: Vec<GenerateRequest>,
+        cancel: Option<ClassInstance<CancelHandle>>,
+        #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
+        on_progress: Option<ProgressCallback>,
+    ) -> napi::Result<AsyncTask<Call<Vec<Generated>, Vec<Generated>>>> {
+        let (requests, settings) = engine_requests(&requests).map_err(to_napi)?;
+        let session = self.inner.get()?;
+        Ok(call(
+            CallContext::new(cancel, on_progress),
+            Ok,
+            move |cancel, progress| {
+                let images = lock(&session).generate_many(&requests, cancel, progress)?;
+                Ok(images
+                    .into_iter()
+                    .zip(settings)
+                    .map(|(i, s)| generated(i, s))
+                    .collect())
+            },
+        ))
+    }
+}
+
+/// Loads an SDXL model: a diffusers folder, a Hugging Face cache entry or a single-file checkpoint.
+#[napi(ts_return_type = "Promise<Pipeline>")]
+pub fn load_pipeline(
+    path: String,
+    options: Option<LoadPipelineOptions>,
+) -> AsyncTask<Call<(SdxlPipeline, &'static str), Pipeline>> {
+    let options = options.unwrap_or(LoadPipelineOptions {
+        device: None,
+        dtype: None,
+        config_dir: None,
+        merges_file: None,
+    });
+    let load = LoadOptions {
+        config_dir: options.config_dir.map(PathBuf::from),
+        merges_file: options.merges_file.map(PathBuf::from),
+    };
+    let device = options.device.unwrap_or_else(|| "auto".to_string());
+    call(
+        CallContext::default(),
+        |(pipeline, device)| {
+            Ok(Pipeline {
+                inner: Resident::new(Mutex::new(Session::new(pipeline))),
+                device,
+            })
+        },
+        move |_, _| {
+            let device = select_device(&device)?;
+            let dtype = select_dtype(options.dtype.as_deref(), &device)?;
+            let pipeline = SdxlPipeline::load(&PathBuf::from(path), &load, &device, dtype)?;
+            Ok((pipeline, device_name(&device)))
+        },
+    )
 }

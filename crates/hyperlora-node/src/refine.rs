@@ -1,19 +1,15 @@
 //! `Pipeline.refineFaces`: the face refine pass (img2img on each face region) off the event loop.
 
-use std::sync::{Arc, Mutex};
-
 use hyperlora::detailer::{refine_faces, FaceBox as EngineFaceBox, FaceSelection, RefineParams};
 use hyperlora::image::RgbImage;
-use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
 use hyperlora::Error;
 use napi::bindgen_prelude::{AsyncTask, BigInt, ClassInstance};
-use napi::{Env, Task};
 use napi_derive::napi;
 
-use crate::errors::{guarded, to_napi};
-use crate::identity::Identity;
-use crate::pipeline::{lora_set, seed_u64, ActiveLora, Loaded, LoraFile, Pipeline, RawImage};
-use crate::progress::{CallContext, ProgressCallback};
+use crate::call::{call, Call, CallContext, ProgressCallback};
+use crate::errors::to_napi;
+use crate::pipeline::{lock, seed_u64, with_loras, IdentityUse, LoraFile, Pipeline, RawImage};
+use crate::words::{Sampler, SigmaSchedule};
 use crate::CancelHandle;
 
 /// A face to refine, in image pixels. A `DetectedFace` from `FaceAnalyzer.detect` fits as is.
@@ -23,21 +19,20 @@ pub struct FaceBox {
     pub bbox: Vec<f64>,
 }
 
-/// The refine pass's sampling and region options; unset options take the engine's defaults.
-#[napi(object)]
-pub struct RefineRequest {
+/// The refine pass's sampling and region options; unset options take the engine's defaults
+/// (the sampling ones those of `generate`).
+#[napi(object, object_to_js = false)]
+pub struct RefineRequest<'a> {
     /// The image's prompt or one written for the face.
     pub prompt: String,
     pub negative_prompt: Option<String>,
     /// Scheduler steps; `int(steps × strength)` of them run per face.
-    pub steps: u32,
-    pub cfg: f64,
-    /// `euler`, `euler_ancestral`, `dpmpp_2m`, `dpmpp_2m_sde`, `ddim`.
-    pub sampler: String,
-    /// `normal`, `karras`, `exponential`.
-    pub scheduler: String,
+    pub steps: Option<u32>,
+    pub cfg: Option<f64>,
+    pub sampler: Option<Sampler>,
+    pub schedule: Option<SigmaSchedule>,
     /// Face `i` (among the refined faces, in order) uses `seed + i`.
-    pub seed: BigInt,
+    pub seed: Option<BigInt>,
     /// Re-noising strength in (0, 1] (default 0.5).
     pub strength: Option<f64>,
     /// Side the face's square crop is re-drawn at, rounded to a multiple of 8 (default 1024).
@@ -52,18 +47,42 @@ pub struct RefineRequest {
     pub feather: Option<f64>,
     /// `all` (default) or `largest`.
     pub faces: Option<String>,
+    pub identities: Option<Vec<IdentityUse<'a>>>,
+    pub loras: Option<Vec<LoraFile>>,
+}
+
+/// The settings a refine pass ran with, every default filled in.
+#[napi(object)]
+pub struct RefineSettings {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: u32,
+    pub cfg: f64,
+    pub sampler: Sampler,
+    pub schedule: SigmaSchedule,
+    /// The seed of the first refined face; face `i` has `seed + i`.
+    pub seed: BigInt,
+    pub strength: f64,
+    pub size: u32,
+}
+
+/// A refined picture and the settings used.
+#[napi(object)]
+pub struct Refined {
+    pub image: RawImage,
+    pub settings: RefineSettings,
 }
 
 fn refine_params(r: &RefineRequest) -> hyperlora::Result<RefineParams> {
     let d = RefineParams::default();
     Ok(RefineParams {
         prompt: r.prompt.clone(),
-        negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
-        steps: r.steps as usize,
-        guidance_scale: r.cfg,
-        sampler: Sampler::parse(&r.sampler)?,
-        schedule: SigmaSchedule::parse(&r.scheduler)?,
-        seed: seed_u64(&r.seed)?,
+        negative_prompt: r.negative_prompt.clone().unwrap_or(d.negative_prompt),
+        steps: r.steps.map_or(d.steps, |s| s as usize),
+        guidance_scale: r.cfg.unwrap_or(d.guidance_scale),
+        sampler: r.sampler.map_or(d.sampler, Into::into),
+        schedule: r.schedule.map_or(d.schedule, Into::into),
+        seed: seed_u64(r.seed.as_ref())?,
         strength: r.strength.unwrap_or(d.strength),
         size: r.size.map_or(d.size, |s| s as usize),
         padding: r.padding.unwrap_or(d.padding),
@@ -95,65 +114,59 @@ impl Pipeline {
     /// Re-draws each face of `image` at high resolution with the given identities and LoRA
     /// files merged in (img2img on a square crop around the face, blended back with a feathered
     /// mask); pixels outside the masks are returned unchanged. Progress stage: `refine`.
-    #[napi(ts_return_type = "Promise<RawImage>")]
-    #[allow(clippy::too_many_arguments)]
+    #[napi(ts_return_type = "Promise<Refined>")]
     pub fn refine_faces(
         &self,
         image: RawImage,
         faces: Vec<FaceBox>,
         request: RefineRequest,
-        identities: Vec<ClassInstance<Identity>>,
-        identity_weights: Vec<f64>,
-        loras: Vec<LoraFile>,
         cancel: Option<ClassInstance<CancelHandle>>,
-        #[napi(ts_arg_type = "((event: ProgressEvent) => void) | undefined | null")]
+        #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
-    ) -> napi::Result<AsyncTask<RefineTask>> {
+    ) -> napi::Result<AsyncTask<Call<(RgbImage, RefineSettings), Refined>>> {
         // Convert on the JavaScript thread: the task must not touch JS-owned buffers.
         let params = refine_params(&request).map_err(to_napi)?;
         let faces = face_boxes(&faces).map_err(to_napi)?;
-        let loras = lora_set(&identities, identity_weights, loras).map_err(to_napi)?;
-        Ok(AsyncTask::new(RefineTask {
-            pipeline: self.inner.get()?,
-            loras,
-            image: RgbImage::from(&image),
-            faces,
-            params,
-            call: CallContext::new(cancel, on_progress),
-        }))
-    }
-}
-
-pub struct RefineTask {
-    pipeline: Arc<Mutex<Loaded>>,
-    loras: Vec<ActiveLora>,
-    image: RgbImage,
-    faces: Vec<EngineFaceBox>,
-    params: RefineParams,
-    call: CallContext,
-}
-
-impl Task for RefineTask {
-    type Output = RgbImage;
-    type JsValue = RawImage;
-
-    fn compute(&mut self) -> napi::Result<RgbImage> {
-        let mut report = self.call.reporter();
-        guarded(|| {
-            let mut loaded = Loaded::lock(&self.pipeline);
-            loaded.activate(&self.loras)?;
-            refine_faces(
-                &loaded.pipeline,
-                &self.image,
-                &self.faces,
-                &self.params,
-                &self.call.cancel,
-                &mut report,
-            )
-        })
-    }
-
-    fn resolve(&mut self, _env: Env, image: RgbImage) -> napi::Result<RawImage> {
-        Ok(image.into())
+        let (loras, _, _) = with_loras(
+            Default::default(),
+            request.identities.as_deref().unwrap_or_default(),
+            request.loras.as_deref().unwrap_or_default(),
+        )
+        .map_err(to_napi)?;
+        let image = RgbImage::from(&image);
+        let settings = RefineSettings {
+            prompt: params.prompt.clone(),
+            negative_prompt: params.negative_prompt.clone(),
+            steps: params.steps as u32,
+            cfg: params.guidance_scale,
+            sampler: params.sampler.into(),
+            schedule: params.schedule.into(),
+            seed: BigInt::from(params.seed),
+            strength: params.strength,
+            size: params.size as u32,
+        };
+        let session = self.inner.get()?;
+        Ok(call(
+            CallContext::new(cancel, on_progress),
+            |(image, settings)| {
+                Ok(Refined {
+                    image: image.into(),
+                    settings,
+                })
+            },
+            move |cancel, progress| {
+                let mut session = lock(&session);
+                session.activate(&loras.lora_set())?;
+                let image = refine_faces(
+                    session.pipeline(),
+                    &image,
+                    &faces,
+                    &params,
+                    cancel,
+                    progress,
+                )?;
+                Ok((image, settings))
+            },
+        ))
     }
 }

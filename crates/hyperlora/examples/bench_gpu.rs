@@ -32,6 +32,7 @@ use hyperlora::sdxl::sampling::sampler::{Sampler, SchedulerConfig, SigmaSchedule
 use hyperlora::sdxl::text::encoders::SdxlTextEncoders;
 use hyperlora::sdxl::text::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2};
 use hyperlora::CancelToken;
+use hyperlora::Stage;
 use serde_json::{json, Value};
 
 /// CLIP's BPE merges, so the binary needs no files beside it.
@@ -472,7 +473,7 @@ fn main() -> hyperlora::Result<()> {
         let mut steps = Vec::new();
         let mut last = None;
         pipe.generate_latents(&params, &cancel, &mut |p| {
-            if p.stage == "denoise" || p.stage == "text" && p.step == 1 {
+            if p.stage == Stage::Denoise || p.stage == Stage::Text && p.step == 1 {
                 let _ = device.synchronize();
                 let now = Instant::now();
                 if let Some(prev) = last.replace(now) {

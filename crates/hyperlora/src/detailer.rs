@@ -15,7 +15,7 @@ use crate::image::pil_resize_bicubic;
 use crate::image::RgbImage;
 use crate::sdxl::pipeline::{GenerateParams, InitImage, SdxlPipeline};
 use crate::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
-use crate::task::{CancelToken, Progress, ProgressFn};
+use crate::task::{CancelToken, Progress, ProgressFn, Stage};
 
 /// A face's box in image pixels (the detector's `[x1, y1, x2, y2]`; it may reach past the edges).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -426,9 +426,9 @@ pub fn refine_faces(
         let init = pil_resize_bicubic(&crop(&out, region), side, side);
         let done = index as u64 * per_face;
         let mut forward = |p: Progress| {
-            if p.stage == "denoise" {
+            if p.stage == Stage::Denoise {
                 progress(Progress {
-                    stage: "refine",
+                    stage: Stage::Refine,
                     step: done + p.step,
                     total,
                 });
@@ -439,7 +439,7 @@ pub fn refine_faces(
         let refined = pil_resize_bicubic(&drawn.remove(0), region.side, region.side);
         blend(&mut out, &refined, &mask);
         progress(Progress {
-            stage: "refine",
+            stage: Stage::Refine,
             step: done + per_face,
             total,
         });
@@ -830,7 +830,7 @@ mod tests {
             &mut |p| events.push((p.stage, p.step, p.total)),
         )
         .unwrap();
-        let want: Vec<_> = (1..=6).map(|s| ("refine", s, 6)).collect();
+        let want: Vec<_> = (1..=6).map(|s| (Stage::Refine, s, 6)).collect();
         assert_eq!(events, want);
 
         let masks: Vec<FaceMask> = faces

@@ -16,6 +16,17 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadWeights,
+        ErrorCode::ModelNotFound,
+        ErrorCode::InvalidArgument,
+        ErrorCode::NoFace,
+        ErrorCode::OutOfMemory,
+        ErrorCode::Aborted,
+        ErrorCode::Io,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadWeights => "BAD_WEIGHTS",

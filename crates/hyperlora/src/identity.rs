@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::face::FaceConditions;
 use crate::hypernet::{HyperLora, HyperLoraOutput};
 use crate::image::RgbImage;
-use crate::task::{CancelToken, Progress, ProgressFn};
+use crate::task::{CancelToken, Progress, ProgressFn, Stage};
 
 /// openai/clip-vit-large-patch14's preprocessing constants.
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -94,7 +94,7 @@ impl IdentityEncoder {
     /// The identity of 1..N photos of one person: the resampler output is averaged over them.
     /// With a model that has a Base-LoRA and photos that all have base crops, the Base-LoRA of
     /// those crops comes too.
-    /// Progress: `clip` (one step per photo), then `hypernet`.
+    /// Progress: `identity`, one step per photo (CLIP), then one for the hypernetwork.
     pub fn create(
         &self,
         photos: &[FaceConditions],
@@ -117,9 +117,9 @@ impl IdentityEncoder {
                 base_penultimate.push(self.clip_features(crop)?);
             }
             progress(Progress {
-                stage: "clip",
+                stage: Stage::Identity,
                 step: i as u64 + 1,
-                total: n as u64,
+                total: n as u64 + 1,
             });
         }
         let clip = Tensor::cat(&penultimate, 0)?;
@@ -134,11 +134,6 @@ impl IdentityEncoder {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let id = Tensor::stack(&embeds, 0)?; // [N, 1, 512]
         cancel.check()?;
-        progress(Progress {
-            stage: "hypernet",
-            step: 0,
-            total: 1,
-        });
         let out = self.hyper.create_lora(
             self.hyper.uses_id_embeds().then_some(&id),
             self.hyper.uses_clip().then_some(&clip),
@@ -147,9 +142,9 @@ impl IdentityEncoder {
         // The LoRA may be merged from another thread's stream (see `SdxlPipeline::load`).
         self.device.synchronize()?;
         progress(Progress {
-            stage: "hypernet",
-            step: 1,
-            total: 1,
+            stage: Stage::Identity,
+            step: n as u64 + 1,
+            total: n as u64 + 1,
         });
         Ok(out)
     }
@@ -203,10 +198,10 @@ mod tests {
         let mut stages = Vec::new();
         let one = enc
             .create(&[photo(3, s)], &CancelToken::new(), &mut |p| {
-                stages.push(p.stage)
+                stages.push((p.stage, p.step, p.total))
             })
             .unwrap();
-        assert_eq!(stages, ["clip", "hypernet", "hypernet"]);
+        assert_eq!(stages, [(Stage::Identity, 1, 2), (Stage::Identity, 2, 2)]);
         assert_eq!(one.id.len(), enc.hypernet().modules().len() * 4);
         // The tiny model has a Base-LoRA: computed from the base crops, at half the rank.
         let base = one.base.as_ref().expect("the tiny model has a Base-LoRA");

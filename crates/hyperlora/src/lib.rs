@@ -25,4 +25,4 @@ pub mod weights;
 pub(crate) mod testing;
 
 pub use error::{Error, ErrorCode, Result};
-pub use task::{CancelToken, Progress};
+pub use task::{CancelToken, Progress, Stage};

@@ -7,6 +7,11 @@
 //! its path. The merged set is remembered, so a request with the set already merged merges
 //! nothing, and switching merges only what changes (the base weights stay resident).
 //!
+//! Seeds: image `k` of a request is drawn from `seed + k` (wrapping at 2^64), as A1111 numbers a
+//! batch, so every image has a seed that redraws it alone. (The pipeline's own `generate` seeds
+//! one generator for the whole batch, as diffusers does; the session runs a batch as one
+//! single-image request per seed, still sharing every UNet call.)
+//!
 //! Batching ([`plan_batches`], [`Session::generate_many`]): requests that share width, height,
 //! steps, cfg, sampler, sigma schedule and LoRA files, without an init image, run as one UNet
 //! batch; their identities may differ (each sample gets its own identity's low-rank update, see
@@ -22,7 +27,22 @@ use crate::image::RgbImage;
 use crate::lora::{read_lora_file, KohyaLora, LoraLayer};
 use crate::sdxl::batch::BatchRequest;
 use crate::sdxl::pipeline::{GenerateParams, SdxlPipeline};
-use crate::task::{CancelToken, ProgressFn};
+use crate::task::{CancelToken, Progress, ProgressFn};
+
+/// The weight of an identity when the request names none: the HyperLoRA authors' recommendation.
+pub const DEFAULT_IDENTITY_WEIGHT: f64 = 0.85;
+
+/// A seed for a request that gave none: random, and below 2^48 so that JavaScript numbers hold
+/// it exactly.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // `RandomState` is keyed from the OS's randomness, afresh for every instance.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(NEXT_SEED_SALT.fetch_add(1, Ordering::Relaxed));
+    hasher.finish() >> 16
+}
+
+static NEXT_SEED_SALT: AtomicU64 = AtomicU64::new(0);
 
 /// A LoRA held in memory (an identity, a blend of identities) with a process-unique id.
 #[derive(Clone, Debug)]
@@ -137,8 +157,22 @@ impl Request {
             .collect()
     }
 
+    /// One single-image request per image, image `k` seeded with `seed + k`.
+    fn per_image(&self) -> Vec<Request> {
+        (0..self.params.batch_size.max(1))
+            .map(|k| Request {
+                params: GenerateParams {
+                    seed: self.params.seed.wrapping_add(k as u64),
+                    batch_size: 1,
+                    ..self.params.clone()
+                },
+                ..self.clone()
+            })
+            .collect()
+    }
+
     /// Identities first, then files: the set merged when the request runs alone.
-    fn lora_set(&self) -> Vec<LoraUse> {
+    pub fn lora_set(&self) -> Vec<LoraUse> {
         let mut set = self.identity_set();
         set.extend(self.file_set());
         set
@@ -238,21 +272,78 @@ impl Session {
         Ok(())
     }
 
-    /// Runs one request with its identities and files merged.
+    /// Runs one request with its identities and files merged; image `k` from `seed + k`.
     pub fn generate(
         &mut self,
         request: &Request,
         cancel: &CancelToken,
         progress: ProgressFn<'_>,
     ) -> Result<Vec<RgbImage>> {
+        let p = &request.params;
+        if p.batch_size <= 1 {
+            self.activate(&request.lora_set())?;
+            return self.pipeline.generate(p, cancel, progress);
+        }
+        // Checked as one request, so errors read as they would for it (not `requests[k]: …`).
+        self.pipeline.validate(p)?;
+        let singles = request.per_image();
+        if p.init_image.is_none() {
+            return Ok(self
+                .generate_batch(&singles, cancel, progress)?
+                .into_iter()
+                .flatten()
+                .collect());
+        }
+        // Image-to-image does not batch: one image after another, one bar per stage across all.
         self.activate(&request.lora_set())?;
-        self.pipeline.generate(&request.params, cancel, progress)
+        let count = singles.len() as u64;
+        let mut images = Vec::with_capacity(singles.len());
+        for (k, single) in singles.iter().enumerate() {
+            let mut scaled = |e: Progress| {
+                progress(Progress {
+                    stage: e.stage,
+                    step: k as u64 * e.total + e.step,
+                    total: count * e.total,
+                })
+            };
+            images.extend(
+                self.pipeline
+                    .generate(&single.params, cancel, &mut scaled)?,
+            );
+        }
+        Ok(images)
     }
 
     /// Runs requests that [`plan_batches`] put in one batch as one UNet batch; one list of
     /// images per request, in order. Each request's images equal what [`Session::generate`]
     /// gives it alone (up to rounding).
     pub fn generate_many(
+        &mut self,
+        requests: &[Request],
+        cancel: &CancelToken,
+        progress: ProgressFn<'_>,
+    ) -> Result<Vec<Vec<RgbImage>>> {
+        for (i, r) in requests.iter().enumerate() {
+            self.pipeline
+                .validate(&r.params)
+                .map_err(|e| e.context(format!("requests[{i}]")))?;
+        }
+        let singles: Vec<Request> = requests.iter().flat_map(Request::per_image).collect();
+        let mut images = self.generate_batch(&singles, cancel, progress)?.into_iter();
+        Ok(requests
+            .iter()
+            .map(|r| {
+                images
+                    .by_ref()
+                    .take(r.params.batch_size.max(1))
+                    .flatten()
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// One UNet batch of requests, each with its own seeded generator.
+    fn generate_batch(
         &mut self,
         requests: &[Request],
         cancel: &CancelToken,
@@ -490,5 +581,40 @@ mod tests {
         let err = session.activate(&[LoraUse::file(copy, 0.5)]).unwrap_err();
         assert_eq!(err.code, crate::ErrorCode::ModelNotFound);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Image k of a batch is image 0 of the same request seeded with seed + k (wrapping).
+    #[test]
+    fn image_k_of_a_batch_redraws_alone_with_seed_plus_k() {
+        let mut session = Session::new(tiny_sdxl());
+        let x = identity(&session, 7);
+        let mut request = Request::new(GenerateParams {
+            prompt: "a portrait".into(),
+            seed: u64::MAX,
+            ..params(64, 2)
+        });
+        request.identities = vec![(x, 0.85)];
+        let singles = request.per_image();
+        assert_eq!(
+            singles.iter().map(|r| r.params.seed).collect::<Vec<_>>(),
+            [u64::MAX, 0]
+        );
+        let batch = session
+            .generate(&request, &CancelToken::new(), &mut |_| {})
+            .unwrap();
+        assert_eq!(batch.len(), 2);
+        for (k, single) in singles.iter().enumerate() {
+            let alone = session
+                .generate(single, &CancelToken::new(), &mut |_| {})
+                .unwrap();
+            let worst = batch[k]
+                .data
+                .iter()
+                .zip(&alone[0].data)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(worst <= 1, "image {k}: off by {worst} levels");
+        }
     }
 }

@@ -29,10 +29,30 @@ impl CancelToken {
     }
 }
 
+/// What a long call is doing. The bindings publish these names to JavaScript, so a stage is added
+/// here, never spelled out elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Face analysis, photo by photo.
+    Face,
+    /// Identity creation: CLIP photo by photo, then the hypernetwork as the last step.
+    Identity,
+    /// Prompt encoding.
+    Text,
+    /// Denoising, step by step.
+    Denoise,
+    /// VAE decoding.
+    Decode,
+    /// The face refine pass: its denoising steps over all faces.
+    Refine,
+    /// Hashing a weights file.
+    Hash,
+}
+
 /// One progress report: which stage, and how far through it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Progress {
-    pub stage: &'static str,
+    pub stage: Stage,
     pub step: u64,
     pub total: u64,
 }

@@ -22,7 +22,7 @@ pub use landmarks::LandmarkModel;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::image::RgbImage;
-use crate::task::{CancelToken, Progress, ProgressFn};
+use crate::task::{CancelToken, Progress, ProgressFn, Stage};
 
 /// What one photo contributes: its ArcFace embedding and its face crop for CLIP.
 #[derive(Clone, Debug)]
@@ -174,7 +174,7 @@ impl FaceAnalyzer {
         check_image(img)?;
         let step = |s: u64, progress: &mut dyn FnMut(Progress)| {
             progress(Progress {
-                stage: "face",
+                stage: Stage::Face,
                 step: s,
                 total: 4,
             })
@@ -274,7 +274,7 @@ impl FaceAnalyzer {
                 Err(e) => return Err(e),
             }
             progress(Progress {
-                stage: "faces",
+                stage: Stage::Face,
                 step: i as u64 + 1,
                 total: photos.len() as u64,
             });

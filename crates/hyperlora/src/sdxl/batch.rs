@@ -27,7 +27,7 @@ use crate::sdxl::model::unet::UNetConditioning;
 use crate::sdxl::pipeline::{Conditioning, GenerateParams, SdxlPipeline};
 use crate::sdxl::sampling::noise::TorchGenerator;
 use crate::sdxl::sampling::sampler::Scheduler;
-use crate::task::{CancelToken, Progress, ProgressFn};
+use crate::task::{CancelToken, Progress, ProgressFn, Stage};
 
 /// One request of a batch: its parameters and the LoRAs applied to its images only.
 pub struct BatchRequest<'a> {
@@ -85,14 +85,14 @@ impl SdxlPipeline {
         for (done, l) in latents.iter().enumerate() {
             cancel.check()?;
             progress(Progress {
-                stage: "decode",
+                stage: Stage::Decode,
                 step: done as u64,
                 total,
             });
             images.push(self.decode(l)?);
         }
         progress(Progress {
-            stage: "decode",
+            stage: Stage::Decode,
             step: total,
             total,
         });
@@ -114,7 +114,7 @@ impl SdxlPipeline {
         let guidance = p.guidance_scale > 1.0;
 
         progress(Progress {
-            stage: "text",
+            stage: Stage::Text,
             step: 0,
             total: 1,
         });
@@ -136,7 +136,7 @@ impl SdxlPipeline {
             of_request.push(index);
         }
         progress(Progress {
-            stage: "text",
+            stage: Stage::Text,
             step: 1,
             total: 1,
         });
@@ -209,7 +209,7 @@ impl SdxlPipeline {
                 }
             }
             progress(Progress {
-                stage: "denoise",
+                stage: Stage::Denoise,
                 step: i as u64 + 1,
                 total: steps as u64,
             });
@@ -559,10 +559,10 @@ mod tests {
         assert!(images
             .iter()
             .all(|i| i.len() == 1 && i[0].width == 64 && i[0].height == 48));
-        let expected: Vec<(&str, u64, u64)> = [("text", 0, 1), ("text", 1, 1)]
+        let expected: Vec<(Stage, u64, u64)> = [(Stage::Text, 0, 1), (Stage::Text, 1, 1)]
             .into_iter()
-            .chain((1..=4).map(|s| ("denoise", s, 4)))
-            .chain((0..=2).map(|s| ("decode", s, 2)))
+            .chain((1..=4).map(|s| (Stage::Denoise, s, 4)))
+            .chain((0..=2).map(|s| (Stage::Decode, s, 2)))
             .collect();
         assert_eq!(stages, expected);
 
@@ -570,7 +570,7 @@ mod tests {
         let mut denoise = Vec::new();
         let e = pipe
             .generate_many(&requests, &cancel, &mut |e| {
-                if e.stage == "denoise" {
+                if e.stage == Stage::Denoise {
                     denoise.push(e.step);
                     if e.step == 2 {
                         cancel.cancel();

@@ -17,7 +17,7 @@ use crate::sdxl::sampling::sampler::{Sampler, Scheduler, SchedulerConfig, SigmaS
 use crate::sdxl::text::encoders::SdxlTextEncoders;
 use crate::sdxl::text::prompt::{tokenize_sdxl, PromptOptions, TokenChunks};
 use crate::sdxl::text::tokenizer::{ClipTokenizer, SDXL_PAD_TOKEN, SDXL_PAD_TOKEN_2};
-use crate::task::{CancelToken, Progress, ProgressFn};
+use crate::task::{CancelToken, Progress, ProgressFn, Stage};
 use crate::weights::{Component, ModelSource};
 
 /// Request bounds: beyond them a request is a mistake or an attack, not a picture.
@@ -46,6 +46,11 @@ pub struct LoadOptions {
 pub struct InitImage {
     pub image: RgbImage,
     pub strength: f64,
+}
+
+impl InitImage {
+    /// diffusers' default for image-to-image.
+    pub const DEFAULT_STRENGTH: f64 = 0.75;
 }
 
 #[derive(Clone, Debug)]
@@ -444,13 +449,13 @@ impl SdxlPipeline {
         let latents = self.generate_latents(params, cancel, progress)?;
         cancel.check()?;
         progress(Progress {
-            stage: "decode",
+            stage: Stage::Decode,
             step: 0,
             total: 1,
         });
         let images = self.decode(&latents)?;
         progress(Progress {
-            stage: "decode",
+            stage: Stage::Decode,
             step: 1,
             total: 1,
         });
@@ -469,7 +474,7 @@ impl SdxlPipeline {
         let guidance = params.guidance_scale > 1.0;
         let b = params.batch_size;
         progress(Progress {
-            stage: "text",
+            stage: Stage::Text,
             step: 0,
             total: 1,
         });
@@ -482,7 +487,7 @@ impl SdxlPipeline {
             guidance,
         )?;
         progress(Progress {
-            stage: "text",
+            stage: Stage::Text,
             step: 1,
             total: 1,
         });
@@ -534,7 +539,7 @@ impl SdxlPipeline {
             };
             latents = scheduler.step(&eps, i, &latents, &mut generator)?;
             progress(Progress {
-                stage: "denoise",
+                stage: Stage::Denoise,
                 step: done as u64 + 1,
                 total,
             });
@@ -681,7 +686,7 @@ mod tests {
         let mut denoise_steps = Vec::new();
         let err = pipe
             .generate(&p, &cancel, &mut |e| {
-                if e.stage == "denoise" {
+                if e.stage == Stage::Denoise {
                     denoise_steps.push(e.step);
                     if e.step == 2 {
                         cancel.cancel();
@@ -699,12 +704,12 @@ mod tests {
         .unwrap();
         let denoise: Vec<_> = stages
             .iter()
-            .filter(|s| s.0 == "denoise")
+            .filter(|s| s.0 == Stage::Denoise)
             .map(|s| s.1)
             .collect();
         assert_eq!(denoise, (1..=6).collect::<Vec<_>>());
-        assert_eq!(stages.first().unwrap().0, "text");
-        assert_eq!(stages.last().unwrap(), &("decode", 1, 1));
+        assert_eq!(stages.first().unwrap().0, Stage::Text);
+        assert_eq!(stages.last().unwrap(), &(Stage::Decode, 1, 1));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::task::{CancelToken, Progress, ProgressFn};
+use crate::task::{CancelToken, Progress, ProgressFn, Stage};
 
 /// One tensor's entry in the file header.
 #[derive(Clone, Debug, PartialEq)]
@@ -179,7 +179,7 @@ fn hash(bytes: &[u8], cancel: &CancelToken, progress: ProgressFn<'_>) -> Result<
         hasher.update(chunk);
         done += chunk.len() as u64;
         progress(Progress {
-            stage: "hash",
+            stage: Stage::Hash,
             step: done,
             total,
         });
