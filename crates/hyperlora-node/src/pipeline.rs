@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyperlora::device::{device_name, select_device, select_dtype};
-use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
+use hyperlora::lora::{read_lora_file, summarize_skipped, KohyaLora, LoraLayer};
 use hyperlora::sdxl::batch::BatchRequest;
 use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, RgbImage, SdxlPipeline};
 use hyperlora::sdxl::sampler::{Sampler, SigmaSchedule};
@@ -44,6 +44,8 @@ pub struct Pipeline {
 pub struct Loaded {
     pub(crate) pipeline: SdxlPipeline,
     active: Vec<ActiveLora>,
+    /// What merging `active` left out, one line per LoRA file (see [`Loaded::activate`]).
+    warnings: Vec<String>,
 }
 
 /// One LoRA of a request: an identity held in memory or a file, with its weight.
@@ -86,28 +88,54 @@ impl Loaded {
     }
 
     /// Merges `loras` unless they are already the active set (switching never reloads the base).
-    pub(crate) fn activate(&mut self, loras: &[ActiveLora]) -> hyperlora::Result<()> {
+    /// Returns one warning line per LoRA with keys that were not applied (unknown keys, modules
+    /// SDXL does not have or that do not fit); a file none of whose modules applies is
+    /// `INVALID_ARGUMENT` naming it.
+    pub(crate) fn activate(&mut self, loras: &[ActiveLora]) -> hyperlora::Result<Vec<String>> {
         if self.active == loras {
-            return Ok(());
+            return Ok(self.warnings.clone());
         }
         let device = self.pipeline.device().clone();
-        let layers = loras
-            .iter()
-            .map(|l| match &l.source {
-                LoraSource::Identity(lora) => lora.to_layers(),
-                LoraSource::File(path) => Ok(read_lora_file(path, &device)?.layers),
-            })
-            .collect::<hyperlora::Result<Vec<Vec<LoraLayer>>>>()?;
-        let set: Vec<(&[LoraLayer], f32)> = layers
+        let mut read = Vec::with_capacity(loras.len());
+        for lora in loras {
+            let (name, layers, skipped) = match &lora.source {
+                LoraSource::Identity(id) => ("identity".to_string(), id.to_layers()?, Vec::new()),
+                LoraSource::File(path) => {
+                    let parsed = read_lora_file(path, &device)?;
+                    let name = path
+                        .file_name()
+                        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+                    (name, parsed.layers, parsed.skipped)
+                }
+            };
+            let unfit = self.pipeline.unfit_lora_layers(&layers);
+            if !layers.is_empty() && unfit.len() == layers.len() {
+                return Err(Error::invalid_argument(format!(
+                    "{name}: none of its {} LoRA modules fits a layer of this SDXL model ({})",
+                    layers.len(),
+                    summarize_skipped(&unfit)
+                )));
+            }
+            read.push((name, layers, skipped));
+        }
+        let set: Vec<(&[LoraLayer], f32)> = read
             .iter()
             .zip(loras)
-            .map(|(l, a)| (l.as_slice(), a.weight))
+            .map(|((_, layers, _), a)| (layers.as_slice(), a.weight))
             .collect();
         // Until the merge succeeds the active set is unknown: a failure leaves it to be redone.
         self.active.clear();
-        self.pipeline.set_loras(&set)?;
+        let report = self.pipeline.set_loras(&set)?;
+        self.warnings = read
+            .into_iter()
+            .zip(report)
+            .filter_map(|((name, _, mut skipped), unfit)| {
+                skipped.extend(unfit);
+                (!skipped.is_empty()).then(|| format!("{name}: {}", summarize_skipped(&skipped)))
+            })
+            .collect();
         self.active = loras.to_vec();
-        Ok(())
+        Ok(self.warnings.clone())
     }
 }
 
@@ -182,8 +210,8 @@ impl Pipeline {
     }
 
     /// Generates images with the given identities and LoRA files merged in (weights may be
-    /// negative); resolves to raw RGB8 pixels, one entry per image.
-    #[napi(ts_return_type = "Promise<Array<RawImage>>")]
+    /// negative); resolves to raw RGB8 pixels, one entry per image, and the LoRA warnings.
+    #[napi(ts_return_type = "Promise<GenerateResult>")]
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
@@ -210,8 +238,9 @@ impl Pipeline {
     /// cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
     /// batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
     /// `loras` apply to every request. Each request's images equal what `generate` gives it
-    /// alone. Resolves to one array of images per request, in request order.
-    #[napi(ts_return_type = "Promise<Array<Array<RawImage>>>")]
+    /// alone. Resolves to one array of images per request, in request order, and the LoRA
+    /// warnings.
+    #[napi(ts_return_type = "Promise<GenerateManyResult>")]
     #[allow(clippy::too_many_arguments)]
     pub fn generate_many(
         &self,
@@ -307,6 +336,7 @@ impl Task for LoadTask {
                 inner: Resident::new(Mutex::new(Loaded {
                     pipeline,
                     active: Vec::new(),
+                    warnings: Vec::new(),
                 })),
                 device: device_name(&device),
             })
@@ -414,23 +444,45 @@ fn engine_params(r: &GenerateRequest) -> hyperlora::Result<GenerateParams> {
     })
 }
 
-impl Task for GenerateTask {
-    type Output = Vec<RgbImage>;
-    type JsValue = Vec<RawImage>;
+/// What `generate` resolves to.
+#[napi(object)]
+pub struct GenerateResult {
+    pub images: Vec<RawImage>,
+    /// One line per LoRA file with keys that were not applied (matched no layer of the model,
+    /// did not fit it, or are of a kind hyperlora does not apply): a count and the first keys.
+    pub warnings: Vec<String>,
+}
 
-    fn compute(&mut self) -> napi::Result<Vec<RgbImage>> {
+/// What `generateMany` resolves to.
+#[napi(object)]
+pub struct GenerateManyResult {
+    /// One array of images per request, in request order.
+    pub images: Vec<Vec<RawImage>>,
+    /// As [`GenerateResult::warnings`].
+    pub warnings: Vec<String>,
+}
+
+impl Task for GenerateTask {
+    type Output = (Vec<RgbImage>, Vec<String>);
+    type JsValue = GenerateResult;
+
+    fn compute(&mut self) -> napi::Result<Self::Output> {
         let mut report = self.call.reporter();
         guarded(|| {
             let mut loaded = Loaded::lock(&self.pipeline);
-            loaded.activate(&self.loras)?;
-            loaded
+            let warnings = loaded.activate(&self.loras)?;
+            let images = loaded
                 .pipeline
-                .generate(&self.params, &self.call.cancel, &mut report)
+                .generate(&self.params, &self.call.cancel, &mut report)?;
+            Ok((images, warnings))
         })
     }
 
-    fn resolve(&mut self, _env: Env, images: Vec<RgbImage>) -> napi::Result<Vec<RawImage>> {
-        Ok(images.into_iter().map(RawImage::from).collect())
+    fn resolve(&mut self, _env: Env, (images, warnings): Self::Output) -> napi::Result<GenerateResult> {
+        Ok(GenerateResult {
+            images: images.into_iter().map(RawImage::from).collect(),
+            warnings,
+        })
     }
 }
 
@@ -456,10 +508,10 @@ impl GenerateManyTask {
 }
 
 impl Task for GenerateManyTask {
-    type Output = Vec<Vec<RgbImage>>;
-    type JsValue = Vec<Vec<RawImage>>;
+    type Output = (Vec<Vec<RgbImage>>, Vec<String>);
+    type JsValue = GenerateManyResult;
 
-    fn compute(&mut self) -> napi::Result<Vec<Vec<RgbImage>>> {
+    fn compute(&mut self) -> napi::Result<Self::Output> {
         let mut report = self.call.reporter();
         guarded(|| {
             let mut loaded = Loaded::lock(&self.pipeline);
@@ -471,7 +523,7 @@ impl Task for GenerateManyTask {
                 // One identity set for all: merged with the files, the batch needs no side path.
                 let mut set = Self::as_active(self.identities.first().map_or(&[], |s| s));
                 set.extend(self.files.iter().cloned());
-                loaded.activate(&set)?;
+                let warnings = loaded.activate(&set)?;
                 let requests: Vec<BatchRequest> = self
                     .params
                     .iter()
@@ -480,11 +532,15 @@ impl Task for GenerateManyTask {
                         loras: Vec::new(),
                     })
                     .collect();
-                return loaded
-                    .pipeline
-                    .generate_many(&requests, &self.call.cancel, &mut report);
+                let images =
+                    loaded
+                        .pipeline
+                        .generate_many(&requests, &self.call.cancel, &mut report)?;
+                return Ok((images, warnings));
             }
-            loaded.activate(&self.files)?;
+            // LoRA files (styles, LoCon, LyCORIS) are shared by every request: merged into the
+            // weights for the whole batch; only the identities go per sample.
+            let warnings = loaded.activate(&self.files)?;
             // Each distinct identity's layers once: requests that share one share its rows' run.
             let mut distinct: Vec<(&Arc<KohyaLora>, Vec<LoraLayer>)> = Vec::new();
             for (lora, _) in self.identities.iter().flatten() {
@@ -508,20 +564,24 @@ impl Task for GenerateManyTask {
                     loras: set.iter().map(|(l, w)| (layers_of(l), *w)).collect(),
                 })
                 .collect();
-            loaded
+            let images = loaded
                 .pipeline
-                .generate_many(&requests, &self.call.cancel, &mut report)
+                .generate_many(&requests, &self.call.cancel, &mut report)?;
+            Ok((images, warnings))
         })
     }
 
     fn resolve(
         &mut self,
         _env: Env,
-        images: Vec<Vec<RgbImage>>,
-    ) -> napi::Result<Vec<Vec<RawImage>>> {
-        Ok(images
-            .into_iter()
-            .map(|set| set.into_iter().map(RawImage::from).collect())
-            .collect())
+        (images, warnings): Self::Output,
+    ) -> napi::Result<GenerateManyResult> {
+        Ok(GenerateManyResult {
+            images: images
+                .into_iter()
+                .map(|set| set.into_iter().map(RawImage::from).collect())
+                .collect(),
+            warnings,
+        })
     }
 }

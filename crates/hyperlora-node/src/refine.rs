@@ -143,6 +143,7 @@ impl Task for RefineTask {
         let mut report = self.call.reporter();
         guarded(|| {
             let mut loaded = Loaded::lock(&self.pipeline);
+            // The set's warnings went out with the generation this pass refines.
             loaded.activate(&self.loras)?;
             refine_faces(
                 &loaded.pipeline,

@@ -489,8 +489,8 @@ impl Harness {
     /// Applies `layers` to the tiny SDXL, then restores it.
     fn apply(&self, layers: &[LoraLayer]) -> Result<()> {
         let mut p = self.pipeline().lock().unwrap_or_else(|p| p.into_inner());
-        let applied = p.set_loras(&[(layers, 0.8)]);
-        let restored = p.set_loras(&[]);
+        let applied = p.set_loras(&[(layers, 0.8)]).map(drop);
+        let restored = p.set_loras(&[]).map(drop);
         combine([applied, restored])
     }
 

@@ -369,14 +369,14 @@ mod tests {
             .filter(|(name, _)| name.contains(".attn"))
             .map(|(module, linear)| {
                 let (out_f, in_f) = linear.weight().dims2().unwrap();
-                LoraLayer {
-                    component: LoraComponent::Unet,
-                    down: randn((4, in_f)),
-                    up: randn((out_f, 4)),
-                    alpha: Some(2.0),
-                    source: format!("identity{seed}.{module}"),
-                    module,
-                }
+                LoraLayer::low_rank(
+                    LoraComponent::Unet,
+                    module.clone(),
+                    randn((4, in_f)),
+                    randn((out_f, 4)),
+                    Some(2.0),
+                    format!("identity{seed}.{module}"),
+                )
             })
             .collect()
     }

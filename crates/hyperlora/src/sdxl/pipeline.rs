@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result, ResultExt};
-use crate::lora::{sdxl_targets, LoraLayer, LoraMerger};
+use crate::lora::apply::unfit_layers;
+use crate::lora::{sdxl_targets, LoraLayer, LoraMerger, SkippedKey};
 use crate::sdxl::noise::TorchGenerator;
 use crate::sdxl::prompt::{tokenize_sdxl, PromptOptions, TokenChunks};
 use crate::sdxl::sampler::{Sampler, Scheduler, SchedulerConfig, SigmaSchedule};
@@ -241,12 +242,19 @@ impl SdxlPipeline {
     /// Makes `loras` the active LoRA set (each LoRA's layers with its weight, which may be
     /// negative; e.g. `&[(&identity.layers, 0.85), (&style, 1.0)]`, or a concept slider
     /// `&[(&a, -0.7), (&b, 0.7)]`), replacing the previous set. UNet and text-encoder
-    /// (`lora_te1_`/`lora_te2_`) layers are merged into working copies of the targeted Linears;
+    /// (`lora_te1_`/`lora_te2_`) layers are merged into working copies of the targeted layers;
     /// the base weights stay resident and are never reloaded. An empty slice restores the base
-    /// model exactly. See [`LoraMerger::apply`] for the errors (the pipeline is unchanged then).
-    pub fn set_loras(&mut self, loras: &[(&[LoraLayer], f32)]) -> Result<()> {
+    /// model exactly. Returns, per LoRA, the modules that matched no layer or did not fit; see
+    /// [`LoraMerger::apply`] for the errors (the pipeline is unchanged then).
+    pub fn set_loras(&mut self, loras: &[(&[LoraLayer], f32)]) -> Result<Vec<Vec<SkippedKey>>> {
         let targets = sdxl_targets(&mut self.unet, &mut self.text);
         self.loras.apply(targets, loras)
+    }
+
+    /// The modules of `layers` that [`Self::set_loras`] would leave out (no such layer, or an
+    /// update that does not fit it), with the reason.
+    pub fn unfit_lora_layers(&mut self, layers: &[LoraLayer]) -> Vec<SkippedKey> {
+        unfit_layers(sdxl_targets(&mut self.unet, &mut self.text), layers)
     }
 
     /// The active LoRA set's bookkeeping (merged layers, memory overhead).
@@ -812,14 +820,17 @@ mod tests {
         let slider = run(&pipe, &p).0;
         assert!(crate::testing::max_abs_diff(&slider, &with_te).0 > 1e-3);
 
-        let mut bad = a.clone();
-        bad[0].module = "up_blocks.9.attentions.0.proj_in".into();
+        // A LoRA none of whose modules is a layer of the model is refused without effect.
+        let bad: Vec<LoraLayer> = a
+            .iter()
+            .map(|l| LoraLayer {
+                module: format!("up_blocks.9.{}", l.module),
+                ..l.clone()
+            })
+            .collect();
         let err = pipe.set_loras(&[(&bad, 1.0)]).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
-        assert!(
-            err.message.contains("up_blocks.9.attentions.0.proj_in"),
-            "{err}"
-        );
+        assert!(err.message.contains("up_blocks.9.down_blocks"), "{err}");
         assert_close("slider kept", &run(&pipe, &p).0, &slider, 0.0);
 
         pipe.set_loras(&[]).unwrap();
