@@ -560,6 +560,104 @@ mod tests {
         assert_close("te2 embeds base", &e, &f["te2_text_embeds_base"], TOL);
     }
 
+    const KINDS: &str = "lora_kinds";
+
+    fn kind(name: &str) -> Vec<LoraLayer> {
+        let parsed =
+            read_lora_file(fixture(KINDS, &format!("{name}.safetensors")), &Device::Cpu).unwrap();
+        assert!(parsed.skipped.is_empty(), "{name}: {:?}", parsed.skipped);
+        parsed.layers
+    }
+
+    /// LoCon (3x3 and 1x1 convolutions, Linears outside the transformers), LoHa (flattened and
+    /// Tucker), LoKr (every factor form), full differences (with bias), and an f16 file mixing
+    /// UNet convolutions and Linears with both text encoders: each merged at 0.8 and −0.6 equals
+    /// its reference (diffusers' fuse_lora, or the LyCORIS formulas in PyTorch), switching from
+    /// one to the next in place; weight 0 is the base model bit for bit.
+    #[test]
+    fn every_lora_kind_matches_its_reference() {
+        let f = load_fixture(KINDS, "expected.safetensors");
+        let mut m = tiny(DType::F32);
+        let base = m.unet_out(&f);
+        assert_close("base", &base, &f["unet_base"], TOL);
+        for name in ["locon", "mixed", "loha", "lokr", "diff"] {
+            let layers = kind(name);
+            for w in [0.8f32, -0.6] {
+                let report = m.apply(&[(&layers, w)]).unwrap();
+                assert!(report[0].is_empty(), "{name}: {:?}", report[0]);
+                assert_eq!(m.merger.merged_layers(), layers.len(), "{name}");
+                let what = format!("{name} w={w}");
+                let key = |k: &str| format!("{k}_{name}_w{w}");
+                assert_close(&what, &m.unet_out(&f), &f[&key("unet")], TOL);
+                if name == "mixed" {
+                    let [l, g, e] = m.text_out(&f);
+                    assert_close(&what, &l, &f[&key("te1_penultimate")], TOL);
+                    assert_close(&what, &g, &f[&key("te2_penultimate")], TOL);
+                    assert_close(&what, &e, &f[&key("te2_text_embeds")], TOL);
+                }
+            }
+            m.apply(&[(&layers, 0.0)]).unwrap();
+            assert_eq!(m.merger.merged_layers(), 0);
+            assert_close(&format!("{name} w=0"), &m.unet_out(&f), &base, 0.0);
+        }
+        // Convolutions and biases are put back exactly too.
+        let (locon, diff) = (kind("locon"), kind("diff"));
+        m.apply(&[(&locon, 0.8), (&diff, -0.6)]).unwrap();
+        assert!(max_abs_diff(&m.unet_out(&f), &base).0 > 1e-2);
+        m.apply(&[]).unwrap();
+        assert_close("restored", &m.unet_out(&f), &base, 0.0);
+    }
+
+    /// A file with modules that match no layer applies the rest and says what it left out; one
+    /// where nothing matches is refused, naming the file.
+    #[test]
+    fn unmatched_keys_are_reported_and_a_file_of_them_refused() {
+        let f = load_fixture(KINDS, "expected.safetensors");
+        let path = fixture(KINDS, "partial.safetensors");
+        let parsed = read_lora_file(&path, &Device::Cpu).unwrap();
+        let skipped: Vec<&str> = parsed.skipped.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(
+            skipped,
+            [
+                "lora_unet_mid_block_resnets_0_norm1.w_norm",
+                "lora_unet_frobnicator_7",
+                "lora_unet_mid_block_resnets_0_conv2"
+            ],
+            "{:?}",
+            parsed.skipped
+        );
+        let mut m = tiny(DType::F32);
+        let report = m.apply(&[(&parsed.layers, 0.8)]).unwrap();
+        assert_eq!(report[0].len(), 1, "{report:?}");
+        assert_eq!(report[0][0].key, "lora_unet_down_blocks_0_resnets_0_conv1");
+        assert!(
+            report[0][0].reason.contains("[320, 2, 1, 1]") && report[0][0].reason.contains("[16, 16, 3, 3]"),
+            "{report:?}"
+        );
+        assert_close("partial", &m.unet_out(&f), &f["unet_partial_w0.8"], TOL);
+
+        let nothing = fixture(KINDS, "nothing.safetensors");
+        let e = read_lora_file(&nothing, &Device::Cpu).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        assert!(e.message.contains("nothing.safetensors") && e.message.contains("2 keys ignored"), "{e}");
+    }
+
+    /// f16 weights: LoCon, LoHa and LoKr merge in f32 and are cast back; convolutions stay f16.
+    #[test]
+    fn f16_convolutions_stay_f16_and_close() {
+        let f = load_fixture(KINDS, "expected.safetensors");
+        let mut m = tiny(DType::F16);
+        let (locon, loha, lokr) = (kind("locon"), kind("loha"), kind("lokr"));
+        for (name, layers) in [("locon", &locon), ("loha", &loha), ("lokr", &lokr)] {
+            m.apply(&[(layers, 0.8)]).unwrap();
+            for t in sdxl_targets(&mut m.unet, &mut m.text) {
+                assert_eq!(t.layer.weight().dtype(), DType::F16);
+            }
+            let out = m.unet_out(&f);
+            assert_close(name, &out, &f[&format!("unet_{name}_w0.8")], 5e-2);
+        }
+    }
+
     /// diffusers' "scale 0 equals baseline": an empty set (or weight 0) gives exactly the
     /// unmodified model's outputs, and the layers hold the very tensors they were loaded with.
     #[test]

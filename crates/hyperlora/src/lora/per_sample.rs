@@ -375,7 +375,7 @@ mod tests {
         te.component = LoraComponent::TextEncoder;
         check(vec![te], 1.0, &[(0, 1)], 2, "only target the UNet");
         check(vec![lora("k", 8, 6, 2)], 1.0, &[(0, 1)], 2, "no such layer");
-        check(vec![lora("q", 8, 5, 2)], 1.0, &[(0, 1)], 2, "do not fit");
+        check(vec![lora("q", 8, 5, 2)], 1.0, &[(0, 1)], 2, "does not fit");
         check(
             vec![lora("q", 8, 6, 2)],
             f32::NAN,

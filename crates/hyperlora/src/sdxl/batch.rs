@@ -468,6 +468,47 @@ mod tests {
         }
     }
 
+    /// A LoCon style file (convolutions and Linears outside the transformers) shared by a batch
+    /// that mixes identities is merged for the whole batch: each request equals the request run
+    /// alone with the style and its identity merged.
+    #[test]
+    fn a_conv_lora_shared_by_a_mixed_batch_equals_each_request_alone() {
+        let mut pipe = tiny_sdxl();
+        let x = identity(&pipe, 7);
+        let style = read_lora_file(fixture("lora_kinds", "locon.safetensors"), &Device::Cpu)
+            .unwrap()
+            .layers;
+        let requests = [
+            BatchRequest {
+                params: params(Sampler::DpmPp2m, "a photo of a person", "", 21, 1),
+                loras: vec![],
+            },
+            BatchRequest {
+                params: params(Sampler::DpmPp2m, "a painting", "blurry", 22, 1),
+                loras: vec![(&x, 0.85)],
+            },
+        ];
+        pipe.set_loras(&[(&style, 0.8)]).unwrap();
+        let batched = pipe
+            .generate_many_latents(&requests, &CancelToken::new(), &mut |_| {})
+            .unwrap();
+        for (i, r) in requests.iter().enumerate() {
+            let mut set = vec![(style.as_slice(), 0.8)];
+            set.extend(r.loras.iter().copied());
+            pipe.set_loras(&set).unwrap();
+            let alone = pipe
+                .generate_latents(&r.params, &CancelToken::new(), &mut |_| {})
+                .unwrap();
+            assert_close(&format!("request {i}"), &batched[i], &alone, 1e-3);
+        }
+        // The style does change the pictures.
+        pipe.set_loras(&[]).unwrap();
+        let plain = pipe
+            .generate_latents(&requests[0].params, &CancelToken::new(), &mut |_| {})
+            .unwrap();
+        assert!(max_abs_diff(&plain, &batched[0]).0 > 1e-2);
+    }
+
     #[test]
     fn requests_that_cannot_share_a_batch_are_refused_by_field() {
         let pipe = tiny_sdxl();

@@ -720,6 +720,41 @@ mod tests {
         assert_eq!(stages.last().unwrap(), &("decode", 1, 1));
     }
 
+    /// Community LoRA kinds (LoCon, LoHa, LoKr, full differences, an f16 file with both text
+    /// encoders) give diffusers' pictures: latents within 1e-3 and RGB8 within one level of the
+    /// pipeline with the same LoRA fused (or merged by the LyCORIS formulas), at 0.8 and −0.6.
+    #[test]
+    fn community_lora_kinds_draw_the_reference_pictures() {
+        let expected = load_fixture("lora_kinds", "expected.safetensors");
+        let mut pipe = tiny_sdxl();
+        let p = params("euler_cfg5");
+        let compare = |what: &str, (latents, images): (Tensor, Vec<RgbImage>), key: &str| {
+            assert_close(what, &latents, &expected[&format!("latents_{key}")], 1e-3);
+            let want = expected[&format!("image_{key}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap();
+            let got: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
+            assert_eq!(got.len(), want.len(), "{what}");
+            let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max();
+            assert!(worst <= Some(1), "{what}: image differs by {worst:?} levels");
+        };
+        compare("base", run(&pipe, &p), "base");
+        for name in ["locon", "mixed", "loha", "lokr", "diff"] {
+            let layers = crate::lora::read_lora_file(
+                fixture("lora_kinds", &format!("{name}.safetensors")),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .layers;
+            for w in [0.8f32, -0.6] {
+                pipe.set_loras(&[(&layers, w)]).unwrap();
+                compare(&format!("{name} w={w}"), run(&pipe, &p), &format!("{name}_w{w}"));
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_parameters() {
         let pipe = tiny_sdxl();
