@@ -68,17 +68,18 @@ export declare class Pipeline {
   __panicWhileBusyForTests(): Promise<void>
   /**
    * Generates images with the given identities and LoRA files merged in (weights may be
-   * negative); resolves to raw RGB8 pixels, one entry per image.
+   * negative); resolves to raw RGB8 pixels, one entry per image, and the LoRA warnings.
    */
-  generate(params: GenerateRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<RawImage>>
+  generate(params: GenerateRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<GenerateResult>
   /**
    * Generates several requests in one UNet batch: they must share width, height, steps,
    * cfg, sampler and scheduler (and have no init image), and each has its own prompts, seed,
    * batch size and identities (`identities[i]` with `identityWeights[i]` for `requests[i]`);
    * `loras` apply to every request. Each request's images equal what `generate` gives it
-   * alone. Resolves to one array of images per request, in request order.
+   * alone. Resolves to one array of images per request, in request order, and the LoRA
+   * warnings.
    */
-  generateMany(requests: Array<GenerateRequest>, identities: Array<Array<Identity>>, identityWeights: Array<Array<number>>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<Array<Array<RawImage>>>
+  generateMany(requests: Array<GenerateRequest>, identities: Array<Array<Identity>>, identityWeights: Array<Array<number>>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<GenerateManyResult>
   /**
    * Re-draws each face of `image` at high resolution with the given identities and LoRA
    * files merged in (img2img on a square crop around the face, blended back with a feathered
@@ -162,6 +163,14 @@ export interface FaceConditionsInput {
   clipCrop: RawImage
 }
 
+/** What `generateMany` resolves to. */
+export interface GenerateManyResult {
+  /** One array of images per request, in request order. */
+  images: Array<Array<RawImage>>
+  /** As [`GenerateResult::warnings`]. */
+  warnings: Array<string>
+}
+
 export interface GenerateRequest {
   prompt: string
   negativePrompt?: string
@@ -178,6 +187,16 @@ export interface GenerateRequest {
   batchSize: number
   initImage?: RawImage
   strength?: number
+}
+
+/** What `generate` resolves to. */
+export interface GenerateResult {
+  images: Array<RawImage>
+  /**
+   * One line per LoRA file with keys that were not applied (matched no layer of the model,
+   * did not fit it, or are of a kind hyperlora does not apply): a count and the first keys.
+   */
+  warnings: Array<string>
 }
 
 /** Reads the tensor index of a `.safetensors` file (memory-mapped; data is not loaded). */

@@ -51,7 +51,7 @@ describe('hardening', () => {
     )
     expect(error?.code).toBe('INTERNAL')
     const after = await pipeline.generate(request, [], [], [])
-    expect(after[0]!.data.equals(before[0]!.data)).toBe(true)
+    expect(after.images[0]!.data.equals(before.images[0]!.data)).toBe(true)
     pipeline.dispose()
   })
 

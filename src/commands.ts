@@ -94,13 +94,13 @@ export async function generateCommand(values: CommandValues, onProgress: OnProgr
   try {
     const identity =
       typeof savedIdentity === 'string' ? await loadIdentity(savedIdentity) : engine ? await identityFromFaces(engine, values, onProgress, warn) : undefined
-    return await draw(values, prompt, identity, engine, onProgress)
+    return await draw(values, prompt, identity, engine, onProgress, warn)
   } finally {
     await engine?.dispose()
   }
 }
 
-async function draw(values: CommandValues, prompt: string, identity: Identity | undefined, engine: HyperLoRA | undefined, onProgress: OnProgress): Promise<object> {
+async function draw(values: CommandValues, prompt: string, identity: Identity | undefined, engine: HyperLoRA | undefined, onProgress: OnProgress, warn: (m: string) => void): Promise<object> {
   const loras = strings(values, 'lora').map((spec) => {
     const at = spec.lastIndexOf(':')
     const weight = at > 0 ? Number(spec.slice(at + 1)) : 1
@@ -130,6 +130,7 @@ async function draw(values: CommandValues, prompt: string, identity: Identity | 
     ? await engine.generate({ ...options, ...refine, ...(onProgress && { onProgress }) })
     : await (await loadPipeline(await model(values, 'checkpoint'))).generate({ ...options, ...(onProgress && { onProgress: (e) => onProgress(e) }) })
   if (!image) throw new HyperLoraError('INTERNAL', 'no image was generated')
+  image.warnings.forEach(warn)
   const file = path.resolve(typeof values['out'] === 'string' ? values['out'] : `hyperlora-${image.seed}.${format === 'jpeg' ? 'jpg' : format}`)
   writeAtomic(file, image.data)
   return { output: file, seed: image.seed.toString(), width: image.width, height: image.height, info: image.info }

@@ -246,10 +246,10 @@ export class HyperLoRA {
     if (!refineFace) return this.#pipeline.generate({ ...request, signal, onProgress })
     const refine = refineFace === true ? {} : refineFace
     const prepared = await prepare(request, refineSettings(refine))
-    const pixels = await this.#pipeline.generatePixels(prepared, { signal, onProgress })
+    const { images: pixels, warnings } = await this.#pipeline.generatePixels(prepared, { signal, onProgress })
     const refined = []
     for (const image of pixels) refined.push(await this.#refine(image, prepared, refine, signal, onProgress))
-    return finish(refined, prepared)
+    return finish(refined, prepared, warnings)
   }
 
   async #refine(image: Rgb8, prepared: Prepared, refine: RefineFaceOptions, signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<Rgb8> {

@@ -122,6 +122,9 @@ export interface GeneratedImage {
   index: number
   /** The generation settings in A1111's `parameters` format (also stored in PNGs). */
   info: string
+  /** LoRA keys that were not applied (matched no layer, did not fit, or are of a kind hyperlora
+   * does not apply), one line per LoRA file: a count and the first keys. */
+  warnings: readonly string[]
 }
 
 /** A loaded SDXL model. Create with {@link loadPipeline}. */
@@ -149,7 +152,8 @@ export class Pipeline {
    */
   async generate(options: GenerateOptions): Promise<GeneratedImage[]> {
     const prepared = await prepare(options)
-    return finish(await this.generatePixels(prepared, options), prepared)
+    const { images, warnings } = await this.generatePixels(prepared, options)
+    return finish(images, prepared, warnings)
   }
 
   /**
@@ -171,11 +175,11 @@ export class Pipeline {
         onProgress,
       ),
     )
-    return Promise.all(raw.map((images, i) => finish(images, prepared[i]!)))
+    return Promise.all(raw.images.map((images, i) => finish(images, prepared[i]!, raw.warnings)))
   }
 
   /** @internal Pixels out, for callers that post-process before encoding. */
-  async generatePixels(prepared: Prepared, options: CallOptions): Promise<Binding.RawImage[]> {
+  async generatePixels(prepared: Prepared, options: CallOptions): Promise<Binding.GenerateResult> {
     return callNative(options, (cancel, onProgress) =>
       this.#native.generate(prepared.request, prepared.identities, prepared.identityWeights, prepared.loras, cancel, onProgress),
     )
@@ -275,7 +279,7 @@ export async function prepare(options: GenerateOptions, extraSettings: readonly 
 }
 
 /** @internal Encodes the engine's pixels, with the parameters as metadata. */
-export async function finish(raw: Binding.RawImage[], p: Prepared): Promise<GeneratedImage[]> {
+export async function finish(raw: Binding.RawImage[], p: Prepared, warnings: readonly string[] = []): Promise<GeneratedImage[]> {
   return Promise.all(
     raw.map(async (image, index) => ({
       data: await encodeWithParameters(image, p.format, p.info),
@@ -285,6 +289,7 @@ export async function finish(raw: Binding.RawImage[], p: Prepared): Promise<Gene
       seed: p.seed,
       index,
       info: p.info,
+      warnings,
     })),
   )
 }
