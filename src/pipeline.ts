@@ -71,7 +71,8 @@ export interface GenerateOptions extends CallOptions {
   /** Several identities with their own weights, which may be negative: a concept slider is
    * `[{ identity: a, weight: -0.7 }, { identity: b, weight: 0.7 }]`. */
   identities?: readonly { identity: Identity; weight: number }[]
-  /** Other LoRA files (kohya with diffusers or SGM names, diffusers/PEFT), e.g. styles. */
+  /** Other LoRA files (kohya with diffusers or SGM names, diffusers/PEFT; LoCon, LyCORIS LoHa /
+   * LoKr, full diffs), e.g. styles. Keys they hold that match no layer come back in `warnings`. */
   loras?: readonly { path: string; weight: number }[]
   /** Prepended to the prompt when an identity is active, unless the prompt already starts with
    * them; `false` turns this off. Default `'fcsks fxhks fhyks, '` (HyperLoRA's trigger words). */

@@ -102,9 +102,10 @@ impl Loaded {
                 LoraSource::Identity(id) => ("identity".to_string(), id.to_layers()?, Vec::new()),
                 LoraSource::File(path) => {
                     let parsed = read_lora_file(path, &device)?;
-                    let name = path
-                        .file_name()
-                        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+                    let name = path.file_name().map_or_else(
+                        || path.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
                     (name, parsed.layers, parsed.skipped)
                 }
             };
@@ -478,7 +479,11 @@ impl Task for GenerateTask {
         })
     }
 
-    fn resolve(&mut self, _env: Env, (images, warnings): Self::Output) -> napi::Result<GenerateResult> {
+    fn resolve(
+        &mut self,
+        _env: Env,
+        (images, warnings): Self::Output,
+    ) -> napi::Result<GenerateResult> {
         Ok(GenerateResult {
             images: images.into_iter().map(RawImage::from).collect(),
             warnings,
@@ -564,9 +569,10 @@ impl Task for GenerateManyTask {
                     loras: set.iter().map(|(l, w)| (layers_of(l), *w)).collect(),
                 })
                 .collect();
-            let images = loaded
-                .pipeline
-                .generate_many(&requests, &self.call.cancel, &mut report)?;
+            let images =
+                loaded
+                    .pipeline
+                    .generate_many(&requests, &self.call.cancel, &mut report)?;
             Ok((images, warnings))
         })
     }

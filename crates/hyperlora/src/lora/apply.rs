@@ -241,11 +241,14 @@ impl LoraMerger {
         let mut failure = None;
         for (key, contributions) in &plan {
             let layer = by_key.get_mut(key).expect("validated");
-            let base = self.originals.entry(key.clone()).or_insert_with(|| Original {
-                weight: layer.weight().clone(),
-                bias: layer.bias().cloned(),
-                bias_copied: false,
-            });
+            let base = self
+                .originals
+                .entry(key.clone())
+                .or_insert_with(|| Original {
+                    weight: layer.weight().clone(),
+                    bias: layer.bias().cloned(),
+                    bias_copied: false,
+                });
             match merged(base, contributions) {
                 Ok((w, b)) => {
                     base.bias_copied = b.is_some();
@@ -408,7 +411,10 @@ fn merged(
         }
     }
     if !ups.is_empty() {
-        delta = add(delta, Tensor::cat(&ups, 1)?.matmul(&Tensor::cat(&downs, 0)?)?)?;
+        delta = add(
+            delta,
+            Tensor::cat(&ups, 1)?.matmul(&Tensor::cat(&downs, 0)?)?,
+        )?;
     }
     let mut w = base.weight.to_dtype(DType::F32)?;
     if let Some(d) = delta {
@@ -631,7 +637,8 @@ mod tests {
         assert_eq!(report[0].len(), 1, "{report:?}");
         assert_eq!(report[0][0].key, "lora_unet_down_blocks_0_resnets_0_conv1");
         assert!(
-            report[0][0].reason.contains("[320, 2, 1, 1]") && report[0][0].reason.contains("[16, 16, 3, 3]"),
+            report[0][0].reason.contains("[320, 2, 1, 1]")
+                && report[0][0].reason.contains("[16, 16, 3, 3]"),
             "{report:?}"
         );
         assert_close("partial", &m.unet_out(&f), &f["unet_partial_w0.8"], TOL);
@@ -639,7 +646,10 @@ mod tests {
         let nothing = fixture(KINDS, "nothing.safetensors");
         let e = read_lora_file(&nothing, &Device::Cpu).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
-        assert!(e.message.contains("nothing.safetensors") && e.message.contains("2 keys ignored"), "{e}");
+        assert!(
+            e.message.contains("nothing.safetensors") && e.message.contains("2 keys ignored"),
+            "{e}"
+        );
     }
 
     /// f16 weights: LoCon, LoHa and LoKr merge in f32 and are cast back; convolutions stay f16.
@@ -730,7 +740,11 @@ mod tests {
 
         let missing = "down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q";
         let narrow = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k";
-        let set = [layer(Q, 32, 32, 2), layer(missing, 32, 32, 2), layer(narrow, 32, 16, 2)];
+        let set = [
+            layer(Q, 32, 32, 2),
+            layer(missing, 32, 32, 2),
+            layer(narrow, 32, 16, 2),
+        ];
         let report = m.apply(&[(&set, 1.0)]).unwrap();
         assert_eq!(m.merger.merged_layers(), 1);
         let why: Vec<(&str, &str)> = report[0]
@@ -738,7 +752,10 @@ mod tests {
             .map(|s| (s.key.as_str(), s.reason.as_str()))
             .collect();
         assert_eq!(why.len(), 2, "{why:?}");
-        assert!(why[0].0.contains(missing) && why[0].1.contains("no unet layer"), "{why:?}");
+        assert!(
+            why[0].0.contains(missing) && why[0].1.contains("no unet layer"),
+            "{why:?}"
+        );
         assert!(
             why[1].1.contains("up [32, 2] @ down [2, 16]") && why[1].1.contains("[32, 32]"),
             "{why:?}"

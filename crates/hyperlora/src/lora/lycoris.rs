@@ -94,7 +94,10 @@ impl Loha {
                     } else {
                         Err(mismatch(
                             name,
-                            format!("{kt} {:?} does not join {ka} [{a0}, {a1}] and {kb} [{b0}, {b1}]", t.dims()),
+                            format!(
+                                "{kt} {:?} does not join {ka} [{a0}, {a1}] and {kb} [{b0}, {b1}]",
+                                t.dims()
+                            ),
                         ))
                     }
                 }
@@ -144,7 +147,10 @@ fn tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         .contiguous()?;
     let at = a.t()?.contiguous()?.broadcast_as((kh * kw, p, i))?;
     let out = at.matmul(&per_position)?.broadcast_matmul(b)?; // [kh·kw, p, r]
-    Ok(out.reshape((kh, kw, p, r))?.permute((2, 3, 0, 1))?.contiguous()?)
+    Ok(out
+        .reshape((kh, kw, p, r))?
+        .permute((2, 3, 0, 1))?
+        .contiguous()?)
 }
 
 impl KronFactor {
@@ -166,7 +172,11 @@ impl KronFactor {
                 if a1 != b0 || b0 == 0 {
                     return Err(mismatch(
                         name,
-                        format!("{} [{a0}, {a1}] @ {} [{b0}, {b1}] do not compose", key("_a"), key("_b")),
+                        format!(
+                            "{} [{a0}, {a1}] @ {} [{b0}, {b1}] do not compose",
+                            key("_a"),
+                            key("_b")
+                        ),
                     ));
                 }
                 Ok((Some(b0), vec![a0, b1]))
@@ -178,7 +188,12 @@ impl KronFactor {
                 if t0 != a0 || t1 != b0 || b0 == 0 {
                     return Err(mismatch(
                         name,
-                        format!("{name}.lokr_t2 {:?} does not join {} [{a0}, {a1}] and {} [{b0}, {b1}]", t.dims(), key("_a"), key("_b")),
+                        format!(
+                            "{name}.lokr_t2 {:?} does not join {} [{a0}, {a1}] and {} [{b0}, {b1}]",
+                            t.dims(),
+                            key("_a"),
+                            key("_b")
+                        ),
                     ));
                 }
                 Ok((Some(b0), vec![a1, b1, kh, kw]))
@@ -201,7 +216,9 @@ impl Lokr {
     pub fn rank(&self) -> Option<usize> {
         let rank = |f: &KronFactor| match f {
             KronFactor::Full(_) => None,
-            KronFactor::Product { b, .. } | KronFactor::Tucker { b, .. } => b.dims().first().copied(),
+            KronFactor::Product { b, .. } | KronFactor::Tucker { b, .. } => {
+                b.dims().first().copied()
+            }
         };
         rank(&self.w2).or_else(|| rank(&self.w1))
     }
@@ -211,7 +228,10 @@ impl Lokr {
         let (_, s1) = self.w1.validate(name, "w1")?;
         let (_, s2) = self.w2.validate(name, "w2")?;
         if s1.len() != 2 {
-            return Err(mismatch(name, format!("lokr_w1 has shape {s1:?}, expected a matrix")));
+            return Err(mismatch(
+                name,
+                format!("lokr_w1 has shape {s1:?}, expected a matrix"),
+            ));
         }
         let too_big = || mismatch(name, "its Kronecker product overflows".into());
         let rows = s1[0].checked_mul(s2[0]).ok_or_else(too_big)?;
@@ -252,7 +272,9 @@ mod tests {
 
     fn t(shape: &[usize], seed: f64) -> Tensor {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as f64 * 0.37 + seed).sin()) as f32).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as f64 * 0.37 + seed).sin()) as f32)
+            .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
@@ -273,7 +295,9 @@ mod tests {
                         let mut s = 0.0;
                         for ii in 0..i {
                             for jj in 0..j {
-                                s += tv[((ii * j + jj) * kh + k) * kw + l] * av[ii * p + pp] * bv[jj * r + rr];
+                                s += tv[((ii * j + jj) * kh + k) * kw + l]
+                                    * av[ii * p + pp]
+                                    * bv[jj * r + rr];
                             }
                         }
                         want[((pp * r + rr) * kh + k) * kw + l] = s;

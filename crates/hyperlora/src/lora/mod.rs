@@ -19,5 +19,5 @@ pub use names::{
     kohya_to_module, module_to_kohya, parse_lora, read_lora_file, sgm_to_diffusers,
     summarize_skipped, LoraComponent, LoraLayer, LoraNaming, ParsedLora, SkippedKey,
 };
-pub use update::LoraUpdate;
 pub use per_sample::{forward_linear, forward_linear_residual, RowLoras, SampleAdapters};
+pub use update::LoraUpdate;

@@ -180,7 +180,11 @@ pub fn summarize_skipped(skipped: &[SkippedKey]) -> String {
         .collect();
     let more = if skipped.len() > SHOWN { ", …" } else { "" };
     let noun = if skipped.len() == 1 { "key" } else { "keys" };
-    format!("{} {noun} ignored: {}{more}", skipped.len(), first.join(", "))
+    format!(
+        "{} {noun} ignored: {}{more}",
+        skipped.len(),
+        first.join(", ")
+    )
 }
 
 impl KohyaLora {
@@ -276,7 +280,10 @@ fn split_key(key: &str) -> Option<(String, Part)> {
         }
     }
     // Old attention processors: `….processor.to_q_lora.down.weight`.
-    for (suffix, part) in [("_lora.down.weight", Part::Down), ("_lora.up.weight", Part::Up)] {
+    for (suffix, part) in [
+        ("_lora.down.weight", Part::Down),
+        ("_lora.up.weight", Part::Up),
+    ] {
         if let Some(p) = key.strip_suffix(suffix) {
             return Some((p.to_string(), part));
         }
@@ -290,7 +297,8 @@ fn split_key(key: &str) -> Option<(String, Part)> {
             }
         }
     }
-    key.strip_suffix(".alpha").map(|p| (p.to_string(), Part::Alpha))
+    key.strip_suffix(".alpha")
+        .map(|p| (p.to_string(), Part::Alpha))
 }
 
 /// One module's tensors by part, with their keys.
@@ -316,13 +324,16 @@ fn build_update(prefix: &str, p: &mut Parts) -> Result<std::result::Result<LoraU
     if families.iter().filter(|f| **f).count() > 1 {
         return Err(Error::bad_weights(format!(
             "{prefix}: mixes the keys of several LoRA kinds ({})",
-            p.values().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
+            p.values()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let mut take = |part: Part, name: &str| -> Result<Tensor> {
-        p.remove(&part).map(|(_, t)| t).ok_or_else(|| {
-            Error::bad_weights(format!("{prefix}: {prefix}.{name} is missing"))
-        })
+        p.remove(&part)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::bad_weights(format!("{prefix}: {prefix}.{name} is missing")))
     };
     let update = if families[0] {
         let ((down_key, down), (up_key, up)) = match (p.remove(&Down), p.remove(&Up)) {

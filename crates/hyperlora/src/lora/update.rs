@@ -19,7 +19,10 @@ pub enum LoraUpdate {
     LoKr(Lokr),
     /// A full difference (LyCORIS `full`, kohya/ComfyUI `diff`): `ΔW = diff`, and the bias
     /// `Δb = diff_b` when given; scale 1.
-    Full { diff: Tensor, diff_b: Option<Tensor> },
+    Full {
+        diff: Tensor,
+        diff_b: Option<Tensor>,
+    },
 }
 
 impl LoraUpdate {

@@ -738,7 +738,10 @@ mod tests {
             let got: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
             assert_eq!(got.len(), want.len(), "{what}");
             let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max();
-            assert!(worst <= Some(1), "{what}: image differs by {worst:?} levels");
+            assert!(
+                worst <= Some(1),
+                "{what}: image differs by {worst:?} levels"
+            );
         };
         compare("base", run(&pipe, &p), "base");
         for name in ["locon", "mixed", "loha", "lokr", "diff"] {
@@ -750,7 +753,11 @@ mod tests {
             .layers;
             for w in [0.8f32, -0.6] {
                 pipe.set_loras(&[(&layers, w)]).unwrap();
-                compare(&format!("{name} w={w}"), run(&pipe, &p), &format!("{name}_w{w}"));
+                compare(
+                    &format!("{name} w={w}"),
+                    run(&pipe, &p),
+                    &format!("{name}_w{w}"),
+                );
             }
         }
     }
