@@ -338,17 +338,16 @@ fn build_update(prefix: &str, p: &mut Parts) -> Result<std::result::Result<LoraU
     let update = if families[0] {
         let ((down_key, down), (up_key, up)) = match (p.remove(&Down), p.remove(&Up)) {
             (Some(d), Some(u)) => (d, u),
-            (Some((key, _)), None) | (None, Some((key, _))) => {
-                let other = if key.contains("down") || key.contains("lora_A") {
-                    "up"
-                } else {
-                    "down"
+            (d, u) => {
+                let (key, other) = match (d, u) {
+                    (Some((key, _)), _) => (key, "up"),
+                    (_, Some((key, _))) => (key, "down"),
+                    _ => (prefix.to_string(), "down or up"),
                 };
                 return Err(Error::bad_weights(format!(
                     "LoRA tensor {key} has no matching {other} tensor"
                 )));
             }
-            (None, None) => unreachable!("the family has a key"),
         };
         let (d, u) = (down.dims(), up.dims());
         let ok = match (d.len(), u.len()) {
