@@ -167,7 +167,7 @@ export interface FaceConditionsInput {
 export interface GenerateManyResult {
   /** One array of images per request, in request order. */
   images: Array<Array<RawImage>>
-  /** As [`GenerateResult::warnings`]. */
+  /** As `GenerateResult.warnings`. */
   warnings: Array<string>
 }
 

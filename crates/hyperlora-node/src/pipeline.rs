@@ -459,7 +459,7 @@ pub struct GenerateResult {
 pub struct GenerateManyResult {
     /// One array of images per request, in request order.
     pub images: Vec<Vec<RawImage>>,
-    /// As [`GenerateResult::warnings`].
+    /// As `GenerateResult.warnings`.
     pub warnings: Vec<String>,
 }
 
