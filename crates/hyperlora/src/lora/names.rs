@@ -1132,6 +1132,34 @@ mod tests {
             .contains("lora_unet_conv_in.lora_down.weight"));
     }
 
+    /// kohya's SDXL LoCon files (sd-scripts) name the original UNet's layers: every conv and
+    /// Linear outside the transformers resolves to its diffusers module.
+    #[test]
+    fn sgm_names_of_convs_and_embeddings() {
+        for (kohya, module) in [
+            ("lora_unet_input_blocks_0_0", "conv_in"),
+            ("lora_unet_input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
+            ("lora_unet_input_blocks_1_0_emb_layers_1", "down_blocks.0.resnets.0.time_emb_proj"),
+            ("lora_unet_input_blocks_2_0_out_layers_3", "down_blocks.0.resnets.1.conv2"),
+            ("lora_unet_input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
+            ("lora_unet_input_blocks_4_0_skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
+            ("lora_unet_middle_block_2_in_layers_2", "mid_block.resnets.1.conv1"),
+            ("lora_unet_output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
+            ("lora_unet_output_blocks_8_0_skip_connection", "up_blocks.2.resnets.2.conv_shortcut"),
+            ("lora_unet_time_embed_0", "time_embedding.linear_1"),
+            ("lora_unet_time_embed_2", "time_embedding.linear_2"),
+            ("lora_unet_label_emb_0_0", "add_embedding.linear_1"),
+            ("lora_unet_label_emb_0_2", "add_embedding.linear_2"),
+            ("lora_unet_out_2", "conv_out"),
+        ] {
+            assert_eq!(
+                kohya_to_module(kohya),
+                Some((LoraComponent::Unet, module.to_string())),
+                "{kohya}"
+            );
+        }
+    }
+
     #[test]
     fn underscore_paths() {
         assert_eq!(
