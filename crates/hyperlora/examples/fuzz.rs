@@ -642,8 +642,9 @@ fn mutate_safetensors(rng: &mut Rng, data: &[u8]) -> Option<Vec<u8>> {
             let i = pick(rng)?;
             let other = pick(rng).map(|j| st.entries[j].0.clone());
             // The LyCORIS parts a module can be made of, to swap one for another.
-            const PARTS: [&str; 12] = [
+            const PARTS: [&str; 13] = [
                 "lora_down.weight",
+                "lora_mid.weight",
                 "hada_w1_a",
                 "hada_w2_b",
                 "hada_t1",

@@ -575,8 +575,9 @@ mod tests {
         parsed.layers
     }
 
-    /// LoCon (3x3 and 1x1 convolutions, Linears outside the transformers), LoHa (flattened and
-    /// Tucker), LoKr (every factor form), full differences (with bias), and an f16 file mixing
+    /// LoCon (3x3 and 1x1 convolutions, Linears outside the transformers; plain and Tucker),
+    /// LoHa (flattened and Tucker), LoKr (every factor form), full differences (with bias), and
+    /// an f16 file mixing
     /// UNet convolutions and Linears with both text encoders: each merged at 0.8 and −0.6 equals
     /// its reference (diffusers' fuse_lora, or the LyCORIS formulas in PyTorch), switching from
     /// one to the next in place; weight 0 is the base model bit for bit.
@@ -586,7 +587,7 @@ mod tests {
         let mut m = tiny(DType::F32);
         let base = m.unet_out(&f);
         assert_close("base", &base, &f["unet_base"], TOL);
-        for name in ["locon", "mixed", "loha", "lokr", "diff"] {
+        for name in ["locon", "mixed", "loha", "lokr", "locon_tucker", "diff"] {
             let layers = kind(name);
             for w in [0.8f32, -0.6] {
                 let report = m.apply(&[(&layers, w)]).unwrap();

@@ -138,7 +138,7 @@ impl Loha {
 /// `einsum("i j k l, i p, j r -> p r k l", t, a, b)` (LyCORIS `rebuild_tucker`): `t`
 /// `[i, j, kh, kw]`, `a` `[i, p]`, `b` `[j, r]` → `[p, r, kh, kw]`. As one batched product over
 /// the kernel positions: `aᵀ · t[:, :, k, l] · b`.
-fn tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (i, j, kh, kw) = t.dims4()?;
     let (p, r) = (a.dim(1)?, b.dim(1)?);
     let per_position = t

@@ -19,11 +19,10 @@
 //!   text encoders `to_q_lora` = `q_proj`, `to_out_lora` = `out_proj`).
 //!
 //! Every module of those layouts may also be in a LyCORIS form instead of `lora_down`/`lora_up`
-//! (kohya-LyCORIS files; see [`LoraUpdate`]): LoCon (4-d `lora_down`), LoHa
+//! (kohya-LyCORIS files; see [`LoraUpdate`]): LoCon (4-d `lora_down`, Tucker `lora_mid`), LoHa
 //! (`hada_w1_a/b`, `hada_w2_a/b`, optional `hada_t1/t2`), LoKr (`lokr_w1` or `lokr_w1_a/b`,
 //! `lokr_w2` or `lokr_w2_a/b`, optional `lokr_t2`), full differences (`diff`, `diff_b`).
-//! Anything else (DoRA's `dora_scale`, LoCon's Tucker `lora_mid`, norm-layer keys, unknown
-//! names) is listed in [`ParsedLora::skipped`] with the reason rather than silently dropped.
+//! Anything else (DoRA's `dora_scale`, norm-layer keys, unknown names) is listed in [`ParsedLora::skipped`] with the reason rather than silently dropped.
 //!
 //! Text-encoder module paths are transformers' classic names
 //! (`text_model.encoder.layers.0.self_attn.q_proj`).
@@ -110,7 +109,10 @@ impl LoraLayer {
     /// `alpha / rank`; 1 without an alpha or without a rank. A LyCORIS module's alpha 0 also
     /// means 1 (LyCORIS reads 0 as `alpha = lora_dim`).
     pub fn scale(&self) -> f32 {
-        let lycoris = matches!(self.update, LoraUpdate::LoHa(_) | LoraUpdate::LoKr(_));
+        let lycoris = matches!(
+            self.update,
+            LoraUpdate::LoHa(_) | LoraUpdate::LoKr(_) | LoraUpdate::LoConTucker { .. }
+        );
         match (self.alpha, self.rank()) {
             (Some(a), _) if lycoris && a == 0.0 => 1.0,
             (Some(a), Some(r)) => a / r as f32,
@@ -238,6 +240,7 @@ enum Part {
     DiffB,
     /// Recognised so the module can be reported as a whole, never applied.
     DoraScale,
+    /// LoCon's Tucker core.
     LoraMid,
 }
 
@@ -311,12 +314,9 @@ fn build_update(prefix: &str, p: &mut Parts) -> Result<std::result::Result<LoraU
     if p.contains_key(&DoraScale) {
         return Ok(Err("DoRA (dora_scale) is not supported".into()));
     }
-    if p.contains_key(&LoraMid) {
-        return Ok(Err("LoCon's Tucker form (lora_mid) is not supported".into()));
-    }
     let family = |parts: &[Part]| parts.iter().any(|x| p.contains_key(x));
     let families = [
-        family(&[Down, Up]),
+        family(&[Down, Up, LoraMid]),
         family(&[HadaW1A, HadaW1B, HadaW2A, HadaW2B, HadaT1, HadaT2]),
         family(&[LokrW1, LokrW1A, LokrW1B, LokrW2, LokrW2A, LokrW2B, LokrT2]),
         family(&[Diff, DiffB]),
@@ -349,6 +349,18 @@ fn build_update(prefix: &str, p: &mut Parts) -> Result<std::result::Result<LoraU
                 )));
             }
         };
+        if let Some((mid_key, mid)) = p.remove(&LoraMid) {
+            // LoCon in Tucker form: 1x1 down and up around a [r_up, r_down, kh, kw] core.
+            let (d, m, u) = (down.dims(), mid.dims(), up.dims());
+            let ok = matches!((d, m, u), ([rd, _, 1, 1], [ru, rd2, _, _], [_, ru2, 1, 1])
+                if rd == rd2 && ru == ru2 && *rd > 0 && *ru > 0);
+            if !ok {
+                return Err(Error::bad_weights(format!(
+                    "{down_key} {d:?}, {mid_key} {m:?} and {up_key} {u:?} are not a LoCon Tucker triple ([r, in, 1, 1], [r, r, kh, kw], [out, r, 1, 1])"
+                )));
+            }
+            return Ok(Ok(LoraUpdate::LoConTucker { down, mid, up }));
+        }
         let (d, u) = (down.dims(), up.dims());
         let ok = match (d.len(), u.len()) {
             (2, 2) => u[1] == d[0],
@@ -1138,14 +1150,38 @@ mod tests {
     fn sgm_names_of_convs_and_embeddings() {
         for (kohya, module) in [
             ("lora_unet_input_blocks_0_0", "conv_in"),
-            ("lora_unet_input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
-            ("lora_unet_input_blocks_1_0_emb_layers_1", "down_blocks.0.resnets.0.time_emb_proj"),
-            ("lora_unet_input_blocks_2_0_out_layers_3", "down_blocks.0.resnets.1.conv2"),
-            ("lora_unet_input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
-            ("lora_unet_input_blocks_4_0_skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
-            ("lora_unet_middle_block_2_in_layers_2", "mid_block.resnets.1.conv1"),
-            ("lora_unet_output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
-            ("lora_unet_output_blocks_8_0_skip_connection", "up_blocks.2.resnets.2.conv_shortcut"),
+            (
+                "lora_unet_input_blocks_1_0_in_layers_2",
+                "down_blocks.0.resnets.0.conv1",
+            ),
+            (
+                "lora_unet_input_blocks_1_0_emb_layers_1",
+                "down_blocks.0.resnets.0.time_emb_proj",
+            ),
+            (
+                "lora_unet_input_blocks_2_0_out_layers_3",
+                "down_blocks.0.resnets.1.conv2",
+            ),
+            (
+                "lora_unet_input_blocks_3_0_op",
+                "down_blocks.0.downsamplers.0.conv",
+            ),
+            (
+                "lora_unet_input_blocks_4_0_skip_connection",
+                "down_blocks.1.resnets.0.conv_shortcut",
+            ),
+            (
+                "lora_unet_middle_block_2_in_layers_2",
+                "mid_block.resnets.1.conv1",
+            ),
+            (
+                "lora_unet_output_blocks_2_2_conv",
+                "up_blocks.0.upsamplers.0.conv",
+            ),
+            (
+                "lora_unet_output_blocks_8_0_skip_connection",
+                "up_blocks.2.resnets.2.conv_shortcut",
+            ),
             ("lora_unet_time_embed_0", "time_embedding.linear_1"),
             ("lora_unet_time_embed_2", "time_embedding.linear_2"),
             ("lora_unet_label_emb_0_0", "add_embedding.linear_1"),

@@ -13,6 +13,15 @@ pub enum LoraUpdate {
     /// `[out, r]`. Convolution (LoCon): down `[r, in, kh, kw]`, up `[out, r, 1, 1]`, i.e.
     /// `ΔW = (up[:, :, 0, 0] @ down.reshape(r, in·kh·kw)).reshape(out, in, kh, kw)`.
     LowRank { down: Tensor, up: Tensor },
+    /// LoCon in Tucker (CP) form, LyCORIS `LoConModule` with `use_tucker`: down `[r, in, 1, 1]`,
+    /// mid `[r, r, kh, kw]`, up `[out, r, 1, 1]`;
+    /// `ΔW = einsum("i j k l, j r, p i -> p r k l", mid, down, up)` (as ComfyUI applies it), scale
+    /// `alpha / r` with `r = down.shape[0]`.
+    LoConTucker {
+        down: Tensor,
+        mid: Tensor,
+        up: Tensor,
+    },
     /// LyCORIS LoHa (see [`Loha`]).
     LoHa(Loha),
     /// LyCORIS LoKr (see [`Lokr`]).
@@ -31,6 +40,7 @@ impl LoraUpdate {
         match self {
             LoraUpdate::LowRank { down, .. } if down.rank() == 4 => "LoCon",
             LoraUpdate::LowRank { .. } => "LoRA",
+            LoraUpdate::LoConTucker { .. } => "LoCon (Tucker)",
             LoraUpdate::LoHa(_) => "LoHa",
             LoraUpdate::LoKr(_) => "LoKr",
             LoraUpdate::Full { .. } => "diff",
@@ -41,7 +51,9 @@ impl LoraUpdate {
     /// with both factors whole, a full difference).
     pub fn rank(&self) -> Option<usize> {
         match self {
-            LoraUpdate::LowRank { down, .. } => down.dims().first().copied(),
+            LoraUpdate::LowRank { down, .. } | LoraUpdate::LoConTucker { down, .. } => {
+                down.dims().first().copied()
+            }
             LoraUpdate::LoHa(h) => Some(h.rank()),
             LoraUpdate::LoKr(k) => k.rank(),
             LoraUpdate::Full { .. } => None,
@@ -65,6 +77,10 @@ impl LoraUpdate {
                 let mut d = vec![*up.dims().first()?];
                 d.extend_from_slice(down.dims().get(1..)?);
                 Some(d)
+            }
+            LoraUpdate::LoConTucker { down, mid, up } => {
+                let (kh, kw) = (*mid.dims().get(2)?, *mid.dims().get(3)?);
+                Some(vec![*up.dims().first()?, *down.dims().get(1)?, kh, kw])
             }
             LoraUpdate::LoHa(h) => h.validate("").ok(),
             LoraUpdate::LoKr(k) => k.validate("").ok(),
@@ -102,6 +118,13 @@ impl LoraUpdate {
                 let up = f32(up)?.reshape((up.dim(0)?, r))?;
                 up.matmul(&f32(down)?.reshape((r, ()))?)?
             }
+            LoraUpdate::LoConTucker { down, mid, up } => {
+                // rebuild_tucker's einsum with a = upᵀ [r, out], b = down [r, in].
+                let (r_up, r_down) = (up.dim(1)?, down.dim(0)?);
+                let up_t = f32(up)?.reshape((up.dim(0)?, r_up))?.t()?;
+                let down = f32(down)?.reshape((r_down, ()))?;
+                super::lycoris::tucker(&f32(mid)?, &up_t, &down)?
+            }
             LoraUpdate::LoHa(h) => h.delta(device)?,
             LoraUpdate::LoKr(k) => k.delta(device)?,
             LoraUpdate::Full { diff, .. } => f32(diff)?,
@@ -122,6 +145,7 @@ impl LoraUpdate {
         }
         match self {
             LoraUpdate::LowRank { down, up } => vec![down, up],
+            LoraUpdate::LoConTucker { down, mid, up } => vec![down, mid, up],
             LoraUpdate::LoHa(h) => {
                 let mut v = vec![&h.w1a, &h.w1b, &h.w2a, &h.w2b];
                 if let Some((t1, t2)) = &h.tucker {

@@ -744,7 +744,7 @@ mod tests {
             );
         };
         compare("base", run(&pipe, &p), "base");
-        for name in ["locon", "mixed", "loha", "lokr", "diff"] {
+        for name in ["locon", "mixed", "loha", "lokr", "locon_tucker", "diff"] {
             let layers = crate::lora::read_lora_file(
                 fixture("lora_kinds", &format!("{name}.safetensors")),
                 &Device::Cpu,
