@@ -266,7 +266,7 @@ const LYCORIS_SUFFIXES: [(&str, Part); 16] = [
 
 /// The role of a key: (module prefix, part).
 fn split_key(key: &str) -> Option<(String, Part)> {
-    const SUFFIXES: [(&str, Part); 9] = [
+    const SUFFIXES: [(&str, Part); 11] = [
         (".lora_down.weight", Part::Down),
         (".lora_up.weight", Part::Up),
         (".lora_A.weight", Part::Down),
@@ -276,6 +276,9 @@ fn split_key(key: &str) -> Option<(String, Part)> {
         (".lora_linear_layer.down.weight", Part::Down),
         (".lora_linear_layer.up.weight", Part::Up),
         (".lora_mid.weight", Part::LoraMid),
+        // PEFT's DoRA magnitude (as diffusers saves it), reported like LyCORIS's dora_scale.
+        (".lora_magnitude_vector.weight", Part::DoraScale),
+        (".lora_magnitude_vector", Part::DoraScale),
     ];
     for (suffix, part) in SUFFIXES.into_iter().chain(LYCORIS_SUFFIXES) {
         if let Some(p) = key.strip_suffix(suffix) {
@@ -311,6 +314,9 @@ type Parts = BTreeMap<Part, (String, Tensor)>;
 /// not apply). Malformed or incomplete modules are `BAD_WEIGHTS` naming the tensor.
 fn build_update(prefix: &str, p: &mut Parts) -> Result<std::result::Result<LoraUpdate, String>> {
     use Part::*;
+    // DoRA rescales each weight column (LyCORIS `dora_scale`, `[1, in]`) or row (PEFT's
+    // magnitude, `[out]`) after the update, and the two disagree on the axis: rather than merge a
+    // module wrongly, it is left out and reported.
     if p.contains_key(&DoraScale) {
         return Ok(Err("DoRA (dora_scale) is not supported".into()));
     }
@@ -1077,6 +1083,15 @@ mod tests {
             Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap(),
         ));
         t.extend(pair(
+            "unet.mid_block.resnets.1.time_emb_proj",
+            ".lora_A.weight",
+            ".lora_B.weight",
+        ));
+        t.push((
+            "unet.mid_block.resnets.1.time_emb_proj.lora_magnitude_vector".into(),
+            Tensor::ones(6, DType::F32, &Device::Cpu).unwrap(),
+        ));
+        t.extend(pair(
             "lora_unet_frobnicator_7",
             ".lora_down.weight",
             ".lora_up.weight",
@@ -1088,6 +1103,7 @@ mod tests {
             reasons,
             [
                 "not a tensor of a LoRA kind hyperlora knows",
+                "DoRA (dora_scale) is not supported",
                 "DoRA (dora_scale) is not supported",
                 "module name not understood"
             ],
