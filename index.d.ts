@@ -187,7 +187,10 @@ export interface FaceConditionsInput {
   baseCrop?: RawImage
 }
 
-/** What one request drew: its images, the settings used, and what the caller should know. */
+/**
+ * What one request drew: its images, the settings used, and what the caller should know (LoRA
+ * keys that were left out, one line per file).
+ */
 export interface Generated {
   images: Array<RawImage>
   settings: GenerateSettings
@@ -341,10 +344,11 @@ export interface RawImage {
   data: Buffer
 }
 
-/** A refined picture and the settings used. */
+/** A refined picture, the settings used, and LoRA keys that were left out (one line per file). */
 export interface Refined {
   image: RawImage
   settings: RefineSettings
+  warnings: Array<string>
 }
 
 /**

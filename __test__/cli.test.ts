@@ -52,6 +52,11 @@ describe('hyperlora CLI', () => {
     expect(gen.code, gen.stderr).toBe(0)
     expect(JSON.parse(gen.stdout)).toMatchObject({ output: out, seed: 7, width: 64, warnings: [] })
     expect(fs.readFileSync(out).subarray(8, 12).toString()).toBe('WEBP')
+    // LoRA keys that match no layer are printed as warnings.
+    const partial = path.resolve(__dirname, '..', 'crates', 'hyperlora', 'tests', 'fixtures', 'lora_kinds', 'partial.safetensors')
+    const styled = hyperlora('generate', '--tiny', '--lora', `${partial}:0.8`, '--prompt', 'a portrait', '--width', '64', '--height', '64', '--steps', '1', '--out', path.join(dir, 's.png'), '--quiet')
+    expect(styled.code, styled.stderr).toBe(0)
+    expect(styled.stderr).toMatch(/^warning: partial\.safetensors: 4 keys ignored: /m)
     const refined = hyperlora('generate', '--tiny', '--face', photo, '--refine-face', '--prompt', 'a portrait', '--width', '64', '--height', '64', '--steps', '2', '--out', path.join(dir, 'r.png'), '--json')
     expect(refined.code, refined.stderr).toBe(0)
     expect(JSON.parse(refined.stdout).info).toMatch(/Face refine strength: 0.5/)

@@ -131,6 +131,33 @@ describe('SDXL pipeline from TypeScript', () => {
     expect(missing.message).toContain('nope')
   })
 
+  it('applies LoCon / LyCORIS files, warns about keys that match no layer, refuses files where none does', async () => {
+    const fixture = (name: string) => path.resolve(__dirname, '..', 'crates', 'hyperlora', 'tests', 'fixtures', 'lora_kinds', `${name}.safetensors`)
+    const [plain] = await pipeline.generate(base)
+    const [styled] = await pipeline.generate({ ...base, loras: [{ path: fixture('locon'), weight: 0.8 }, { path: fixture('lokr'), weight: -0.6 }] })
+    expect(styled!.warnings).toEqual([])
+    expect(styled!.data.equals(plain!.data)).toBe(false)
+    const [partial] = await pipeline.generate({ ...base, loras: [{ path: fixture('partial'), weight: 0.8 }] })
+    expect(partial!.warnings).toHaveLength(1)
+    expect(partial!.warnings[0]).toMatch(/^partial\.safetensors: 4 keys ignored: /)
+    expect(partial!.warnings[0]).toContain('lora_unet_frobnicator_7 (module name not understood)')
+    expect(partial!.warnings[0]).toContain('DoRA (dora_scale) is not supported')
+    expect(partial!.warnings[0]).toMatch(/, …$/)
+    const nothing = await rejection(pipeline.generate({ ...base, loras: [{ path: fixture('nothing'), weight: 1 }] }))
+    expect(nothing.code).toBe('INVALID_ARGUMENT')
+    expect(nothing.message).toContain('nothing.safetensors')
+    // A conv LoRA shared by a batch gives each request what it gets alone.
+    const [a, b] = await pipeline.generateBatch([
+      { ...base, loras: [{ path: fixture('locon'), weight: 0.8 }, { path: fixture('lokr'), weight: -0.6 }] },
+      { ...base, seed: 43, loras: [{ path: fixture('locon'), weight: 0.8 }, { path: fixture('lokr'), weight: -0.6 }] },
+    ])
+    const [x, y] = await Promise.all([sharp(a![0]!.data).raw().toBuffer(), sharp(styled!.data).raw().toBuffer()])
+    let worst = 0
+    for (let p = 0; p < x.length; p++) worst = Math.max(worst, Math.abs(x[p]! - y[p]!))
+    expect(worst).toBeLessThanOrEqual(1)
+    expect(b![0]!.warnings).toEqual([])
+  })
+
   it('loads the single-file checkpoint and gives the same picture as the diffusers folder', async () => {
     const single = await loadPipeline(path.join(TINY_SDXL, '..', 'sdxl-single-file.safetensors'), { device: 'cpu', configDir: TINY_SDXL })
     const [a] = await pipeline.generate(base)

@@ -226,7 +226,7 @@ export class HyperLoRA {
         identityWeights: (prepared.request.identities ?? []).map((i) => i.weight ?? native().generateDefaults().identityWeight),
         loras: prepared.request.loras ?? [],
       }
-      return (await finish({ images: [refined.image], settings, warnings: [] }, prepared, refineSettings(s)))[0]!
+      return (await finish({ images: [refined.image], settings, warnings: refined.warnings }, prepared, refineSettings(s)))[0]!
     })
   }
 

@@ -227,7 +227,8 @@ pub fn generate_defaults() -> GenerateDefaults {
     }
 }
 
-/// What one request drew: its images, the settings used, and what the caller should know.
+/// What one request drew: its images, the settings used, and what the caller should know (LoRA
+/// keys that were left out, one line per file).
 #[napi(object)]
 pub struct Generated {
     pub images: Vec<RawImage>,
@@ -292,11 +293,11 @@ fn engine_requests(
         .map(|pairs| pairs.into_iter().unzip())
 }
 
-fn generated(images: Vec<RgbImage>, settings: GenerateSettings) -> Generated {
+fn generated(images: Vec<RgbImage>, settings: GenerateSettings, warnings: &[String]) -> Generated {
     Generated {
         images: images.into_iter().map(RawImage::from).collect(),
         settings,
-        warnings: Vec::new(),
+        warnings: warnings.to_vec(),
     }
 }
 
@@ -341,8 +342,9 @@ impl Pipeline {
             CallContext::new(cancel, on_progress),
             Ok,
             move |cancel, progress| {
-                let images = lock(&session).generate(&request, cancel, progress)?;
-                Ok(generated(images, settings))
+                let mut session = lock(&session);
+                let images = session.generate(&request, cancel, progress)?;
+                Ok(generated(images, settings, session.warnings()))
             },
         ))
     }
@@ -380,11 +382,13 @@ impl Pipeline {
             CallContext::new(cancel, on_progress),
             Ok,
             move |cancel, progress| {
-                let images = lock(&session).generate_many(&requests, cancel, progress)?;
+                let mut session = lock(&session);
+                let images = session.generate_many(&requests, cancel, progress)?;
+                let warnings = session.warnings();
                 Ok(images
                     .into_iter()
                     .zip(settings)
-                    .map(|(i, s)| generated(i, s))
+                    .map(|(i, s)| generated(i, s, warnings))
                     .collect())
             },
         ))

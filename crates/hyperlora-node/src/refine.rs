@@ -66,11 +66,12 @@ pub struct RefineSettings {
     pub size: u32,
 }
 
-/// A refined picture and the settings used.
+/// A refined picture, the settings used, and LoRA keys that were left out (one line per file).
 #[napi(object)]
 pub struct Refined {
     pub image: RawImage,
     pub settings: RefineSettings,
+    pub warnings: Vec<String>,
 }
 
 fn refine_params(r: &RefineRequest) -> hyperlora::Result<RefineParams> {
@@ -123,7 +124,7 @@ impl Pipeline {
         cancel: Option<ClassInstance<CancelHandle>>,
         #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
-    ) -> napi::Result<AsyncTask<Call<(RgbImage, RefineSettings), Refined>>> {
+    ) -> napi::Result<AsyncTask<Call<Refined, Refined>>> {
         // Convert on the JavaScript thread: the task must not touch JS-owned buffers.
         let params = refine_params(&request).map_err(to_napi)?;
         let faces = face_boxes(&faces).map_err(to_napi)?;
@@ -148,15 +149,10 @@ impl Pipeline {
         let session = self.inner.get()?;
         Ok(call(
             CallContext::new(cancel, on_progress),
-            |(image, settings)| {
-                Ok(Refined {
-                    image: image.into(),
-                    settings,
-                })
-            },
+            Ok,
             move |cancel, progress| {
                 let mut session = lock(&session);
-                session.activate(&loras.lora_set())?;
+                let warnings = session.activate(&loras.lora_set())?;
                 let image = refine_faces(
                     session.pipeline(),
                     &image,
@@ -165,7 +161,11 @@ impl Pipeline {
                     cancel,
                     progress,
                 )?;
-                Ok((image, settings))
+                Ok(Refined {
+                    image: image.into(),
+                    settings,
+                    warnings,
+                })
             },
         ))
     }

@@ -92,14 +92,14 @@ fn identity(pipe: &SdxlPipeline, rank: usize, seed: u64) -> hyperlora::Result<Ve
         .filter(|(name, _)| name.contains(".attn"))
         .map(|(module, linear)| {
             let (out_f, in_f) = linear.weight().dims2()?;
-            Ok(LoraLayer {
-                component: LoraComponent::Unet,
-                down: (g.randn((rank, in_f))? * 0.02)?,
-                up: (g.randn((out_f, rank))? * 0.02)?,
-                alpha: Some(rank as f32 / 2.0),
-                source: module.clone(),
+            Ok(LoraLayer::low_rank(
+                LoraComponent::Unet,
+                module.clone(),
+                (g.randn((rank, in_f))? * 0.02)?,
+                (g.randn((out_f, rank))? * 0.02)?,
+                Some(rank as f32 / 2.0),
                 module,
-            })
+            ))
         })
         .collect()
 }

@@ -641,12 +641,32 @@ fn mutate_safetensors(rng: &mut Rng, data: &[u8]) -> Option<Vec<u8>> {
             // Rename: a duplicate, an empty or reserved name, junk.
             let i = pick(rng)?;
             let other = pick(rng).map(|j| st.entries[j].0.clone());
-            let name = match rng.below(6) {
+            // The LyCORIS parts a module can be made of, to swap one for another.
+            const PARTS: [&str; 13] = [
+                "lora_down.weight",
+                "lora_mid.weight",
+                "hada_w1_a",
+                "hada_w2_b",
+                "hada_t1",
+                "lokr_w1",
+                "lokr_w1_a",
+                "lokr_w2",
+                "lokr_w2_b",
+                "lokr_t2",
+                "diff",
+                "diff_b",
+                "dora_scale",
+            ];
+            let name = match rng.below(7) {
                 0 => other.unwrap_or_default(),
                 1 => String::new(),
                 2 => "__metadata__".into(),
                 3 => format!("{}.{}", st.entries[i].0, "x".repeat(rng.below(300))),
                 4 => st.entries[i].0.replace('.', "_"),
+                5 => match st.entries[i].0.split_once('.') {
+                    Some((module, _)) => format!("{module}.{}", rng.pick(&PARTS)),
+                    None => st.entries[i].0.clone(),
+                },
                 _ => st.entries[i].0.replace("lora_down", "lora_up"),
             };
             st.entries[i].0 = name;

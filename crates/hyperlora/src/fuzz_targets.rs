@@ -42,7 +42,8 @@ pub enum Target {
     Configs,
     /// The antelopev2 ONNX graphs (load, then one run on a small picture).
     Onnx,
-    /// LoRA files: `read_lora_file`, `KohyaLora::load`, then applied to the tiny SDXL.
+    /// LoRA files of every kind (LoRA, LoCon, LoHa, LoKr, diff): `read_lora_file`,
+    /// `KohyaLora::load`, then applied to the tiny SDXL.
     Lora,
     /// The HyperLoRA folder's files (JSON and safetensors), then one identity LoRA.
     Hyperlora,
@@ -121,7 +122,10 @@ impl Target {
             Target::Onnx => indexed(tiny.join("antelopev2"), &ONNX_FILES),
             Target::Lora => {
                 let mut files = Vec::new();
-                collect_files(&fixtures.join("lora_apply"), "safetensors", &mut files);
+                // LoRA, LoCon, LoHa, LoKr and diff modules, text encoders, unknown keys.
+                for stage in ["lora_apply", "lora_kinds"] {
+                    collect_files(&fixtures.join(stage), "safetensors", &mut files);
+                }
                 files.retain(|p| !p.ends_with("expected.safetensors"));
                 for f in ["id_lora_n1.safetensors", "base_lora_n1.safetensors"] {
                     files.push(fixtures.join("hyperlora").join(f));
@@ -490,8 +494,8 @@ impl Harness {
     /// Applies `layers` to the tiny SDXL, then restores it.
     fn apply(&self, layers: &[LoraLayer]) -> Result<()> {
         let mut p = self.pipeline().lock().unwrap_or_else(|p| p.into_inner());
-        let applied = p.set_loras(&[(layers, 0.8)]);
-        let restored = p.set_loras(&[]);
+        let applied = p.set_loras(&[(layers, 0.8)]).map(drop);
+        let restored = p.set_loras(&[]).map(drop);
         combine([applied, restored])
     }
 

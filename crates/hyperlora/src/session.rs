@@ -22,9 +22,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::error::Error;
 use crate::error::Result;
 use crate::image::RgbImage;
-use crate::lora::{read_lora_file, KohyaLora, LoraLayer};
+use crate::lora::{read_lora_file, summarize_skipped, KohyaLora, LoraLayer, SkippedKey};
 use crate::sdxl::batch::BatchRequest;
 use crate::sdxl::pipeline::{GenerateParams, SdxlPipeline};
 use crate::task::{CancelToken, Progress, ProgressFn};
@@ -115,10 +116,19 @@ impl LoraUse {
         }
     }
 
-    fn layers(&self, pipeline: &SdxlPipeline) -> Result<Vec<LoraLayer>> {
+    /// The LoRA's layers, its name for messages, and the keys its file holds that are no LoRA
+    /// module.
+    fn read(&self, pipeline: &SdxlPipeline) -> Result<(String, Vec<LoraLayer>, Vec<SkippedKey>)> {
         match &self.source {
-            LoraSource::Held(held) => held.lora.to_layers(),
-            LoraSource::File(path) => Ok(read_lora_file(path, pipeline.device())?.layers),
+            LoraSource::Held(held) => Ok(("identity".into(), held.lora.to_layers()?, Vec::new())),
+            LoraSource::File(path) => {
+                let parsed = read_lora_file(path, pipeline.device())?;
+                let name = path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                Ok((name, parsed.layers, parsed.skipped))
+            }
         }
     }
 }
@@ -232,6 +242,8 @@ pub struct Session {
     /// The merged set; `None` while unknown (a merge failed or panicked half-way), so the next
     /// activation merges again from the resident base weights.
     active: Option<Vec<LoraUse>>,
+    /// What merging the active set left out, one line per LoRA.
+    warnings: Vec<String>,
 }
 
 impl Session {
@@ -239,11 +251,18 @@ impl Session {
         Self {
             pipeline,
             active: Some(Vec::new()),
+            warnings: Vec::new(),
         }
     }
 
     pub fn pipeline(&self) -> &SdxlPipeline {
         &self.pipeline
+    }
+
+    /// What merging the active set left out, one line per LoRA (see [`Session::activate`]): after
+    /// a call, the warnings of its LoRA files.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Forgets which set is merged (after a panic interrupted a call holding the session), so
@@ -252,24 +271,43 @@ impl Session {
         self.active = None;
     }
 
-    /// Makes `set` the merged LoRA set unless it already is.
-    pub fn activate(&mut self, set: &[LoraUse]) -> Result<()> {
+    /// Makes `set` the merged LoRA set unless it already is. Returns one warning line per LoRA
+    /// with keys that were left out (no LoRA module, no such layer in SDXL, or a shape that does
+    /// not fit); a LoRA none of whose modules applies is `INVALID_ARGUMENT` naming it.
+    pub fn activate(&mut self, set: &[LoraUse]) -> Result<Vec<String>> {
         if self.active.as_deref() == Some(set) {
-            return Ok(());
+            return Ok(self.warnings.clone());
         }
-        let layers = set
-            .iter()
-            .map(|l| l.layers(&self.pipeline))
-            .collect::<Result<Vec<_>>>()?;
-        let weighted: Vec<(&[LoraLayer], f32)> = layers
+        let mut read = Vec::with_capacity(set.len());
+        for lora in set {
+            let (name, layers, skipped) = lora.read(&self.pipeline)?;
+            let unfit = self.pipeline.unfit_lora_layers(&layers);
+            if !layers.is_empty() && unfit.len() == layers.len() {
+                return Err(Error::invalid_argument(format!(
+                    "{name}: none of its {} LoRA modules fits a layer of this SDXL model ({})",
+                    layers.len(),
+                    summarize_skipped(&unfit)
+                )));
+            }
+            read.push((name, layers, skipped));
+        }
+        let weighted: Vec<(&[LoraLayer], f32)> = read
             .iter()
             .zip(set)
-            .map(|(layers, l)| (layers.as_slice(), l.weight))
+            .map(|((_, layers, _), l)| (layers.as_slice(), l.weight))
             .collect();
         self.active = None;
-        self.pipeline.set_loras(&weighted)?;
+        let left_out = self.pipeline.set_loras(&weighted)?;
+        self.warnings = read
+            .into_iter()
+            .zip(left_out)
+            .filter_map(|((name, _, mut skipped), unfit)| {
+                skipped.extend(unfit);
+                (!skipped.is_empty()).then(|| format!("{name}: {}", summarize_skipped(&skipped)))
+            })
+            .collect();
         self.active = Some(set.to_vec());
-        Ok(())
+        Ok(self.warnings.clone())
     }
 
     /// Runs one request with its identities and files merged; image `k` from `seed + k`.
@@ -482,10 +520,15 @@ mod tests {
         assert_eq!(LoraUse::file("x", 1.0), LoraUse::file("x", 1.0));
     }
 
+    /// A LoRA that fits nothing, or a file that cannot be read, is refused and changes nothing;
+    /// a set forgotten (after a panic) is merged afresh by the next call.
     #[test]
-    fn a_failed_merge_leaves_the_set_unknown_and_the_next_call_merges_again() {
+    fn refused_sets_change_nothing_and_a_forgotten_set_is_merged_again() {
         let mut session = Session::new(tiny_sdxl());
-        // Readable, but its shape fits no layer: the merge itself fails.
+        let style = LoraUse::file(fixture("lora_apply", "kohya_diffusers.safetensors"), 0.6);
+        session.activate(std::slice::from_ref(&style)).unwrap();
+        let merged = session.pipeline().loras().merged_layers();
+        // Readable, but its one module fits no layer.
         let mut misfit = KohyaLora::new();
         let (module, linear) = session
             .pipeline()
@@ -504,15 +547,21 @@ mod tests {
             .insert(module_to_kohya(LoraComponent::Unet, &module), weights)
             .unwrap();
         let misfit = HeldLora::new(misfit);
-        assert!(session.activate(&[LoraUse::held(&misfit, 1.0)]).is_err());
-        assert!(session.active.is_none());
+        let err = session
+            .activate(&[LoraUse::held(&misfit, 1.0)])
+            .unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::InvalidArgument);
+        let missing = LoraUse::file("/nonexistent/style.safetensors", 1.0);
+        assert!(session.activate(&[missing]).is_err());
+        assert_eq!(
+            session.active.as_deref(),
+            Some(std::slice::from_ref(&style))
+        );
+        assert_eq!(session.pipeline().loras().merged_layers(), merged);
+        session.forget_active_set();
         session.activate(&[]).unwrap();
         assert_eq!(session.active.as_deref(), Some(&[][..]));
         assert_eq!(session.pipeline().loras().merged_layers(), 0);
-        // A file that cannot be read changes nothing: the set stays known.
-        let missing = LoraUse::file("/nonexistent/style.safetensors", 1.0);
-        assert!(session.activate(&[missing]).is_err());
-        assert_eq!(session.active.as_deref(), Some(&[][..]));
     }
 
     /// Mixed identities in one batch, then one identity shared by the whole batch (merged, no

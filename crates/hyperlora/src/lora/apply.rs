@@ -1,77 +1,117 @@
-//! Applying LoRAs to SDXL (docs/hyperlora-model.md §5): for every targeted Linear,
-//! `W' = W_base + Σ_loras weight × scale × (up @ down)` with `scale = alpha / rank` (1 without
-//! an alpha). Weights may be negative; several LoRAs may target the same layer (identity + style,
+//! Applying LoRAs to SDXL (docs/hyperlora-model.md §5): for every targeted layer,
+//! `W' = W_base + Σ_loras weight × scale × ΔW` with `scale = alpha / rank` (1 without an alpha)
+//! and `ΔW` the module's update in whichever form its file stores it ([`LoraUpdate`]: `up @ down`
+//! for LoRA and LoCon, LyCORIS LoHa / LoKr rebuilt, full differences, whose `diff_b` also moves
+//! the bias). Weights may be negative; several LoRAs may target the same layer (identity + style,
 //! or a concept slider: identity A at −0.7 plus identity B at +0.7). This is diffusers'
 //! `fuse_lora(lora_scale=weight)` (PEFT's merge), with all LoRAs of a layer summed at once.
 //!
 //! The mechanism is a **merge into working copies**, never a reload: [`LoraMerger`] keeps the
-//! base weight tensor of each layer it has touched (candle tensors are reference-counted, so this
-//! is the very tensor the model was loaded with, not a copy) and rebuilds only the targeted layers
-//! as merged copies on the weight's device and dtype (the update is computed in f32, added to the
-//! base in f32 and cast back). Applying a new set first puts back the base of every layer the new
-//! set no longer touches; an empty set restores the base exactly (the original tensors, so outputs
-//! are bit-identical to the unmodified model). A low-rank side path (`y = Wx + Σ w·s·up(down(x))`)
-//! was measured as the alternative (see `bench_switch_and_side_path` below; CPU, SDXL base's 560
-//! attention Linears, rank 8): a switch by merge took ~5 s (f16 weights, 2 shared cores), while the
-//! side path added ~6.5% to those Linears, ~1.1 s per denoising step at 1024² — more than a merge
-//! after 5 steps of a 20-step generation — so merge is the mechanism (diffusers' `fuse_lora`).
-//! A batch whose samples carry different LoRAs cannot be merged; it takes the side path
-//! ([`super::per_sample`]).
+//! base weight (and bias) tensors of each layer it has touched (candle tensors are
+//! reference-counted, so this is the very tensor the model was loaded with, not a copy) and
+//! rebuilds only the targeted layers as merged copies on the weight's device and dtype (the
+//! update is computed in f32, added to the base in f32 and cast back). Applying a new set first
+//! puts back the base of every layer the new set no longer touches; an empty set restores the
+//! base exactly (the original tensors, so outputs are bit-identical to the unmodified model). A
+//! low-rank side path (`y = Wx + Σ w·s·up(down(x))`) was measured as the alternative (see
+//! `bench_switch_and_side_path` below; CPU, SDXL base's 560 attention Linears, rank 8): a switch
+//! by merge took ~5 s (f16 weights, 2 shared cores), while the side path added ~6.5% to those
+//! Linears, ~1.1 s per denoising step at 1024² — more than a merge after 5 steps of a 20-step
+//! generation — so merge is the mechanism (diffusers' `fuse_lora`). A batch whose samples carry
+//! different LoRAs cannot be merged; it takes the side path ([`super::per_sample`]).
 //!
-//! Only the Linears of the UNet's transformers (`attn1/attn2.to_q|to_k|to_v|to_out.0`,
-//! `ff.net.0.proj`, `ff.net.2`, `proj_in`/`proj_out` when linear) and of the text encoders'
-//! layers (`self_attn.{q,k,v,out}_proj`, `mlp.fc1|fc2`) can be targeted. Convolution LoRAs (LoCon,
-//! 4-d `down`/`up`, e.g. for the `proj_in`/`proj_out` of models without linear projections; SDXL
-//! uses linear ones) are refused with `INVALID_ARGUMENT`, as are modules the model does not have
-//! and shape mismatches; nothing is changed when a set is refused.
+//! Every layer community SDXL LoRAs target can be merged ([`sdxl_targets`]): the UNet's
+//! transformer Linears, its resnets' `conv1`/`conv2`/`conv_shortcut`/`time_emb_proj`, the
+//! down/upsamplers' convolutions, `conv_in`/`conv_out`, the time and add embeddings'
+//! `linear_1`/`linear_2`, conv-form `proj_in`/`proj_out`, and the text encoders' layer Linears.
+//! A module the model does not have, or whose `ΔW` does not fit its layer's weight, is left out
+//! and reported (as diffusers logs them); a LoRA none of whose modules fits is refused with
+//! `INVALID_ARGUMENT`, and nothing is changed when a set is refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use candle_core::{DType, Tensor};
 use candle_nn::Linear;
 
-use super::names::{LoraComponent, LoraLayer};
+use super::names::{summarize_skipped, LoraComponent, LoraLayer, SkippedKey};
+use super::update::LoraUpdate;
+use crate::sdxl::model::conv::Conv2d;
 use crate::sdxl::model::unet::UNet2DConditionModel;
 use crate::sdxl::text::encoders::SdxlTextEncoders;
 use crate::{Error, Result};
 
-/// A Linear a LoRA may target: its component and module path (diffusers naming for the UNet,
+/// A layer a LoRA may merge into.
+pub enum LayerMut<'a> {
+    Linear(&'a mut Linear),
+    Conv(&'a mut Conv2d),
+}
+
+impl LayerMut<'_> {
+    /// `[out, in]` or `[out, in, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            LayerMut::Linear(l) => l.weight(),
+            LayerMut::Conv(c) => c.weight(),
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            LayerMut::Linear(l) => l.bias(),
+            LayerMut::Conv(c) => c.bias(),
+        }
+    }
+
+    fn set(&mut self, weight: Tensor, bias: Option<Tensor>) {
+        match self {
+            LayerMut::Linear(l) => **l = Linear::new(weight, bias),
+            LayerMut::Conv(c) => **c = c.with_weights(weight, bias),
+        }
+    }
+}
+
+/// A layer a LoRA may target: its component and module path (diffusers naming for the UNet,
 /// transformers' `text_model.encoder.layers.N.…` for the text encoders).
 pub struct LoraTarget<'a> {
     pub component: LoraComponent,
     pub module: String,
-    pub linear: &'a mut Linear,
+    pub layer: LayerMut<'a>,
 }
 
-/// Every LoRA-targetable Linear of SDXL's UNet and two text encoders.
+/// Every LoRA-targetable layer of SDXL's UNet and two text encoders.
 pub fn sdxl_targets<'a>(
     unet: &'a mut UNet2DConditionModel,
     text: &'a mut SdxlTextEncoders,
 ) -> Vec<LoraTarget<'a>> {
     let SdxlTextEncoders { clip_l, clip_g } = text;
-    let tag = |component: LoraComponent| {
-        move |(module, linear): (String, &'a mut Linear)| LoraTarget {
+    let linear = |component: LoraComponent| {
+        move |(module, l): (String, &'a mut Linear)| LoraTarget {
             component,
             module,
-            linear,
+            layer: LayerMut::Linear(l),
         }
     };
-    let mut out: Vec<LoraTarget<'a>> = unet
-        .linears_mut()
+    let (linears, convs) = unet.lora_layers_mut();
+    let mut out: Vec<LoraTarget<'a>> = linears
         .into_iter()
-        .map(tag(LoraComponent::Unet))
+        .map(linear(LoraComponent::Unet))
         .collect();
+    out.extend(convs.into_iter().map(|(module, c)| LoraTarget {
+        component: LoraComponent::Unet,
+        module,
+        layer: LayerMut::Conv(c),
+    }));
     out.extend(
         clip_l
             .linears_mut()
             .into_iter()
-            .map(tag(LoraComponent::TextEncoder)),
+            .map(linear(LoraComponent::TextEncoder)),
     );
     out.extend(
         clip_g
             .linears_mut()
             .into_iter()
-            .map(tag(LoraComponent::TextEncoder2)),
+            .map(linear(LoraComponent::TextEncoder2)),
     );
     out
 }
@@ -88,13 +128,22 @@ fn canonical(component: LoraComponent, module: &str) -> String {
 
 type Key = (LoraComponent, String);
 
+/// The tensors a merged layer had before its first merge.
+#[derive(Debug)]
+struct Original {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// Whether the working copy has its own bias too (a `diff_b`).
+    bias_copied: bool,
+}
+
 /// Keeps the base weights of the layers a LoRA set has replaced and applies LoRA sets by merging
 /// (see the module docs). One merger belongs to one model: always pass it the same model's
 /// targets.
 #[derive(Debug, Default)]
 pub struct LoraMerger {
-    /// The base weight of every layer that currently holds a merged copy.
-    originals: HashMap<Key, Tensor>,
+    /// The base tensors of every layer that currently holds a merged copy.
+    originals: HashMap<Key, Original>,
 }
 
 impl LoraMerger {
@@ -110,55 +159,67 @@ impl LoraMerger {
     /// The memory the applied set costs on top of the base model: one working copy per merged
     /// layer (the base tensors are the model's own, kept alive here instead of in the layer).
     pub fn overhead_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         self.originals
             .values()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .map(|o| bytes(&o.weight) + o.bias.as_ref().filter(|_| o.bias_copied).map_or(0, bytes))
             .sum()
     }
 
     /// Makes `loras` (each LoRA's layers with its weight) the active set on the model whose
-    /// Linears `targets` lists: layers of the previous set that `loras` does not touch get their
-    /// base weights back, targeted layers become `W_base + Σ weight · scale · (up @ down)`.
-    /// Contributions with weight 0 are dropped (a layer left with none keeps its base weight).
-    /// `loras` empty restores the base model exactly.
+    /// layers `targets` lists: layers of the previous set that `loras` does not touch get their
+    /// base weights back, targeted layers become `W_base + Σ weight · scale · ΔW`. Contributions
+    /// with weight 0 are dropped (a layer left with none keeps its base weight). `loras` empty
+    /// restores the base model exactly.
     ///
-    /// Errors (`INVALID_ARGUMENT`, the model unchanged): a module the model does not have, a
-    /// shape that does not match the layer, a convolution LoRA, a non-finite weight. Should the
-    /// merge itself fail (e.g. out of device memory), every layer is restored to its base weight
-    /// before the error is returned.
+    /// Returns, per LoRA of `loras`, the modules left out: the model has no such layer, or the
+    /// module's `ΔW` (or `diff_b`) does not fit it.
+    ///
+    /// Errors (`INVALID_ARGUMENT`, the model unchanged): a LoRA none of whose modules fits, a
+    /// non-finite weight. Should the merge itself fail (e.g. out of device memory), every layer
+    /// is restored to its base weight before the error is returned.
     pub fn apply(
         &mut self,
         targets: Vec<LoraTarget<'_>>,
         loras: &[(&[LoraLayer], f32)],
-    ) -> Result<()> {
-        let mut by_key: HashMap<Key, &mut Linear> = targets
+    ) -> Result<Vec<Vec<SkippedKey>>> {
+        let mut by_key: HashMap<Key, LayerMut> = targets
             .into_iter()
-            .map(|t| ((t.component, t.module), t.linear))
+            .map(|t| ((t.component, t.module), t.layer))
             .collect();
 
         // 1. Validate everything before touching the model.
         let mut plan: BTreeMap<Key, Vec<(&LoraLayer, f32)>> = BTreeMap::new();
+        let mut report = Vec::with_capacity(loras.len());
         for (layers, weight) in loras {
             if !weight.is_finite() {
                 return Err(Error::invalid_argument(format!(
                     "LoRA weight {weight} is not finite"
                 )));
             }
+            let mut skipped = Vec::new();
             for layer in layers.iter() {
                 let key = (layer.component, canonical(layer.component, &layer.module));
-                check_linear(layer)?;
-                let Some(linear) = by_key.get(&key) else {
-                    return Err(Error::invalid_argument(format!(
-                        "{}: the model has no such layer (LoRAs can target the Linears of the UNet's transformers and of the text encoders' layers)",
-                        describe(layer)
-                    )));
-                };
-                check_fits(layer, linear)?;
+                if let Some(reason) = unfit(layer, by_key.get(&key)) {
+                    skipped.push(SkippedKey {
+                        key: layer.source.clone(),
+                        reason,
+                    });
+                    continue;
+                }
                 let contributions = plan.entry(key).or_default();
                 if *weight != 0.0 {
                     contributions.push((layer, *weight));
                 }
             }
+            if !layers.is_empty() && skipped.len() == layers.len() {
+                return Err(Error::invalid_argument(format!(
+                    "none of the LoRA's {} modules fits a layer of this model ({})",
+                    layers.len(),
+                    summarize_skipped(&skipped)
+                )));
+            }
+            report.push(skipped);
         }
         plan.retain(|_, c| !c.is_empty());
 
@@ -171,22 +232,29 @@ impl LoraMerger {
             .collect();
         for key in stale {
             let base = self.originals.remove(&key).expect("listed");
-            if let Some(linear) = by_key.get_mut(&key) {
-                **linear = Linear::new(base, linear.bias().cloned());
+            if let Some(layer) = by_key.get_mut(&key) {
+                layer.set(base.weight, base.bias);
             }
         }
 
         // 3. Merge the targeted layers, each from its base weight.
         let mut failure = None;
         for (key, contributions) in &plan {
-            let linear = by_key.get_mut(key).expect("validated");
+            let layer = by_key.get_mut(key).expect("validated");
             let base = self
                 .originals
                 .entry(key.clone())
-                .or_insert_with(|| linear.weight().clone())
-                .clone();
-            match merged_weight(&base, contributions) {
-                Ok(w) => **linear = Linear::new(w, linear.bias().cloned()),
+                .or_insert_with(|| Original {
+                    weight: layer.weight().clone(),
+                    bias: layer.bias().cloned(),
+                    bias_copied: false,
+                });
+            match merged(base, contributions) {
+                Ok((w, b)) => {
+                    base.bias_copied = b.is_some();
+                    let bias = b.or_else(|| base.bias.clone());
+                    layer.set(w, bias);
+                }
                 Err(e) => {
                     failure = Some(e.context(format!("merging LoRAs into {}", key.1)));
                     break;
@@ -195,18 +263,49 @@ impl LoraMerger {
         }
         if let Some(e) = failure {
             for (key, base) in self.originals.drain() {
-                if let Some(linear) = by_key.get_mut(&key) {
-                    **linear = Linear::new(base, linear.bias().cloned());
+                if let Some(layer) = by_key.get_mut(&key) {
+                    layer.set(base.weight, base.bias);
                 }
             }
             return Err(e);
         }
-        Ok(())
+        Ok(report)
     }
 
     /// The layers that currently hold merged copies.
     pub fn merged(&self) -> HashSet<(LoraComponent, String)> {
         self.originals.keys().cloned().collect()
+    }
+}
+
+/// The modules of `layers` that [`LoraMerger::apply`] would leave out on the model whose layers
+/// `targets` lists, with the reason (e.g. to name the file none of whose modules fits).
+pub fn unfit_layers(targets: Vec<LoraTarget<'_>>, layers: &[LoraLayer]) -> Vec<SkippedKey> {
+    let by_key: HashMap<Key, LayerMut> = targets
+        .into_iter()
+        .map(|t| ((t.component, t.module), t.layer))
+        .collect();
+    layers
+        .iter()
+        .filter_map(|layer| {
+            let key = (layer.component, canonical(layer.component, &layer.module));
+            unfit(layer, by_key.get(&key)).map(|reason| SkippedKey {
+                key: layer.source.clone(),
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// Why `layer` cannot merge into `target` (`None`: the model has no such layer), if it cannot.
+fn unfit(layer: &LoraLayer, target: Option<&LayerMut>) -> Option<String> {
+    match target {
+        None => Some(format!(
+            "SDXL has no {} layer {}",
+            layer.component.as_str(),
+            layer.module
+        )),
+        Some(t) => misfit(layer, t.weight().dims(), t.bias().is_some()),
     }
 }
 
@@ -220,50 +319,112 @@ pub(crate) fn describe(layer: &LoraLayer) -> String {
     )
 }
 
-/// Refuses (`INVALID_ARGUMENT`) a convolution LoRA (4-d `down`/`up`).
-pub(crate) fn check_linear(layer: &LoraLayer) -> Result<()> {
-    if layer.down.rank() != 2 || layer.up.rank() != 2 {
-        return Err(Error::invalid_argument(format!(
-            "{}: convolution LoRAs (down {:?}, up {:?}) are not supported; SDXL's transformer projections are linear",
-            describe(layer),
-            layer.down.dims(),
-            layer.up.dims()
-        )));
+/// Why `layer` cannot merge into a layer with this weight shape (and a bias or not), if it
+/// cannot.
+fn misfit(layer: &LoraLayer, weight: &[usize], has_bias: bool) -> Option<String> {
+    if !layer.update.fits(weight) {
+        let shape = match &layer.update {
+            LoraUpdate::LowRank { down, up } => {
+                format!("up {:?} @ down {:?}", up.dims(), down.dims())
+            }
+            u => format!("{:?}", u.delta_dims().unwrap_or_default()),
+        };
+        return Some(format!(
+            "its {} update {shape} does not fit the layer's weight {weight:?}",
+            layer.update.kind()
+        ));
     }
-    Ok(())
+    if let LoraUpdate::Full {
+        diff_b: Some(_), ..
+    } = layer.update
+    {
+        if !has_bias {
+            return Some("diff_b for a layer without a bias".into());
+        }
+    }
+    None
 }
 
-/// Refuses (`INVALID_ARGUMENT`) a linear LoRA layer whose `up @ down` is not the shape of
-/// `linear`'s weight.
+/// The `(down, up)` of a linear low-rank layer; anything else is `INVALID_ARGUMENT` (the
+/// per-sample path applies only those).
+pub(crate) fn check_linear(layer: &LoraLayer) -> Result<(&Tensor, &Tensor)> {
+    match layer.update.low_rank() {
+        Some((down, up)) if down.rank() == 2 && up.rank() == 2 => Ok((down, up)),
+        _ => Err(Error::invalid_argument(format!(
+            "{}: a {} module cannot be applied to some images of a batch only (only linear LoRAs can; apply it to the whole batch)",
+            describe(layer),
+            layer.update.kind()
+        ))),
+    }
+}
+
+/// Refuses (`INVALID_ARGUMENT`) a layer whose `ΔW` is not the shape of `linear`'s weight.
 pub(crate) fn check_fits(layer: &LoraLayer, linear: &Linear) -> Result<()> {
-    let (out_f, in_f) = linear.weight().dims2()?;
-    let (r, d_in) = layer.down.dims2()?;
-    let (u_out, u_r) = layer.up.dims2()?;
-    if d_in != in_f || u_out != out_f || u_r != r {
-        return Err(Error::invalid_argument(format!(
-            "{}: LoRA shapes up {:?} @ down {:?} do not fit the layer's weight [{out_f}, {in_f}]",
-            describe(layer),
-            layer.up.dims(),
-            layer.down.dims()
-        )));
+    match misfit(layer, linear.weight().dims(), linear.bias().is_some()) {
+        None => Ok(()),
+        Some(reason) => Err(Error::invalid_argument(format!(
+            "{}: {reason}",
+            describe(layer)
+        ))),
     }
-    Ok(())
 }
 
-/// `base + Σ weight · scale · (up @ down)`, computed in f32 on the base's device, returned in
-/// the base's dtype. The LoRAs of a layer are stacked (`[up₁·w₁s₁ | up₂·w₂s₂ | …] @ [down₁; down₂;
-/// …]`), so the full-size work is one matmul, one add and the two casts whatever their number.
-fn merged_weight(base: &Tensor, contributions: &[(&LoraLayer, f32)]) -> Result<Tensor> {
-    let device = base.device();
-    let mut ups = Vec::with_capacity(contributions.len());
-    let mut downs = Vec::with_capacity(contributions.len());
+/// `base + Σ weight · scale · ΔW`, computed in f32 on the base's device, returned in the base's
+/// dtype, and the bias moved by the `diff_b`s (`None`: the bias stays). The low-rank LoRAs of a
+/// layer are stacked (`[up₁·w₁s₁ | up₂·w₂s₂ | …] @ [down₁; down₂; …]`), so their full-size work
+/// is one matmul whatever their number; other forms add their rebuilt `ΔW`.
+fn merged(
+    base: &Original,
+    contributions: &[(&LoraLayer, f32)],
+) -> Result<(Tensor, Option<Tensor>)> {
+    let device = base.weight.device();
+    let shape = base.weight.dims();
+    let out = shape[0];
+    let f32 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
+    let mut ups = Vec::new();
+    let mut downs = Vec::new();
+    let mut delta: Option<Tensor> = None;
+    let mut bias = None;
+    let add = |acc: Option<Tensor>, d: Tensor| -> Result<Option<Tensor>> {
+        Ok(Some(match acc {
+            Some(a) => (a + d)?,
+            None => d,
+        }))
+    };
     for (layer, weight) in contributions {
-        let up = layer.up.to_device(device)?.to_dtype(DType::F32)?;
-        ups.push((up * (*weight as f64 * layer.scale() as f64))?);
-        downs.push(layer.down.to_device(device)?.to_dtype(DType::F32)?);
+        let s = *weight as f64 * layer.scale() as f64;
+        match &layer.update {
+            LoraUpdate::LowRank { down, up } => {
+                let r = down.dim(0)?;
+                ups.push((f32(up)?.reshape((out, r))? * s)?);
+                downs.push(f32(down)?.reshape((r, ()))?);
+            }
+            update => {
+                delta = add(delta, (update.delta_matrix(device)? * s)?)?;
+                if let LoraUpdate::Full {
+                    diff_b: Some(b), ..
+                } = update
+                {
+                    bias = add(bias, (f32(b)? * *weight as f64)?)?;
+                }
+            }
+        }
     }
-    let delta = Tensor::cat(&ups, 1)?.matmul(&Tensor::cat(&downs, 0)?)?;
-    Ok((base.to_dtype(DType::F32)? + delta)?.to_dtype(base.dtype())?)
+    if !ups.is_empty() {
+        delta = add(
+            delta,
+            Tensor::cat(&ups, 1)?.matmul(&Tensor::cat(&downs, 0)?)?,
+        )?;
+    }
+    let mut w = base.weight.to_dtype(DType::F32)?;
+    if let Some(d) = delta {
+        w = (w + d.reshape(shape)?)?;
+    }
+    let bias = match (bias, &base.bias) {
+        (Some(d), Some(b)) => Some((b.to_dtype(DType::F32)? + d)?.to_dtype(b.dtype())?),
+        _ => None,
+    };
+    Ok((w.to_dtype(base.weight.dtype())?, bias))
 }
 
 #[cfg(test)]
@@ -325,7 +486,7 @@ mod tests {
     }
 
     impl Sdxl {
-        fn apply(&mut self, loras: &[(&[LoraLayer], f32)]) -> Result<()> {
+        fn apply(&mut self, loras: &[(&[LoraLayer], f32)]) -> Result<Vec<Vec<SkippedKey>>> {
             let targets = sdxl_targets(&mut self.unet, &mut self.text);
             self.merger.apply(targets, loras)
         }
@@ -405,6 +566,109 @@ mod tests {
         assert_close("te2 embeds base", &e, &f["te2_text_embeds_base"], TOL);
     }
 
+    const KINDS: &str = "lora_kinds";
+
+    fn kind(name: &str) -> Vec<LoraLayer> {
+        let parsed =
+            read_lora_file(fixture(KINDS, &format!("{name}.safetensors")), &Device::Cpu).unwrap();
+        assert!(parsed.skipped.is_empty(), "{name}: {:?}", parsed.skipped);
+        parsed.layers
+    }
+
+    /// LoCon (3x3 and 1x1 convolutions, Linears outside the transformers; plain and Tucker),
+    /// LoHa (flattened and Tucker), LoKr (every factor form), full differences (with bias), and
+    /// an f16 file mixing
+    /// UNet convolutions and Linears with both text encoders: each merged at 0.8 and −0.6 equals
+    /// its reference (diffusers' fuse_lora, or the LyCORIS formulas in PyTorch), switching from
+    /// one to the next in place; weight 0 is the base model bit for bit.
+    #[test]
+    fn every_lora_kind_matches_its_reference() {
+        let f = load_fixture(KINDS, "expected.safetensors");
+        let mut m = tiny(DType::F32);
+        let base = m.unet_out(&f);
+        assert_close("base", &base, &f["unet_base"], TOL);
+        for name in ["locon", "mixed", "loha", "lokr", "locon_tucker", "diff"] {
+            let layers = kind(name);
+            for w in [0.8f32, -0.6] {
+                let report = m.apply(&[(&layers, w)]).unwrap();
+                assert!(report[0].is_empty(), "{name}: {:?}", report[0]);
+                assert_eq!(m.merger.merged_layers(), layers.len(), "{name}");
+                let what = format!("{name} w={w}");
+                let key = |k: &str| format!("{k}_{name}_w{w}");
+                assert_close(&what, &m.unet_out(&f), &f[&key("unet")], TOL);
+                if name == "mixed" {
+                    let [l, g, e] = m.text_out(&f);
+                    assert_close(&what, &l, &f[&key("te1_penultimate")], TOL);
+                    assert_close(&what, &g, &f[&key("te2_penultimate")], TOL);
+                    assert_close(&what, &e, &f[&key("te2_text_embeds")], TOL);
+                }
+            }
+            m.apply(&[(&layers, 0.0)]).unwrap();
+            assert_eq!(m.merger.merged_layers(), 0);
+            assert_close(&format!("{name} w=0"), &m.unet_out(&f), &base, 0.0);
+        }
+        // Convolutions and biases are put back exactly too.
+        let (locon, diff) = (kind("locon"), kind("diff"));
+        m.apply(&[(&locon, 0.8), (&diff, -0.6)]).unwrap();
+        assert!(max_abs_diff(&m.unet_out(&f), &base).0 > 1e-2);
+        m.apply(&[]).unwrap();
+        assert_close("restored", &m.unet_out(&f), &base, 0.0);
+    }
+
+    /// A file with modules that match no layer applies the rest and says what it left out; one
+    /// where nothing matches is refused, naming the file.
+    #[test]
+    fn unmatched_keys_are_reported_and_a_file_of_them_refused() {
+        let f = load_fixture(KINDS, "expected.safetensors");
+        let path = fixture(KINDS, "partial.safetensors");
+        let parsed = read_lora_file(&path, &Device::Cpu).unwrap();
+        let skipped: Vec<&str> = parsed.skipped.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(
+            skipped,
+            [
+                "lora_unet_mid_block_resnets_0_norm1.w_norm",
+                "lora_unet_frobnicator_7",
+                "lora_unet_mid_block_resnets_0_conv2"
+            ],
+            "{:?}",
+            parsed.skipped
+        );
+        let mut m = tiny(DType::F32);
+        let report = m.apply(&[(&parsed.layers, 0.8)]).unwrap();
+        assert_eq!(report[0].len(), 1, "{report:?}");
+        assert_eq!(report[0][0].key, "lora_unet_down_blocks_0_resnets_0_conv1");
+        assert!(
+            report[0][0].reason.contains("[320, 2, 1, 1]")
+                && report[0][0].reason.contains("[16, 16, 3, 3]"),
+            "{report:?}"
+        );
+        assert_close("partial", &m.unet_out(&f), &f["unet_partial_w0.8"], TOL);
+
+        let nothing = fixture(KINDS, "nothing.safetensors");
+        let e = read_lora_file(&nothing, &Device::Cpu).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        assert!(
+            e.message.contains("nothing.safetensors") && e.message.contains("2 keys ignored"),
+            "{e}"
+        );
+    }
+
+    /// f16 weights: LoCon, LoHa and LoKr merge in f32 and are cast back; convolutions stay f16.
+    #[test]
+    fn f16_convolutions_stay_f16_and_close() {
+        let f = load_fixture(KINDS, "expected.safetensors");
+        let mut m = tiny(DType::F16);
+        let (locon, loha, lokr) = (kind("locon"), kind("loha"), kind("lokr"));
+        for (name, layers) in [("locon", &locon), ("loha", &loha), ("lokr", &lokr)] {
+            m.apply(&[(layers, 0.8)]).unwrap();
+            for t in sdxl_targets(&mut m.unet, &mut m.text) {
+                assert_eq!(t.layer.weight().dtype(), DType::F16);
+            }
+            let out = m.unet_out(&f);
+            assert_close(name, &out, &f[&format!("unet_{name}_w0.8")], 5e-2);
+        }
+    }
+
     /// diffusers' "scale 0 equals baseline": an empty set (or weight 0) gives exactly the
     /// unmodified model's outputs, and the layers hold the very tensors they were loaded with.
     #[test]
@@ -415,7 +679,7 @@ mod tests {
         let text_before = m.text_out(&f);
         let ids: HashMap<Key, candle_core::TensorId> = sdxl_targets(&mut m.unet, &mut m.text)
             .into_iter()
-            .map(|t| ((t.component, t.module), t.linear.weight().id()))
+            .map(|t| ((t.component, t.module), t.layer.weight().id()))
             .collect();
         let (a, te) = (lora("kohya_diffusers"), lora("te"));
         m.apply(&[(&a, 0.85), (&te, -0.7)]).unwrap();
@@ -427,7 +691,7 @@ mod tests {
         }
         for t in sdxl_targets(&mut m.unet, &mut m.text) {
             let id = ids[&(t.component, t.module.clone())];
-            assert_eq!(t.linear.weight().id(), id, "{}", t.module);
+            assert_eq!(t.layer.weight().id(), id, "{}", t.module);
         }
         m.apply(&[(&a, 0.0)]).unwrap();
         assert_eq!(m.merger.merged_layers(), 0);
@@ -447,26 +711,28 @@ mod tests {
         assert!(first.is_disjoint(&second));
         let bytes: usize = sgm
             .iter()
-            .map(|l| l.up.dims()[0] * l.down.dims()[1] * 4)
+            .map(|l| l.update.delta_dims().unwrap().iter().product::<usize>() * 4)
             .sum();
         assert_eq!(m.merger.overhead_bytes(), bytes);
     }
 
     fn layer(module: &str, out_f: usize, in_f: usize, r: usize) -> LoraLayer {
-        LoraLayer {
-            component: LoraComponent::Unet,
-            module: module.into(),
-            down: Tensor::ones((r, in_f), DType::F32, &Device::Cpu).unwrap(),
-            up: Tensor::ones((out_f, r), DType::F32, &Device::Cpu).unwrap(),
-            alpha: None,
-            source: format!("test_{module}"),
-        }
+        LoraLayer::low_rank(
+            LoraComponent::Unet,
+            module,
+            Tensor::ones((r, in_f), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::ones((out_f, r), DType::F32, &Device::Cpu).unwrap(),
+            None,
+            format!("test_{module}"),
+        )
     }
 
     const Q: &str = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
 
+    /// Modules without a layer, or whose update does not fit it, are left out and reported; a
+    /// LoRA none of whose modules fits, or a non-finite weight, is refused without effect.
     #[test]
-    fn bad_sets_are_refused_and_leave_the_model_unchanged() {
+    fn unfit_modules_are_reported_and_unusable_sets_refused() {
         let f = load_fixture(STAGE, "expected.safetensors");
         let mut m = tiny(DType::F32);
         let a = lora("kohya_diffusers");
@@ -474,29 +740,39 @@ mod tests {
         let applied = m.merger.merged();
 
         let missing = "down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q";
-        let bad = [layer(Q, 32, 32, 2), layer(missing, 32, 32, 2)];
-        let e = m.apply(&[(&bad, 1.0)]).unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidArgument);
-        assert!(e.message.contains(missing), "{e}");
-
-        let bad = [layer(Q, 32, 16, 2)];
-        let e = m.apply(&[(&bad, 1.0)]).unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        let narrow = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k";
+        let set = [
+            layer(Q, 32, 32, 2),
+            layer(missing, 32, 32, 2),
+            layer(narrow, 32, 16, 2),
+        ];
+        let report = m.apply(&[(&set, 1.0)]).unwrap();
+        assert_eq!(m.merger.merged_layers(), 1);
+        let why: Vec<(&str, &str)> = report[0]
+            .iter()
+            .map(|s| (s.key.as_str(), s.reason.as_str()))
+            .collect();
+        assert_eq!(why.len(), 2, "{why:?}");
         assert!(
-            e.message.contains(Q)
-                && e.message.contains("[32, 2]")
-                && e.message.contains("[2, 16]")
-                && e.message.contains("[32, 32]"),
-            "{e}"
+            why[0].0.contains(missing) && why[0].1.contains("no unet layer"),
+            "{why:?}"
         );
+        assert!(
+            why[1].1.contains("up [32, 2] @ down [2, 16]") && why[1].1.contains("[32, 32]"),
+            "{why:?}"
+        );
+        m.apply(&[(&a, 0.85)]).unwrap();
 
         let mut conv = layer(Q, 32, 32, 2);
-        conv.down = conv.down.reshape((2, 32, 1, 1)).unwrap();
-        conv.up = conv.up.reshape((32, 2, 1, 1)).unwrap();
-        let e = m.apply(&[(&[conv], 1.0)]).unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidArgument);
-        assert!(e.message.contains("convolution"), "{e}");
-
+        conv.update = LoraUpdate::LowRank {
+            down: Tensor::ones((2, 32, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+            up: Tensor::ones((32, 2, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        };
+        for bad in [vec![layer(missing, 32, 32, 2)], vec![conv]] {
+            let e = m.apply(&[(&a, 0.5), (&bad, 1.0)]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            assert!(e.message.contains("none of the LoRA's 1 modules"), "{e}");
+        }
         let e = m.apply(&[(&a, f32::NAN)]).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument);
 
@@ -534,7 +810,7 @@ mod tests {
         let (a, b) = (lora("kohya_diffusers"), lora("slider_b"));
         m.apply(&[(&a, -0.7), (&b, 0.7)]).unwrap();
         for t in sdxl_targets(&mut m.unet, &mut m.text) {
-            assert_eq!(t.linear.weight().dtype(), DType::F16);
+            assert_eq!(t.layer.weight().dtype(), DType::F16);
         }
         let out = m.unet_out(&f);
         assert_eq!(out.dtype(), DType::F16);
@@ -556,13 +832,15 @@ mod tests {
         let rank = 8;
         // (channels, blocks, image tokens at 1024²)
         let levels = [(640usize, 10usize, 4096usize), (1280, 60, 1024)];
-        let random_lora = |module: &str, o: usize, i: usize| LoraLayer {
-            component: LoraComponent::Unet,
-            module: module.into(),
-            down: (Tensor::randn(0f32, 1.0, (rank, i), &dev).unwrap() * 0.01).unwrap(),
-            up: (Tensor::randn(0f32, 1.0, (o, rank), &dev).unwrap() * 0.01).unwrap(),
-            alpha: Some(rank as f32 / 2.0),
-            source: module.into(),
+        let random_lora = |module: &str, o: usize, i: usize| {
+            LoraLayer::low_rank(
+                LoraComponent::Unet,
+                module,
+                (Tensor::randn(0f32, 1.0, (rank, i), &dev).unwrap() * 0.01).unwrap(),
+                (Tensor::randn(0f32, 1.0, (o, rank), &dev).unwrap() * 0.01).unwrap(),
+                Some(rank as f32 / 2.0),
+                module,
+            )
         };
 
         // (a) switch time, full size, f16.
@@ -589,7 +867,7 @@ mod tests {
                 .map(|(m, l)| LoraTarget {
                     component: LoraComponent::Unet,
                     module: m.clone(),
-                    linear: l,
+                    layer: LayerMut::Linear(l),
                 })
                 .collect();
             let t0 = Instant::now();
@@ -638,7 +916,8 @@ mod tests {
                 let w = Tensor::randn(0f32, 0.02, (o, i), &dev).unwrap();
                 let lin = Linear::new(w, None);
                 let l = random_lora(name, o, i);
-                let (down_t, up_t) = (l.down.t().unwrap(), l.up.t().unwrap());
+                let (down, up) = l.update.low_rank().unwrap();
+                let (down_t, up_t) = (down.t().unwrap(), up.t().unwrap());
                 let s = 0.85 * l.scale() as f64;
                 merged += time(&|| candle_core::Module::forward(&lin, x).unwrap());
                 side += time(&|| {

@@ -18,8 +18,11 @@
 //!   attention processors `{attn}.processor.to_q_lora.down.weight` (`to_out_lora` = `to_out.0`; for the
 //!   text encoders `to_q_lora` = `q_proj`, `to_out_lora` = `out_proj`).
 //!
-//! Anything else (LoHa, LoKr, DoRA scales, full `diff` weights, …) is listed in
-//! [`ParsedLora::skipped`] with the reason rather than silently dropped.
+//! Every module of those layouts may also be in a LyCORIS form instead of `lora_down`/`lora_up`
+//! (kohya-LyCORIS files; see [`LoraUpdate`]): LoCon (4-d `lora_down`, Tucker `lora_mid`), LoHa
+//! (`hada_w1_a/b`, `hada_w2_a/b`, optional `hada_t1/t2`), LoKr (`lokr_w1` or `lokr_w1_a/b`,
+//! `lokr_w2` or `lokr_w2_a/b`, optional `lokr_t2`), full differences (`diff`, `diff_b`).
+//! Anything else (DoRA's `dora_scale`, norm-layer keys, unknown names) is listed in [`ParsedLora::skipped`] with the reason rather than silently dropped.
 //!
 //! Text-encoder module paths are transformers' classic names
 //! (`text_model.encoder.layers.0.self_attn.q_proj`).
@@ -30,6 +33,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::format::{all_finite, read_safetensors, scalar, KohyaLora};
+use super::lycoris::{KronFactor, Loha, Lokr};
+use super::update::LoraUpdate;
 use crate::{Error, Result};
 
 /// Which model a LoRA layer targets.
@@ -63,17 +68,14 @@ impl LoraComponent {
     }
 }
 
-/// One low-rank update: `W' = W + weight · scale · (up @ down)`.
+/// One module's update: `W' = W + weight · scale · ΔW` (see [`LoraUpdate`] for `ΔW`).
 #[derive(Debug, Clone)]
 pub struct LoraLayer {
     pub component: LoraComponent,
     /// Module path in diffusers (UNet) / transformers (text encoders) naming, e.g.
     /// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0`.
     pub module: String,
-    /// `[rank, in]`, or `[rank, in, kh, kw]` for a convolution.
-    pub down: Tensor,
-    /// `[out, rank]`, or `[out, rank, 1, 1]`.
-    pub up: Tensor,
+    pub update: LoraUpdate,
     /// `None`: the file gives no alpha, which means `alpha = rank` (scale 1).
     pub alpha: Option<f32>,
     /// The key prefix in the file this came from (for messages).
@@ -81,15 +83,40 @@ pub struct LoraLayer {
 }
 
 impl LoraLayer {
-    pub fn rank(&self) -> usize {
-        self.down.dims()[0]
+    /// A LoRA (`up @ down`) layer.
+    pub fn low_rank(
+        component: LoraComponent,
+        module: impl Into<String>,
+        down: Tensor,
+        up: Tensor,
+        alpha: Option<f32>,
+        source: impl Into<String>,
+    ) -> Self {
+        Self {
+            component,
+            module: module.into(),
+            update: LoraUpdate::LowRank { down, up },
+            alpha,
+            source: source.into(),
+        }
     }
 
-    /// `alpha / rank` (1 without an alpha).
+    /// The rank `alpha` divides (see [`LoraUpdate::rank`]).
+    pub fn rank(&self) -> Option<usize> {
+        self.update.rank()
+    }
+
+    /// `alpha / rank`; 1 without an alpha or without a rank. A LyCORIS module's alpha 0 also
+    /// means 1 (LyCORIS reads 0 as `alpha = lora_dim`).
     pub fn scale(&self) -> f32 {
-        match self.alpha {
-            Some(a) => a / self.rank() as f32,
-            None => 1.0,
+        let lycoris = matches!(
+            self.update,
+            LoraUpdate::LoHa(_) | LoraUpdate::LoKr(_) | LoraUpdate::LoConTucker { .. }
+        );
+        match (self.alpha, self.rank()) {
+            (Some(a), _) if lycoris && a == 0.0 => 1.0,
+            (Some(a), Some(r)) => a / r as f32,
+            _ => 1.0,
         }
     }
 }
@@ -125,11 +152,41 @@ impl ParsedLora {
     }
 }
 
-/// Reads any supported LoRA `.safetensors` file (see the module docs).
+/// Reads any supported LoRA `.safetensors` file (see the module docs). A file in which no key
+/// is a module of a layer hyperlora knows is `INVALID_ARGUMENT` (naming the file and the first
+/// keys); keys that were not understood are in [`ParsedLora::skipped`].
 pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<ParsedLora> {
     let path = path.as_ref();
     let (tensors, metadata) = read_safetensors(path, device)?;
-    parse_lora(tensors, metadata).map_err(|e| e.context(path.display()))
+    let parsed = parse_lora(tensors, metadata).map_err(|e| e.context(path.display()))?;
+    if parsed.layers.is_empty() {
+        return Err(Error::invalid_argument(format!(
+            "{}: no LoRA module in this file targets a layer of SDXL ({})",
+            path.display(),
+            summarize_skipped(&parsed.skipped)
+        )));
+    }
+    Ok(parsed)
+}
+
+/// `N keys ignored: a (why), b (why), c (why), …` — the first few of a list of skipped keys.
+pub fn summarize_skipped(skipped: &[SkippedKey]) -> String {
+    const SHOWN: usize = 3;
+    if skipped.is_empty() {
+        return "it holds no tensors".into();
+    }
+    let first: Vec<String> = skipped
+        .iter()
+        .take(SHOWN)
+        .map(|s| format!("{} ({})", s.key, s.reason))
+        .collect();
+    let more = if skipped.len() > SHOWN { ", …" } else { "" };
+    let noun = if skipped.len() == 1 { "key" } else { "keys" };
+    format!(
+        "{} {noun} ignored: {}{more}",
+        skipped.len(),
+        first.join(", ")
+    )
 }
 
 impl KohyaLora {
@@ -139,14 +196,14 @@ impl KohyaLora {
         let mut layers = Vec::with_capacity(self.len());
         for (name, w) in self.iter() {
             match kohya_to_module(name) {
-                Some((component, module)) => layers.push(LoraLayer {
+                Some((component, module)) => layers.push(LoraLayer::low_rank(
                     component,
                     module,
-                    down: w.down.clone(),
-                    up: w.up.clone(),
-                    alpha: Some(w.alpha),
-                    source: name.to_string(),
-                }),
+                    w.down.clone(),
+                    w.up.clone(),
+                    Some(w.alpha),
+                    name,
+                )),
                 None => skipped.push(name.to_string()),
             }
         }
@@ -160,46 +217,232 @@ impl KohyaLora {
     }
 }
 
-#[derive(Default)]
-struct Parts {
-    down: Option<(String, Tensor)>,
-    up: Option<(String, Tensor)>,
-    alpha: Option<(String, Tensor)>,
+/// What a key holds for its module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    Down,
+    Up,
+    Alpha,
+    HadaW1A,
+    HadaW1B,
+    HadaW2A,
+    HadaW2B,
+    HadaT1,
+    HadaT2,
+    LokrW1,
+    LokrW1A,
+    LokrW1B,
+    LokrW2,
+    LokrW2A,
+    LokrW2B,
+    LokrT2,
+    Diff,
+    DiffB,
+    /// Recognised so the module can be reported as a whole, never applied.
+    DoraScale,
+    /// LoCon's Tucker core.
+    LoraMid,
 }
 
-/// The role of a key: (module prefix, 0 = down / 1 = up / 2 = alpha).
-fn split_key(key: &str) -> Option<(String, usize)> {
-    const SUFFIXES: [(&str, usize); 8] = [
-        (".lora_down.weight", 0),
-        (".lora_up.weight", 1),
-        (".lora_A.weight", 0),
-        (".lora_B.weight", 1),
-        (".lora.down.weight", 0),
-        (".lora.up.weight", 1),
-        (".lora_linear_layer.down.weight", 0),
-        (".lora_linear_layer.up.weight", 1),
+/// The LyCORIS key suffixes (kohya-LyCORIS files; LyCORIS `weight_list`s).
+const LYCORIS_SUFFIXES: [(&str, Part); 16] = [
+    (".hada_w1_a", Part::HadaW1A),
+    (".hada_w1_b", Part::HadaW1B),
+    (".hada_w2_a", Part::HadaW2A),
+    (".hada_w2_b", Part::HadaW2B),
+    (".hada_t1", Part::HadaT1),
+    (".hada_t2", Part::HadaT2),
+    (".lokr_w1", Part::LokrW1),
+    (".lokr_w1_a", Part::LokrW1A),
+    (".lokr_w1_b", Part::LokrW1B),
+    (".lokr_w2", Part::LokrW2),
+    (".lokr_w2_a", Part::LokrW2A),
+    (".lokr_w2_b", Part::LokrW2B),
+    (".lokr_t2", Part::LokrT2),
+    (".diff", Part::Diff),
+    (".diff_b", Part::DiffB),
+    (".dora_scale", Part::DoraScale),
+];
+
+/// The role of a key: (module prefix, part).
+fn split_key(key: &str) -> Option<(String, Part)> {
+    const SUFFIXES: [(&str, Part); 11] = [
+        (".lora_down.weight", Part::Down),
+        (".lora_up.weight", Part::Up),
+        (".lora_A.weight", Part::Down),
+        (".lora_B.weight", Part::Up),
+        (".lora.down.weight", Part::Down),
+        (".lora.up.weight", Part::Up),
+        (".lora_linear_layer.down.weight", Part::Down),
+        (".lora_linear_layer.up.weight", Part::Up),
+        (".lora_mid.weight", Part::LoraMid),
+        // PEFT's DoRA magnitude (as diffusers saves it), reported like LyCORIS's dora_scale.
+        (".lora_magnitude_vector.weight", Part::DoraScale),
+        (".lora_magnitude_vector", Part::DoraScale),
     ];
-    for (suffix, role) in SUFFIXES {
+    for (suffix, part) in SUFFIXES.into_iter().chain(LYCORIS_SUFFIXES) {
         if let Some(p) = key.strip_suffix(suffix) {
-            return Some((p.to_string(), role));
+            return Some((p.to_string(), part));
         }
     }
     // Old attention processors: `….processor.to_q_lora.down.weight`.
-    for (suffix, role) in [("_lora.down.weight", 0), ("_lora.up.weight", 1)] {
+    for (suffix, part) in [
+        ("_lora.down.weight", Part::Down),
+        ("_lora.up.weight", Part::Up),
+    ] {
         if let Some(p) = key.strip_suffix(suffix) {
-            return Some((p.to_string(), role));
+            return Some((p.to_string(), part));
         }
     }
     // PEFT with an adapter name: `….lora_A.default.weight`.
-    for (marker, role) in [(".lora_A.", 0), (".lora_B.", 1)] {
+    for (marker, part) in [(".lora_A.", Part::Down), (".lora_B.", Part::Up)] {
         if let Some(i) = key.find(marker) {
             let rest = &key[i + marker.len()..];
             if rest.ends_with(".weight") && !rest[..rest.len() - 7].contains('.') {
-                return Some((key[..i].to_string(), role));
+                return Some((key[..i].to_string(), part));
             }
         }
     }
-    key.strip_suffix(".alpha").map(|p| (p.to_string(), 2))
+    key.strip_suffix(".alpha")
+        .map(|p| (p.to_string(), Part::Alpha))
+}
+
+/// One module's tensors by part, with their keys.
+type Parts = BTreeMap<Part, (String, Tensor)>;
+
+/// The module's update from its parts (`Ok(Err(reason))`: a form hyperlora recognises but does
+/// not apply). Malformed or incomplete modules are `BAD_WEIGHTS` naming the tensor.
+fn build_update(prefix: &str, p: &mut Parts) -> Result<std::result::Result<LoraUpdate, String>> {
+    use Part::*;
+    // DoRA rescales each weight column (LyCORIS `dora_scale`, `[1, in]`) or row (PEFT's
+    // magnitude, `[out]`) after the update, and the two disagree on the axis: rather than merge a
+    // module wrongly, it is left out and reported.
+    if p.contains_key(&DoraScale) {
+        return Ok(Err("DoRA (dora_scale) is not supported".into()));
+    }
+    let family = |parts: &[Part]| parts.iter().any(|x| p.contains_key(x));
+    let families = [
+        family(&[Down, Up, LoraMid]),
+        family(&[HadaW1A, HadaW1B, HadaW2A, HadaW2B, HadaT1, HadaT2]),
+        family(&[LokrW1, LokrW1A, LokrW1B, LokrW2, LokrW2A, LokrW2B, LokrT2]),
+        family(&[Diff, DiffB]),
+    ];
+    if families.iter().filter(|f| **f).count() > 1 {
+        return Err(Error::bad_weights(format!(
+            "{prefix}: mixes the keys of several LoRA kinds ({})",
+            p.values()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let mut take = |part: Part, name: &str| -> Result<Tensor> {
+        p.remove(&part)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::bad_weights(format!("{prefix}: {prefix}.{name} is missing")))
+    };
+    let update = if families[0] {
+        let ((down_key, down), (up_key, up)) = match (p.remove(&Down), p.remove(&Up)) {
+            (Some(d), Some(u)) => (d, u),
+            (d, u) => {
+                let (key, other) = match (d, u) {
+                    (Some((key, _)), _) => (key, "up"),
+                    (_, Some((key, _))) => (key, "down"),
+                    _ => (prefix.to_string(), "down or up"),
+                };
+                return Err(Error::bad_weights(format!(
+                    "LoRA tensor {key} has no matching {other} tensor"
+                )));
+            }
+        };
+        if let Some((mid_key, mid)) = p.remove(&LoraMid) {
+            // LoCon in Tucker form: 1x1 down and up around a [r_up, r_down, kh, kw] core.
+            let (d, m, u) = (down.dims(), mid.dims(), up.dims());
+            let ok = matches!((d, m, u), ([rd, _, 1, 1], [ru, rd2, _, _], [_, ru2, 1, 1])
+                if rd == rd2 && ru == ru2 && *rd > 0 && *ru > 0);
+            if !ok {
+                return Err(Error::bad_weights(format!(
+                    "{down_key} {d:?}, {mid_key} {m:?} and {up_key} {u:?} are not a LoCon Tucker triple ([r, in, 1, 1], [r, r, kh, kw], [out, r, 1, 1])"
+                )));
+            }
+            return Ok(Ok(LoraUpdate::LoConTucker { down, mid, up }));
+        }
+        let (d, u) = (down.dims(), up.dims());
+        let ok = match (d.len(), u.len()) {
+            (2, 2) => u[1] == d[0],
+            (4, 4) => u[1] == d[0] && u[2] == 1 && u[3] == 1,
+            _ => false,
+        };
+        if !ok || d[0] == 0 {
+            return Err(Error::bad_weights(format!(
+                "{down_key} {d:?} and {up_key} {u:?} are not a [rank, in] / [out, rank] pair"
+            )));
+        }
+        LoraUpdate::LowRank { down, up }
+    } else if families[1] {
+        let (w1a, w1b) = (take(HadaW1A, "hada_w1_a")?, take(HadaW1B, "hada_w1_b")?);
+        let (w2a, w2b) = (take(HadaW2A, "hada_w2_a")?, take(HadaW2B, "hada_w2_b")?);
+        let tucker = match (p.remove(&HadaT1), p.remove(&HadaT2)) {
+            (Some((_, t1)), Some((_, t2))) => Some((t1, t2)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::bad_weights(format!(
+                    "{prefix}: has one of hada_t1 / hada_t2 without the other"
+                )))
+            }
+        };
+        let loha = Loha {
+            w1a,
+            w1b,
+            w2a,
+            w2b,
+            tucker,
+        };
+        loha.validate(prefix)?;
+        LoraUpdate::LoHa(loha)
+    } else if families[2] {
+        let mut factor = |whole: Part, a: Part, b: Part, t: Option<Part>, n: &str| {
+            let (whole, a, b) = (p.remove(&whole), p.remove(&a), p.remove(&b));
+            let t = t.and_then(|t| p.remove(&t));
+            match (whole, a, b, t) {
+                (Some((_, w)), None, None, None) => Ok(KronFactor::Full(w)),
+                (None, Some((_, a)), Some((_, b)), None) => Ok(KronFactor::Product { a, b }),
+                (None, Some((_, a)), Some((_, b)), Some((_, t))) => {
+                    Ok(KronFactor::Tucker { t, a, b })
+                }
+                _ => Err(Error::bad_weights(format!(
+                    "{prefix}: needs either {prefix}.lokr_{n} or both {prefix}.lokr_{n}_a and {prefix}.lokr_{n}_b"
+                ))),
+            }
+        };
+        let w1 = factor(LokrW1, LokrW1A, LokrW1B, None, "w1")?;
+        let w2 = factor(LokrW2, LokrW2A, LokrW2B, Some(LokrT2), "w2")?;
+        let lokr = Lokr { w1, w2 };
+        lokr.validate(prefix)?;
+        LoraUpdate::LoKr(lokr)
+    } else if families[3] {
+        let diff = take(Diff, "diff")?;
+        let diff_b = p.remove(&DiffB).map(|(_, t)| t);
+        if !matches!(diff.rank(), 2 | 4) || diff.elem_count() == 0 {
+            return Err(Error::bad_weights(format!(
+                "{prefix}.diff has shape {:?}, expected [out, in] or [out, in, kh, kw]",
+                diff.dims()
+            )));
+        }
+        if let Some(b) = &diff_b {
+            if b.dims() != [diff.dims()[0]] {
+                return Err(Error::bad_weights(format!(
+                    "{prefix}.diff_b has shape {:?}, expected [{}]",
+                    b.dims(),
+                    diff.dims()[0]
+                )));
+            }
+        }
+        LoraUpdate::Full { diff, diff_b }
+    } else {
+        return Ok(Err("alpha without weights".into()));
+    };
+    Ok(Ok(update))
 }
 
 /// Parses LoRA tensors (see the module docs). `metadata` is the file's `__metadata__`.
@@ -211,58 +454,47 @@ pub fn parse_lora(
     let mut parts: HashMap<String, Parts> = HashMap::new();
     let mut skipped = Vec::new();
     for (key, t) in tensors {
-        let Some((prefix, role)) = split_key(&key) else {
+        let Some((prefix, part)) = split_key(&key) else {
             skipped.push(SkippedKey {
-                reason: "not a LoRA down/up/alpha tensor (LoHa, LoKr, DoRA and full weights are not supported)".into(),
+                reason: "not a tensor of a LoRA kind hyperlora knows".into(),
                 key,
             });
             continue;
         };
         let entry = parts.entry(prefix.clone()).or_insert_with(|| {
             order.push(prefix.clone());
-            Parts::default()
+            Parts::new()
         });
-        let slot = match role {
-            0 => &mut entry.down,
-            1 => &mut entry.up,
-            _ => &mut entry.alpha,
-        };
-        if slot.is_some() {
+        if entry.contains_key(&part) {
             return Err(Error::bad_weights(format!(
                 "two tensors give the same LoRA part of {prefix} (second: {key})"
             )));
         }
-        *slot = Some((key, t));
+        entry.insert(part, (key, t));
     }
 
     let peft_alphas = PeftAlphas::from_metadata(&metadata);
     let mut resolved: Vec<(LoraLayer, bool)> = Vec::new();
     let (mut kohya, mut kohya_sgm, mut dotted) = (false, false, false);
     for prefix in order {
-        let p = parts.remove(&prefix).expect("recorded");
-        let (down, up) = match (p.down, p.up) {
-            (Some(d), Some(u)) => (d, u),
-            (None, None) => {
-                // A stray alpha (e.g. of a module whose weights were not LoRA).
-                if let Some((key, _)) = p.alpha {
-                    skipped.push(SkippedKey {
-                        key,
-                        reason: "alpha without lora_down/lora_up".into(),
-                    });
-                }
+        let mut p = parts.remove(&prefix).expect("recorded");
+        let alpha_tensor = p.remove(&Part::Alpha);
+        let update = match build_update(&prefix, &mut p)? {
+            Ok(u) => u,
+            Err(reason) => {
+                let key = match &alpha_tensor {
+                    Some((k, _)) if p.is_empty() => k.clone(),
+                    _ => prefix.clone(),
+                };
+                skipped.push(SkippedKey { key, reason });
                 continue;
             }
-            (Some((key, _)), None) | (None, Some((key, _))) => {
-                return Err(Error::bad_weights(format!(
-                    "LoRA tensor {key} has no matching {} tensor",
-                    if key.contains("down") || key.contains("lora_A") {
-                        "up"
-                    } else {
-                        "down"
-                    }
-                )));
-            }
         };
+        if let Some((key, _)) = p.values().next() {
+            return Err(Error::bad_weights(format!(
+                "{key} does not belong with the other tensors of {prefix}"
+            )));
+        }
         let (target, is_sgm) = if let Some(t) = kohya_target(&prefix) {
             kohya = true;
             t
@@ -270,37 +502,22 @@ pub fn parse_lora(
             dotted = true;
             t
         } else {
-            skipped.push(SkippedKey {
-                key: down.0,
-                reason: format!("module name {prefix} is not understood"),
-            });
-            continue;
+            (None, false)
         };
         kohya_sgm |= is_sgm;
         let Some((component, module)) = target else {
             skipped.push(SkippedKey {
-                key: down.0,
-                reason: format!("module name {prefix} is not understood"),
+                key: prefix.clone(),
+                reason: "module name not understood".into(),
             });
             continue;
         };
-        let (down_key, down) = down;
-        let (up_key, up) = up;
-        let d = down.dims();
-        let u = up.dims();
-        let ok = match (d.len(), u.len()) {
-            (2, 2) => u[1] == d[0],
-            (4, 4) => u[1] == d[0] && u[2] == 1 && u[3] == 1,
-            _ => false,
-        };
-        if !ok || d[0] == 0 {
-            return Err(Error::bad_weights(format!(
-                "{down_key} {d:?} and {up_key} {u:?} are not a [rank, in] / [out, rank] pair"
-            )));
-        }
-        let alpha = match p.alpha {
+        let alpha = match alpha_tensor {
             Some((key, t)) => Some(scalar(&t).map_err(|e| e.context(&key))?),
-            None => peft_alphas.alpha(component, &module, d[0]),
+            None if update.low_rank().is_some() => {
+                peft_alphas.alpha(component, &module, update.rank().unwrap_or(0))
+            }
+            None => None,
         };
         // Merged into the model, one infinite or NaN value would blank every picture.
         if let Some(a) = alpha.filter(|a| !a.is_finite()) {
@@ -308,10 +525,11 @@ pub fn parse_lora(
                 "{prefix}: alpha {a} is not finite"
             )));
         }
-        for (key, t) in [(&down_key, &down), (&up_key, &up)] {
+        for t in update.tensors() {
             if !all_finite(t)? {
                 return Err(Error::bad_weights(format!(
-                    "{key} holds infinite or NaN values"
+                    "{prefix}: its {} tensors hold infinite or NaN values",
+                    update.kind()
                 )));
             }
         }
@@ -319,8 +537,7 @@ pub fn parse_lora(
             LoraLayer {
                 component,
                 module,
-                down,
-                up,
+                update,
                 alpha,
                 source: prefix,
             },
@@ -719,7 +936,7 @@ mod tests {
             l.module,
             "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
         );
-        assert_eq!((l.rank(), l.alpha, l.scale()), (2, Some(1.0), 0.5));
+        assert_eq!((l.rank(), l.alpha, l.scale()), (Some(2), Some(1.0), 0.5));
     }
 
     #[test]
@@ -858,8 +1075,21 @@ mod tests {
             ".lora_up.weight",
         );
         t.push((
-            "lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a".into(),
+            "lora_unet_down_blocks_1_attentions_0_proj_in.w_norm".into(),
             Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap(),
+        ));
+        t.push((
+            "lora_unet_mid_block_resnets_0_conv1.dora_scale".into(),
+            Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap(),
+        ));
+        t.extend(pair(
+            "unet.mid_block.resnets.1.time_emb_proj",
+            ".lora_A.weight",
+            ".lora_B.weight",
+        ));
+        t.push((
+            "unet.mid_block.resnets.1.time_emb_proj.lora_magnitude_vector".into(),
+            Tensor::ones(6, DType::F32, &Device::Cpu).unwrap(),
         ));
         t.extend(pair(
             "lora_unet_frobnicator_7",
@@ -868,7 +1098,25 @@ mod tests {
         ));
         let p = parse_lora(t, BTreeMap::new()).unwrap();
         assert_eq!(p.layers.len(), 1);
-        assert_eq!(p.skipped.len(), 2, "{:?}", p.skipped);
+        let reasons: Vec<&str> = p.skipped.iter().map(|s| s.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "not a tensor of a LoRA kind hyperlora knows",
+                "DoRA (dora_scale) is not supported",
+                "DoRA (dora_scale) is not supported",
+                "module name not understood"
+            ],
+            "{:?}",
+            p.skipped
+        );
+        // An incomplete LyCORIS module is malformed, naming what is missing.
+        let lone = vec![(
+            "lora_unet_conv_in.hada_w1_a".to_string(),
+            Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap(),
+        )];
+        let err = parse_lora(lone, BTreeMap::new()).unwrap_err();
+        assert!(err.message.contains("lora_unet_conv_in.hada_w1_b"), "{err}");
         // Mixed SGM + diffusers UNet names: the SGM ones are dropped, as diffusers does.
         let mut t = pair(
             "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
@@ -910,6 +1158,58 @@ mod tests {
             .unwrap_err()
             .message
             .contains("lora_unet_conv_in.lora_down.weight"));
+    }
+
+    /// kohya's SDXL LoCon files (sd-scripts) name the original UNet's layers: every conv and
+    /// Linear outside the transformers resolves to its diffusers module.
+    #[test]
+    fn sgm_names_of_convs_and_embeddings() {
+        for (kohya, module) in [
+            ("lora_unet_input_blocks_0_0", "conv_in"),
+            (
+                "lora_unet_input_blocks_1_0_in_layers_2",
+                "down_blocks.0.resnets.0.conv1",
+            ),
+            (
+                "lora_unet_input_blocks_1_0_emb_layers_1",
+                "down_blocks.0.resnets.0.time_emb_proj",
+            ),
+            (
+                "lora_unet_input_blocks_2_0_out_layers_3",
+                "down_blocks.0.resnets.1.conv2",
+            ),
+            (
+                "lora_unet_input_blocks_3_0_op",
+                "down_blocks.0.downsamplers.0.conv",
+            ),
+            (
+                "lora_unet_input_blocks_4_0_skip_connection",
+                "down_blocks.1.resnets.0.conv_shortcut",
+            ),
+            (
+                "lora_unet_middle_block_2_in_layers_2",
+                "mid_block.resnets.1.conv1",
+            ),
+            (
+                "lora_unet_output_blocks_2_2_conv",
+                "up_blocks.0.upsamplers.0.conv",
+            ),
+            (
+                "lora_unet_output_blocks_8_0_skip_connection",
+                "up_blocks.2.resnets.2.conv_shortcut",
+            ),
+            ("lora_unet_time_embed_0", "time_embedding.linear_1"),
+            ("lora_unet_time_embed_2", "time_embedding.linear_2"),
+            ("lora_unet_label_emb_0_0", "add_embedding.linear_1"),
+            ("lora_unet_label_emb_0_2", "add_embedding.linear_2"),
+            ("lora_unet_out_2", "conv_out"),
+        ] {
+            assert_eq!(
+                kohya_to_module(kohya),
+                Some((LoraComponent::Unet, module.to_string())),
+                "{kohya}"
+            );
+        }
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl SampleAdapters {
         for (id, (linear, per_run)) in plan {
             let k = per_run
                 .iter()
-                .map(|(_, c)| c.iter().map(|(l, _)| l.rank()).sum::<usize>())
+                .map(|(_, c)| c.iter().map(|(l, _)| l.rank().unwrap_or(0)).sum::<usize>())
                 .max()
                 .unwrap_or(0);
             let updates = per_run
@@ -241,12 +241,14 @@ fn stacked(
     let device = weight.device();
     let mut ups = Vec::with_capacity(contributions.len() + 1);
     let mut downs = Vec::with_capacity(contributions.len() + 1);
+    let mut rank = 0;
     for (layer, w) in contributions {
-        let up = layer.up.to_device(device)?.to_dtype(DType::F32)?;
+        let (down, up) = check_linear(layer)?;
+        let up = up.to_device(device)?.to_dtype(DType::F32)?;
         ups.push((up * (*w as f64 * layer.scale() as f64))?);
-        downs.push(layer.down.to_device(device)?.to_dtype(DType::F32)?);
+        downs.push(down.to_device(device)?.to_dtype(DType::F32)?);
+        rank += down.dim(0)?;
     }
-    let rank: usize = contributions.iter().map(|(l, _)| l.rank()).sum();
     if rank < k {
         let (out_f, in_f) = weight.dims2()?;
         ups.push(Tensor::zeros((out_f, k - rank), DType::F32, device)?);
@@ -263,7 +265,7 @@ mod tests {
     use candle_core::{Device, Module};
 
     use super::*;
-    use crate::lora::{LoraMerger, LoraTarget};
+    use crate::lora::{LayerMut, LoraMerger, LoraTarget};
     use crate::testing::assert_close;
     use crate::ErrorCode;
 
@@ -272,14 +274,14 @@ mod tests {
     }
 
     fn lora(module: &str, out_f: usize, in_f: usize, rank: usize) -> LoraLayer {
-        LoraLayer {
-            component: LoraComponent::Unet,
-            module: module.into(),
-            down: randn((rank, in_f), 0.3),
-            up: randn((out_f, rank), 0.3),
-            alpha: Some(rank as f32 / 2.0),
-            source: format!("lora_unet_{module}"),
-        }
+        LoraLayer::low_rank(
+            LoraComponent::Unet,
+            module,
+            randn((rank, in_f), 0.3),
+            randn((out_f, rank), 0.3),
+            Some(rank as f32 / 2.0),
+            format!("lora_unet_{module}"),
+        )
     }
 
     /// Two layers (one with a bias), two LoRAs of different ranks, six rows in four runs:
@@ -338,7 +340,7 @@ mod tests {
                 .map(|(module, linear)| LoraTarget {
                     component: LoraComponent::Unet,
                     module: module.clone(),
-                    linear,
+                    layer: LayerMut::Linear(linear),
                 })
                 .collect();
             merger.apply(targets, set).unwrap();
@@ -373,7 +375,7 @@ mod tests {
         te.component = LoraComponent::TextEncoder;
         check(vec![te], 1.0, &[(0, 1)], 2, "only target the UNet");
         check(vec![lora("k", 8, 6, 2)], 1.0, &[(0, 1)], 2, "no such layer");
-        check(vec![lora("q", 8, 5, 2)], 1.0, &[(0, 1)], 2, "do not fit");
+        check(vec![lora("q", 8, 5, 2)], 1.0, &[(0, 1)], 2, "does not fit");
         check(
             vec![lora("q", 8, 6, 2)],
             f32::NAN,

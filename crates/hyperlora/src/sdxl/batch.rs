@@ -370,14 +370,14 @@ mod tests {
             .filter(|(name, _)| name.contains(".attn"))
             .map(|(module, linear)| {
                 let (out_f, in_f) = linear.weight().dims2().unwrap();
-                LoraLayer {
-                    component: LoraComponent::Unet,
-                    down: randn((4, in_f)),
-                    up: randn((out_f, 4)),
-                    alpha: Some(2.0),
-                    source: format!("identity{seed}.{module}"),
-                    module,
-                }
+                LoraLayer::low_rank(
+                    LoraComponent::Unet,
+                    module.clone(),
+                    randn((4, in_f)),
+                    randn((out_f, 4)),
+                    Some(2.0),
+                    format!("identity{seed}.{module}"),
+                )
             })
             .collect()
     }
@@ -467,6 +467,47 @@ mod tests {
             });
             assert!(d > 1e-2, "identity had no effect ({d})");
         }
+    }
+
+    /// A LoCon style file (convolutions and Linears outside the transformers) shared by a batch
+    /// that mixes identities is merged for the whole batch: each request equals the request run
+    /// alone with the style and its identity merged.
+    #[test]
+    fn a_conv_lora_shared_by_a_mixed_batch_equals_each_request_alone() {
+        let mut pipe = tiny_sdxl();
+        let x = identity(&pipe, 7);
+        let style = read_lora_file(fixture("lora_kinds", "locon.safetensors"), &Device::Cpu)
+            .unwrap()
+            .layers;
+        let requests = [
+            BatchRequest {
+                params: params(Sampler::DpmPp2m, "a photo of a person", "", 21, 1),
+                loras: vec![],
+            },
+            BatchRequest {
+                params: params(Sampler::DpmPp2m, "a painting", "blurry", 22, 1),
+                loras: vec![(&x, 0.85)],
+            },
+        ];
+        pipe.set_loras(&[(&style, 0.8)]).unwrap();
+        let batched = pipe
+            .generate_many_latents(&requests, &CancelToken::new(), &mut |_| {})
+            .unwrap();
+        for (i, r) in requests.iter().enumerate() {
+            let mut set = vec![(style.as_slice(), 0.8)];
+            set.extend(r.loras.iter().copied());
+            pipe.set_loras(&set).unwrap();
+            let alone = pipe
+                .generate_latents(&r.params, &CancelToken::new(), &mut |_| {})
+                .unwrap();
+            assert_close(&format!("request {i}"), &batched[i], &alone, 1e-3);
+        }
+        // The style does change the pictures.
+        pipe.set_loras(&[]).unwrap();
+        let plain = pipe
+            .generate_latents(&requests[0].params, &CancelToken::new(), &mut |_| {})
+            .unwrap();
+        assert!(max_abs_diff(&plain, &batched[0]).0 > 1e-2);
     }
 
     #[test]

@@ -303,6 +303,35 @@ impl Projection {
     }
 }
 
+/// The Linears of `blocks` (`{prefix}.transformer_blocks.N.…`).
+fn block_linears_mut<'a>(
+    blocks: &'a mut [BasicTransformerBlock],
+    prefix: &str,
+    out: &mut Vec<(String, &'a mut Linear)>,
+) {
+    for (i, block) in blocks.iter_mut().enumerate() {
+        let p = format!("{prefix}.transformer_blocks.{i}");
+        let BasicTransformerBlock {
+            attn1, attn2, ff, ..
+        } = block;
+        for (name, attn) in [("attn1", attn1), ("attn2", attn2)] {
+            let Attention {
+                to_q,
+                to_k,
+                to_v,
+                to_out,
+                ..
+            } = attn;
+            out.push((format!("{p}.{name}.to_q"), to_q));
+            out.push((format!("{p}.{name}.to_k"), to_k));
+            out.push((format!("{p}.{name}.to_v"), to_v));
+            out.push((format!("{p}.{name}.to_out.0"), to_out));
+        }
+        out.push((format!("{p}.ff.net.0.proj"), &mut ff.proj));
+        out.push((format!("{p}.ff.net.2"), &mut ff.out));
+    }
+}
+
 /// diffusers `Transformer2DModel` for continuous inputs: GroupNorm (eps 1e-6), `proj_in`,
 /// `transformer_blocks`, `proj_out`, plus the input as residual.
 #[derive(Debug, Clone)]
@@ -397,30 +426,33 @@ impl Transformer2DModel {
         if let Projection::Linear(l) = proj_in {
             out.push((format!("{prefix}.proj_in"), l));
         }
-        for (i, block) in transformer_blocks.iter_mut().enumerate() {
-            let p = format!("{prefix}.transformer_blocks.{i}");
-            let BasicTransformerBlock {
-                attn1, attn2, ff, ..
-            } = block;
-            for (name, attn) in [("attn1", attn1), ("attn2", attn2)] {
-                let Attention {
-                    to_q,
-                    to_k,
-                    to_v,
-                    to_out,
-                    ..
-                } = attn;
-                out.push((format!("{p}.{name}.to_q"), to_q));
-                out.push((format!("{p}.{name}.to_k"), to_k));
-                out.push((format!("{p}.{name}.to_v"), to_v));
-                out.push((format!("{p}.{name}.to_out.0"), to_out));
-            }
-            out.push((format!("{p}.ff.net.0.proj"), &mut ff.proj));
-            out.push((format!("{p}.ff.net.2"), &mut ff.out));
-        }
+        block_linears_mut(transformer_blocks, prefix, out);
         if let Projection::Linear(l) = proj_out {
             out.push((format!("{prefix}.proj_out"), l));
         }
+    }
+
+    /// Every layer LoRAs target: the Linears as [`Self::linears_mut`] lists them, and the
+    /// 1x1-convolution `proj_in` / `proj_out` of SD 1.x-style transformers.
+    pub fn layers_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        linears: &mut Vec<(String, &'a mut Linear)>,
+        convs: &mut Vec<(String, &'a mut Conv2d)>,
+    ) {
+        let Self {
+            proj_in,
+            transformer_blocks,
+            proj_out,
+            ..
+        } = self;
+        for (name, proj) in [("proj_in", proj_in), ("proj_out", proj_out)] {
+            match proj {
+                Projection::Conv(c) => convs.push((format!("{prefix}.{name}"), c)),
+                Projection::Linear(l) => linears.push((format!("{prefix}.{name}"), l)),
+            }
+        }
+        block_linears_mut(transformer_blocks, prefix, linears);
     }
 
     /// `x`: [B, C, H, W]; `context`: [B, T, cross_dim]; `adapters`: per-sample LoRA updates of

@@ -46,6 +46,11 @@ impl Conv2d {
         self.inner.config()
     }
 
+    /// The same convolution with other weights (e.g. LoRA-merged ones).
+    pub fn with_weights(&self, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::new(candle_nn::Conv2d::new(weight, bias, *self.config()))
+    }
+
     /// Whether [`forward`](Module::forward) takes the patch-matrix path for `x`.
     fn fast_path(&self, x: &Tensor) -> bool {
         let c = self.config();

@@ -92,6 +92,24 @@ impl ResnetBlock2D {
         })
     }
 
+    /// The layers LoRAs target, by diffusers name under `prefix` (`….resnets.N`): `conv1`,
+    /// `conv2`, `conv_shortcut`, `time_emb_proj`.
+    pub fn layers_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        linears: &mut Vec<(String, &'a mut Linear)>,
+        convs: &mut Vec<(String, &'a mut Conv2d)>,
+    ) {
+        convs.push((format!("{prefix}.conv1"), &mut self.conv1));
+        convs.push((format!("{prefix}.conv2"), &mut self.conv2));
+        if let Some(c) = &mut self.conv_shortcut {
+            convs.push((format!("{prefix}.conv_shortcut"), c));
+        }
+        if let Some(l) = &mut self.time_emb_proj {
+            linears.push((format!("{prefix}.time_emb_proj"), l));
+        }
+    }
+
     /// `x`: [B, Cin, H, W]; `temb`: [B, T] (ignored by blocks built without `temb_channels`).
     /// Returns [B, Cout, H, W].
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
@@ -145,6 +163,11 @@ impl Downsample2D {
         })
     }
 
+    /// The convolution (`downsamplers.0.conv`), for LoRAs.
+    pub fn conv_mut(&mut self) -> &mut Conv2d {
+        &mut self.conv
+    }
+
     /// [B, C, H, W] -> [B, Cout, ceil(H/2), ceil(W/2)] (UNet) or [.., floor(H/2), floor(W/2)] (VAE).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.pad_bottom_right {
@@ -168,6 +191,11 @@ impl Upsample2D {
         Ok(Self {
             conv: conv2d_same(channels, out_channels, 3, vb.pp("conv"))?,
         })
+    }
+
+    /// The convolution (`upsamplers.0.conv`), for LoRAs.
+    pub fn conv_mut(&mut self) -> &mut Conv2d {
+        &mut self.conv
     }
 
     /// [B, C, H, W] -> [B, Cout, 2H, 2W], or to `size` (h, w) when given: the UNet passes the

@@ -376,6 +376,11 @@ impl TimestepEmbedding {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)?)
     }
+
+    fn linears_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        out.push((format!("{prefix}.linear_1"), &mut self.linear_1));
+        out.push((format!("{prefix}.linear_2"), &mut self.linear_2));
+    }
 }
 
 /// What [`UNet2DConditionModel::condition`] prepares: the same for every step of a loop.
@@ -732,6 +737,68 @@ impl UNet2DConditionModel {
             }
         }
         out
+    }
+
+    /// Every layer a LoRA may target, by diffusers name: the Linears (the transformers' as
+    /// [`linears_mut`](Self::linears_mut) lists them, the resnets' `time_emb_proj`,
+    /// `time_embedding` / `add_embedding` `linear_1`/`linear_2`) and the convolutions
+    /// (`conv_in`, `conv_out`, the resnets' `conv1`/`conv2`/`conv_shortcut`, the down/upsamplers'
+    /// `conv`, conv-form `proj_in`/`proj_out`).
+    #[allow(clippy::type_complexity)]
+    pub fn lora_layers_mut(&mut self) -> (Vec<(String, &mut Linear)>, Vec<(String, &mut Conv2d)>) {
+        let Self {
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_out,
+            ..
+        } = self;
+        let (mut linears, mut convs) = (Vec::new(), Vec::new());
+        convs.push(("conv_in".to_string(), conv_in));
+        convs.push(("conv_out".to_string(), conv_out));
+        time_embedding.linears_mut("time_embedding", &mut linears);
+        if let Some(add) = add_embedding {
+            add.linears_mut("add_embedding", &mut linears);
+        }
+        for (i, b) in down_blocks.iter_mut().enumerate() {
+            let p = format!("down_blocks.{i}");
+            for (j, r) in b.resnets.iter_mut().enumerate() {
+                r.layers_mut(&format!("{p}.resnets.{j}"), &mut linears, &mut convs);
+            }
+            for (j, t) in b.attentions.iter_mut().enumerate() {
+                let prefix = format!("{p}.attentions.{j}");
+                t.layers_mut(&prefix, &mut linears, &mut convs);
+            }
+            if let Some(d) = &mut b.downsampler {
+                convs.push((format!("{p}.downsamplers.0.conv"), d.conv_mut()));
+            }
+        }
+        if let Some(mid) = mid_block {
+            for (j, r) in mid.resnets.iter_mut().enumerate() {
+                r.layers_mut(&format!("mid_block.resnets.{j}"), &mut linears, &mut convs);
+            }
+            for (j, t) in mid.attentions.iter_mut().enumerate() {
+                let prefix = format!("mid_block.attentions.{j}");
+                t.layers_mut(&prefix, &mut linears, &mut convs);
+            }
+        }
+        for (i, b) in up_blocks.iter_mut().enumerate() {
+            let p = format!("up_blocks.{i}");
+            for (j, r) in b.resnets.iter_mut().enumerate() {
+                r.layers_mut(&format!("{p}.resnets.{j}"), &mut linears, &mut convs);
+            }
+            for (j, t) in b.attentions.iter_mut().enumerate() {
+                let prefix = format!("{p}.attentions.{j}");
+                t.layers_mut(&prefix, &mut linears, &mut convs);
+            }
+            if let Some(u) = &mut b.upsampler {
+                convs.push((format!("{p}.upsamplers.0.conv"), u.conv_mut()));
+            }
+        }
+        (linears, convs)
     }
 
     /// One denoiser evaluation, as diffusers' `unet(sample, timestep, encoder_hidden_states,
