@@ -62,11 +62,6 @@ export declare class Pipeline {
   /** Frees the model; a running call finishes first, later calls fail with `INVALID_ARGUMENT`. */
   dispose(): void
   /**
-   * Test hook: panics in a worker while holding the model (poisoning its lock), so tests can
-   * prove the call fails with `INTERNAL` and the model keeps working.
-   */
-  __panicWhileBusyForTests(): Promise<void>
-  /**
    * Generates images with the given identities and LoRA files merged in (weights may be
    * negative); resolves to raw RGB8 pixels, one entry per image. Image `k` is drawn from
    * `seed + k` (wrapping at 2^64), so each one can be redrawn alone with its seed.
@@ -88,9 +83,6 @@ export declare class Pipeline {
    */
   refineFaces(image: RawImage, faces: Array<FaceBox>, request: RefineRequest, identities: Array<Identity>, identityWeights: Array<number>, loras: Array<LoraFile>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent) => void) | undefined | null): Promise<RawImage>
 }
-
-/** Test hook: panics inside a worker task so tests can prove panics never cross into Node. */
-export declare function __panicForTests(): Promise<void>
 
 /** One photo's analysis: the identity conditions plus what the user may want to show. */
 export interface AnalyzedFace {

@@ -8,7 +8,7 @@ import { HyperLoRA, HyperLoraError, TINY_MODELS, TINY_SDXL, type Identity } from
 import { CLIP_MERGES } from '../src/pipeline.js'
 import { fromNativeError } from '../src/errors.js'
 import { native } from '../src/native.js'
-import { rejection, tempDir } from './helpers.js'
+import { rejection, tempDir, testHooks } from './helpers.js'
 
 const PHOTO = path.join(__dirname, '..', 'models', 'tiny', 'photos', 'astronaut.png')
 const base = { prompt: 'a portrait photo', width: 64, height: 64, steps: 2, seed: 5 }
@@ -45,7 +45,7 @@ describe('hardening', () => {
     const pipeline = await native().loadPipeline(TINY_SDXL, { device: 'cpu', mergesFile: CLIP_MERGES })
     const request = { prompt: 'x', negativePrompt: '', width: 64, height: 64, steps: 1, cfg: 5, sampler: 'euler', scheduler: 'normal', seed: 1n, batchSize: 1 }
     const before = await pipeline.generate(request, [], [], [])
-    const error = await pipeline.__panicWhileBusyForTests().then(
+    const error = await testHooks().__panicWhileBusyForTests(pipeline).then(
       () => undefined,
       (e: unknown) => fromNativeError(e),
     )

@@ -90,24 +90,3 @@ pub fn inspect_weights(
         call: CallContext::new(cancel, on_progress),
     })
 }
-
-/// Test hook: panics inside a worker task so tests can prove panics never cross into Node.
-#[napi(js_name = "__panicForTests", ts_return_type = "Promise<void>")]
-pub fn panic_for_tests() -> AsyncTask<PanicTask> {
-    AsyncTask::new(PanicTask)
-}
-
-pub struct PanicTask;
-
-impl Task for PanicTask {
-    type Output = ();
-    type JsValue = ();
-
-    fn compute(&mut self) -> napi::Result<()> {
-        guarded(|| panic!("injected test panic"))
-    }
-
-    fn resolve(&mut self, _env: Env, _: ()) -> napi::Result<()> {
-        Ok(())
-    }
-}

@@ -19,6 +19,8 @@ mod progress;
 mod refine;
 mod resident;
 mod seeds;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 
 pub use progress::CancelHandle;
 
