@@ -37,13 +37,13 @@ describe('the packed package', () => {
     expect(files).not.toMatch(/target\/|crates\//)
   })
 
-  it('keeps the native test hooks out of its types', () => {
+  it('keeps the native test hooks and @internal members out of its types', () => {
     const dist = fs.readdirSync(path.join(installed, 'dist'), { recursive: true, encoding: 'utf8' })
     const types = ['index.d.ts', ...dist.filter((f) => /\.d\.m?ts$/.test(f)).map((f) => path.join('dist', f))]
     expect(types).toContain(path.join('dist', 'models', 'index.d.ts'))
     for (const f of types) {
       const text = fs.readFileSync(path.join(installed, f), 'utf8')
-      expect(text, f).not.toMatch(/ForTests/)
+      expect(text, f).not.toMatch(/ForTests|@internal/)
     }
   })
 
