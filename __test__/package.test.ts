@@ -69,10 +69,14 @@ describe('the packed package', () => {
   it('type-checks consumers of both module systems', () => {
     fs.writeFileSync(
       path.join(consumer, 'esm.mts'),
-      `import { inspectWeights, type WeightsIndex, type ErrorCode } from 'hyperlora'
+      `import { HyperLoRA, inspectWeights, TINY_MODELS, type WeightsIndex, type ErrorCode } from 'hyperlora'
        const index: WeightsIndex = await inspectWeights('x.safetensors', { sha256: true, signal: AbortSignal.timeout(1000) })
        const code: ErrorCode = 'BAD_WEIGHTS'
-       export const n: number = index.tensors.length + code.length`,
+       export const n: number = index.tensors.length + code.length
+       export async function draw(): Promise<number> {
+         await using engine = await HyperLoRA.load(TINY_MODELS)
+         return (await engine.generate({ prompt: 'a portrait' })).length
+       }`,
     )
     fs.writeFileSync(
       path.join(consumer, 'cjs.cts'),
