@@ -74,11 +74,6 @@ export declare class Pipeline {
   /** Frees the model; a running call finishes first, later calls fail with `INVALID_ARGUMENT`. */
   dispose(): void
   /**
-   * Test hook: panics in a worker while holding the model (poisoning its lock), so tests can
-   * prove the call fails with `INTERNAL` and the model keeps working.
-   */
-  __panicWhileBusyForTests(): Promise<void>
-  /**
    * Draws one request with its identities and LoRA files merged in (weights may be
    * negative). Image `k` is drawn from `seed + k`, so each redraws alone with its seed.
    */
@@ -102,9 +97,6 @@ export declare class Pipeline {
    */
   refineFaces(image: RawImage, faces: Array<FaceBox>, request: RefineRequest, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<Refined>
 }
-
-/** Test hook: panics inside a worker task so tests can prove panics never cross into Node. */
-export declare function __panicForTests(): Promise<void>
 
 /** One photo's analysis: the identity conditions plus what the user may want to show. */
 export interface AnalyzedFace {

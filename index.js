@@ -840,7 +840,6 @@ module.exports.FaceAnalyzer = nativeBinding.FaceAnalyzer
 module.exports.Identity = nativeBinding.Identity
 module.exports.IdentityEncoder = nativeBinding.IdentityEncoder
 module.exports.Pipeline = nativeBinding.Pipeline
-module.exports.__panicForTests = nativeBinding.__panicForTests
 module.exports.backendInfo = nativeBinding.backendInfo
 module.exports.errorCodes = nativeBinding.errorCodes
 module.exports.generateDefaults = nativeBinding.generateDefaults

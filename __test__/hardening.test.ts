@@ -8,7 +8,7 @@ import { HyperLoRA, HyperLoraError, TINY_MODELS, TINY_SDXL, type Identity } from
 import { CLIP_MERGES } from '../src/pipeline.js'
 import { fromNativeError } from '../src/errors.js'
 import { native } from '../src/native.js'
-import { rejection, tempDir } from './helpers.js'
+import { rejection, tempDir, testHooks } from './helpers.js'
 
 const PHOTO = path.join(__dirname, '..', 'models', 'tiny', 'photos', 'astronaut.png')
 const base = { prompt: 'a portrait photo', width: 64, height: 64, steps: 2, seed: 5 }
@@ -45,7 +45,7 @@ describe('hardening', () => {
     const pipeline = await native().loadPipeline(TINY_SDXL, { device: 'cpu', mergesFile: CLIP_MERGES })
     const request = { prompt: 'x', width: 64, height: 64, steps: 1, sampler: 'euler', schedule: 'normal', seed: 1n } as const
     const before = (await pipeline.generate(request)).images
-    const error = await pipeline.__panicWhileBusyForTests().then(
+    const error = await testHooks().__panicWhileBusyForTests(pipeline).then(
       () => undefined,
       (e: unknown) => fromNativeError(e),
     )

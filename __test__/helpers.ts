@@ -4,7 +4,9 @@ import * as path from 'node:path'
 
 import { expect } from 'vitest'
 
+import type * as Binding from '../index.js'
 import { HyperLoraError } from '../src/index.js'
+import { native } from '../src/native.js'
 
 export function tempDir(prefix: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `hyperlora-${prefix}-`))
@@ -46,4 +48,24 @@ export async function rejection(promise: Promise<unknown>): Promise<HyperLoraErr
   )
   expect(error).toBeInstanceOf(HyperLoraError)
   return error as HyperLoraError
+}
+
+/**
+ * The native test hooks. Only the dev build has them (`npm run build:native` passes `--features
+ * test-hooks`; release builds do not), and `index.d.ts` leaves them out, so they are reached
+ * through this cast.
+ */
+export interface TestHooks {
+  /** Panics inside a worker task. */
+  __panicForTests(): Promise<void>
+  /** Panics in a worker while holding the pipeline's model. */
+  __panicWhileBusyForTests(pipeline: Binding.Pipeline): Promise<void>
+}
+
+export function testHooks(): TestHooks {
+  const hooks = native() as unknown as Partial<TestHooks>
+  if (typeof hooks.__panicForTests !== 'function' || typeof hooks.__panicWhileBusyForTests !== 'function') {
+    throw new Error('the native build has no test hooks: build it with `npm run build` (--features test-hooks)')
+  }
+  return hooks as TestHooks
 }

@@ -7,8 +7,8 @@ import * as path from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 
 import { listModels, pullModels, resolveModel, type Manifest, type ModelEvent } from '../src/index.js'
-import { speedAndEta } from '../src/models/commands.js'
-import { formatDuration, RateMeter } from '../src/models/rate.js'
+import { speedAndEta } from '../src/cli/models.js'
+import { formatDuration, RateMeter } from '../src/cli/rate.js'
 import { gitSha1, sha256, startHub, type HubRepo, type HubServer } from './hub-server.js'
 import { tempDir, rejection } from './helpers.js'
 

@@ -37,6 +37,16 @@ describe('the packed package', () => {
     expect(files).not.toMatch(/target\/|crates\//)
   })
 
+  it('keeps the native test hooks and @internal members out of its types', () => {
+    const dist = fs.readdirSync(path.join(installed, 'dist'), { recursive: true, encoding: 'utf8' })
+    const types = ['index.d.ts', ...dist.filter((f) => /\.d\.m?ts$/.test(f)).map((f) => path.join('dist', f))]
+    expect(types).toContain(path.join('dist', 'models', 'index.d.ts'))
+    for (const f of types) {
+      const text = fs.readFileSync(path.join(installed, f), 'utf8')
+      expect(text, f).not.toMatch(/ForTests|@internal/)
+    }
+  })
+
   it('imports from an ES module', () => {
     fs.writeFileSync(
       path.join(consumer, 'esm.mjs'),
@@ -59,10 +69,14 @@ describe('the packed package', () => {
   it('type-checks consumers of both module systems', () => {
     fs.writeFileSync(
       path.join(consumer, 'esm.mts'),
-      `import { inspectWeights, type WeightsIndex, type ErrorCode } from 'hyperlora'
+      `import { HyperLoRA, inspectWeights, TINY_MODELS, type WeightsIndex, type ErrorCode } from 'hyperlora'
        const index: WeightsIndex = await inspectWeights('x.safetensors', { sha256: true, signal: AbortSignal.timeout(1000) })
        const code: ErrorCode = 'BAD_WEIGHTS'
-       export const n: number = index.tensors.length + code.length`,
+       export const n: number = index.tensors.length + code.length
+       export async function draw(): Promise<number> {
+         await using engine = await HyperLoRA.load(TINY_MODELS)
+         return (await engine.generate({ prompt: 'a portrait' })).length
+       }`,
     )
     fs.writeFileSync(
       path.join(consumer, 'cjs.cts'),

@@ -34,8 +34,8 @@ describe('release path', () => {
     expect(trap.called(), 'cargo was called by npm pack').toBe(false)
     expect(r.stderr).toContain("hyperlora: npm pack does not build; it ships dist/ as 'npm run build:ts' left it")
     const files = (JSON.parse(r.stdout) as [{ files: { path: string }[] }])[0].files.map((f) => f.path)
-    expect(files).toEqual(expect.arrayContaining(['LICENSE', 'dist/cli.js', 'bin/hyperlora.js', 'models/tiny/sdxl/unet/config.json', 'models/tiny/photos/astronaut.png']))
-    expect(files.filter((f) => /single-file|tests\/fixtures|fuzz-corpus|\.map$|^src\/|^crates\/|^scripts\//.test(f))).toEqual([])
+    expect(files).toEqual(expect.arrayContaining(['LICENSE', 'dist/cli/index.js', 'bin/hyperlora.js', 'models/tiny/sdxl/unet/config.json', 'models/tiny/photos/astronaut.png']))
+    expect(files.filter((f) => /single-file|tests\/fixtures|hyperlora-fuzz|\.map$|^src\/|^crates\/|^scripts\//.test(f))).toEqual([])
     // npm flags packages with install scripts on every user's install; the build hook is `prepare`, which installs from the registry never run.
     const scripts = (JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts
     expect(Object.keys(scripts).filter((s) => ['preinstall', 'install', 'postinstall'].includes(s))).toEqual([])

@@ -5,8 +5,7 @@ import * as path from 'node:path'
 import { describe, expect, it } from 'vitest'
 
 import { inspectWeights } from '../src/index.js'
-import { native } from '../src/native.js'
-import { smallSafetensors, tempDir, rejection } from './helpers.js'
+import { smallSafetensors, tempDir, rejection, testHooks } from './helpers.js'
 
 const dir = tempDir('weights')
 
@@ -55,7 +54,7 @@ describe('inspectWeights', () => {
   })
 
   it('turns a native panic into INTERNAL without crashing, and keeps working after it', async () => {
-    const error = await native().__panicForTests().then(
+    const error = await testHooks().__panicForTests().then(
       () => undefined,
       (e: unknown) => e as Error,
     )

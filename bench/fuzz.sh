@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bounded fuzzing of the engine's input parsers: each target for SECONDS, one process at
 # a time, then a table of cases and outcomes. Crash inputs land in
-# crates/hyperlora/tests/fuzz-corpus/<target>/, which `cargo test` (so `npm test`) replays.
+# crates/hyperlora-fuzz/corpus/<target>/, which `cargo test` (so `npm test`) replays.
 #
 #   bench/fuzz.sh [SECONDS_PER_TARGET (90)] [SEED (1)] [TARGET... (all)]
 #
@@ -18,6 +18,6 @@ targets=("${@:-all}")
 work=${HYPERLORA_FUZZ_WORK:-${TMPDIR:-/tmp}/hyperlora-fuzz-$seed}
 rm -rf "$work"
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-1}
-cargo build -q -p hyperlora --features fuzzing --example fuzz
-cargo run -q -p hyperlora --features fuzzing --example fuzz -- "${targets[@]}" \
+cargo build -q -p hyperlora-fuzz
+cargo run -q -p hyperlora-fuzz -- "${targets[@]}" \
   --seconds "$seconds" --seed "$seed" --work "$work"

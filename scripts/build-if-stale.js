@@ -33,11 +33,11 @@ function mtime(file) {
 function staleReason() {
   const binaries = fs.readdirSync(root).filter((f) => /^hyperlora\..+\.node$/.test(f))
   if (binaries.length === 0) return 'the native engine is not built'
-  if (!fs.existsSync(path.join(root, 'dist', 'cli.js'))) return 'dist/ is not built'
+  if (!fs.existsSync(path.join(root, 'dist', 'cli', 'index.js'))) return 'dist/ is not built'
   const rust = Math.max(newest(path.join(root, 'crates'), (f) => /\.(rs|toml|cu|ptx)$/.test(f)), mtime(path.join(root, 'Cargo.toml')), mtime(path.join(root, 'Cargo.lock')))
   if (rust > Math.min(...binaries.map((f) => mtime(path.join(root, f))))) return 'the Rust sources changed since the last build'
   const ts = Math.max(newest(path.join(root, 'src'), (f) => f.endsWith('.ts')), mtime(path.join(root, 'tsconfig.json')), mtime(path.join(root, 'tsconfig.build.json')))
-  if (ts > mtime(path.join(root, 'dist', 'cli.js'))) return 'the TypeScript sources changed since the last build'
+  if (ts > mtime(path.join(root, 'dist', 'cli', 'index.js'))) return 'the TypeScript sources changed since the last build'
   return null
 }
 

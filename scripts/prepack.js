@@ -7,7 +7,7 @@ const fs = require('node:fs')
 const path = require('node:path')
 
 const dist = path.resolve(__dirname, '..', 'dist')
-const missing = ['index.js', 'index.mjs', 'index.d.ts', 'index.d.mts', 'cli.js'].filter((f) => !fs.existsSync(path.join(dist, f)))
+const missing = ['index.js', 'index.mjs', 'index.d.ts', 'index.d.mts', 'cli/index.js'].filter((f) => !fs.existsSync(path.join(dist, f)))
 if (missing.length > 0) {
   console.error(`hyperlora: dist/ lacks ${missing.join(', ')}: run 'npm run build:ts' before packing (packing never compiles)`)
   process.exitCode = 1

@@ -303,6 +303,11 @@ export class HyperLoRA {
     this.#encoder.dispose()
     this.#faces.dispose()
   }
+
+  /** {@link dispose}, for `await using engine = await HyperLoRA.load(…)`. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose()
+  }
 }
 
 /** `photo 1 (b.jpg) skipped: no face detected …`: the engine's reason already starts with the

@@ -1,6 +1,7 @@
 import * as path from 'node:path'
 
 import type * as Binding from '../index.js'
+import './dispose.js'
 import type { FaceConditions } from './identity.js'
 import { decodeRgb8, encodeRgb8, type ImageInput, type Rgb8 } from './images.js'
 import { callNative, native, type CallOptions } from './native.js'
@@ -62,6 +63,11 @@ export class FaceAnalyzer {
   /** Frees the native models; calls after this reject with `INVALID_ARGUMENT`. */
   dispose(): void {
     this.#native.dispose()
+  }
+
+  /** {@link dispose}, for `await using`. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.dispose()
   }
 
   /** Every face in the picture, best score first. EXIF orientation is applied first. */

@@ -1,6 +1,7 @@
 import * as path from 'node:path'
 
 import type * as Binding from '../index.js'
+import './dispose.js'
 import { HyperLoraError } from './errors.js'
 import { decodeRgb8, type ImageInput } from './images.js'
 import type { DetectedFace } from './face.js'
@@ -118,6 +119,11 @@ export class IdentityEncoder {
   /** Frees the native models; calls after this reject with `INVALID_ARGUMENT`. */
   dispose(): void {
     this.#native.dispose()
+  }
+
+  /** {@link dispose}, for `await using`. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.dispose()
   }
 
   /**

@@ -1,6 +1,7 @@
 import * as path from 'node:path'
 
 import type * as Binding from '../index.js'
+import './dispose.js'
 import { HyperLoraError } from './errors.js'
 import type { Identity } from './identity.js'
 import { decodeRgb8, encodeWithParameters, type ImageFormat, type ImageInput } from './images.js'
@@ -161,6 +162,11 @@ export class Pipeline {
   /** Frees the native model; calls after this reject with `INVALID_ARGUMENT`. */
   dispose(): void {
     this.#native.dispose()
+  }
+
+  /** {@link dispose}, for `await using`. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.dispose()
   }
 
   /**

@@ -74,11 +74,3 @@ pub fn inspect_weights(
         },
     )
 }
-
-/// Test hook: panics inside a worker task so tests can prove panics never cross into Node.
-#[napi(js_name = "__panicForTests", ts_return_type = "Promise<void>")]
-pub fn panic_for_tests() -> AsyncTask<Call<(), ()>> {
-    call(CallContext::default(), Ok, |_, _| {
-        panic!("injected test panic")
-    })
-}

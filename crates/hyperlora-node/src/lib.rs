@@ -18,6 +18,8 @@ mod inspect;
 mod pipeline;
 mod refine;
 mod resident;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 mod words;
 
 pub use call::CancelHandle;

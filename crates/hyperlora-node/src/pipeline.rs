@@ -315,17 +315,6 @@ impl Pipeline {
         self.inner.dispose();
     }
 
-    /// Test hook: panics in a worker while holding the model (poisoning its lock), so tests can
-    /// prove the call fails with `INTERNAL` and the model keeps working.
-    #[napi(js_name = "__panicWhileBusyForTests", ts_return_type = "Promise<void>")]
-    pub fn panic_while_busy_for_tests(&self) -> napi::Result<AsyncTask<Call<(), ()>>> {
-        let session = self.inner.get()?;
-        Ok(call(CallContext::default(), Ok, move |_, _| {
-            let _busy = lock(&session);
-            panic!("injected test panic while the model is busy")
-        }))
-    }
-
     /// Draws one request with its identities and LoRA files merged in (weights may be
     /// negative). Image `k` is drawn from `seed + k`, so each redraws alone with its seed.
     #[napi(ts_return_type = "Promise<Generated>")]

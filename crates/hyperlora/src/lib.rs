@@ -8,9 +8,6 @@ pub mod detailer;
 pub mod device;
 pub mod error;
 pub mod face;
-#[cfg(any(test, feature = "fuzzing"))]
-#[doc(hidden)]
-pub mod fuzz_targets;
 pub mod hypernet;
 pub mod identity;
 pub mod image;

@@ -5,7 +5,7 @@
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 
-import { HyperLoraError } from './errors.js'
+import { HyperLoraError } from '../errors.js'
 
 /** A mistake in the command line. */
 export function usageError(message: string): HyperLoraError {

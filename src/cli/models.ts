@@ -2,7 +2,7 @@
 import * as path from 'node:path'
 
 import { formatDuration, RateMeter } from './rate.js'
-import { defaultModelNames, listModels, pullModels, type InstalledModel, type ModelEvent, type PulledModel, type ResolveOptions } from './resolve.js'
+import { defaultModelNames, listModels, pullModels, type InstalledModel, type ModelEvent, type PulledModel, type ResolveOptions } from '../models/resolve.js'
 
 /** The flags these commands read. */
 export interface ModelCommandFlags {

@@ -1,7 +1,8 @@
 //! Fuzz targets: every loader a user's file or string reaches, each fed one byte string.
 //!
-//! Shared by the bounded fuzzer (`examples/fuzz.rs`, run by `bench/fuzz.sh`) and the replay
-//! test below, which runs every input kept in `tests/fuzz-corpus/<target>/` through its target.
+//! Shared by the bounded fuzzer (`src/main.rs`, run by `bench/fuzz.sh`) and the replay test
+//! below, which runs every input kept in `corpus/<target>/` through its target. Only the
+//! engine's public API is used: the targets reach what a program using the crate reaches.
 //! A crash is a panic, an `INTERNAL` error or a broken invariant (reported as `INTERNAL` too):
 //! every malformed input must come back as a coded error (`BAD_WEIGHTS`, `INVALID_ARGUMENT`, ...).
 //!
@@ -16,21 +17,21 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::clip::text::ClipTextConfig;
-use crate::clip::vision::ClipVisionModel;
-use crate::face::{ArcFaceModel, Detection, Detector, LandmarkModel};
-use crate::hypernet::HyperLora;
-use crate::image::RgbImage;
-use crate::lora::{read_lora_file, KohyaLora, LoraLayer};
-use crate::sdxl::model::{unet, vae};
-use crate::sdxl::pipeline::{GenerateParams, LoadOptions, SdxlPipeline};
-use crate::sdxl::sampling::sampler::{Sampler, SchedulerConfig, SigmaSchedule};
-use crate::sdxl::text::prompt::{tokenize_sdxl, PromptOptions, SdxlPromptChunks};
-use crate::sdxl::text::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
-use crate::task::CancelToken;
-use crate::weights::inspect::{inspect_safetensors, InspectOptions};
-use crate::weights::{Component, ComponentFiles, ModelSource, SingleFileCheckpoint};
-use crate::{Error, ErrorCode, Result};
+use hyperlora::clip::text::ClipTextConfig;
+use hyperlora::clip::vision::ClipVisionModel;
+use hyperlora::face::{ArcFaceModel, Detection, Detector, LandmarkModel};
+use hyperlora::hypernet::HyperLora;
+use hyperlora::image::RgbImage;
+use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
+use hyperlora::sdxl::model::{unet, vae};
+use hyperlora::sdxl::pipeline::{GenerateParams, LoadOptions, SdxlPipeline};
+use hyperlora::sdxl::sampling::sampler::{Sampler, SchedulerConfig, SigmaSchedule};
+use hyperlora::sdxl::text::prompt::{tokenize_sdxl, PromptOptions, SdxlPromptChunks};
+use hyperlora::sdxl::text::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
+use hyperlora::task::CancelToken;
+use hyperlora::weights::inspect::{inspect_safetensors, InspectOptions};
+use hyperlora::weights::{Component, ComponentFiles, ModelSource, SingleFileCheckpoint};
+use hyperlora::{Error, ErrorCode, Result};
 
 /// An input class of the fuzzer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,7 +99,7 @@ impl Target {
     /// The real files this target's inputs start from: (variant, path).
     pub fn seeds(self) -> Vec<(usize, PathBuf)> {
         let tiny = repo_root().join("models/tiny");
-        let fixtures = crate_root().join("tests/fixtures");
+        let fixtures = fixtures_dir();
         let indexed = |dir: PathBuf, files: &[&str]| {
             files
                 .iter()
@@ -171,9 +172,14 @@ fn repo_root() -> PathBuf {
     crate_root().join("../..")
 }
 
-/// `crates/hyperlora/tests/fuzz-corpus`: the kept inputs, one folder per target.
+/// `crates/hyperlora-fuzz/corpus`: the kept inputs, one folder per target.
 pub fn corpus_dir() -> PathBuf {
-    crate_root().join("tests/fuzz-corpus")
+    crate_root().join("corpus")
+}
+
+/// `crates/hyperlora/tests/fixtures`: the engine's parity fixtures, which seed some targets.
+pub fn fixtures_dir() -> PathBuf {
+    repo_root().join("crates/hyperlora/tests/fixtures")
 }
 
 fn collect_files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
@@ -560,12 +566,12 @@ fn check_chunks(chunks: &SdxlPromptChunks) -> Result<()> {
             return Err(broken(format!("chunk counts {} / {}", c.len(), n)));
         }
         for (ids, weights) in c.ids.iter().zip(&c.weights) {
-            if ids.len() != CONTEXT_LENGTH || ids[0] != crate::sdxl::text::tokenizer::BOS_ID {
+            if ids.len() != CONTEXT_LENGTH || ids[0] != hyperlora::sdxl::text::tokenizer::BOS_ID {
                 return Err(broken("a window does not start with BOS"));
             }
             if ids
                 .iter()
-                .any(|&id| id as usize >= crate::sdxl::text::tokenizer::VOCAB_SIZE)
+                .any(|&id| id as usize >= hyperlora::sdxl::text::tokenizer::VOCAB_SIZE)
             {
                 return Err(broken("a token id outside the vocabulary"));
             }
@@ -615,6 +621,8 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&scratch);
         eprintln!("replayed {replayed} corpus inputs in {:?}", start.elapsed());
+        // A corpus that is not where it is looked for must not pass as "nothing crashed".
+        assert!(replayed > 0, "no inputs under {}", corpus_dir().display());
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

@@ -7,7 +7,7 @@
 //! fuzz --replay <target> FILE...      outcome and time of each file
 //! fuzz --minimise <target> FILE...    shrink each file keeping its outcome, into the corpus
 //! ```
-//! Targets are `hyperlora::fuzz_targets::Target` (safetensors, configs, onnx, lora, hyperlora,
+//! Targets are `hyperlora_fuzz::Target` (safetensors, configs, onnx, lora, hyperlora,
 //! prompts). Inputs start from the real files in `models/tiny/` and the test fixtures and are
 //! mutated both blindly (bit flips, interesting integers, truncation, splices, repeats) and by
 //! format (safetensors headers, JSON trees, protobuf fields, prompt syntax), from a seeded
@@ -17,7 +17,7 @@
 //! Each target runs in a worker process under a supervisor (this same binary). In the worker
 //! every case runs under `catch_unwind`; a panic or an `INTERNAL` error is a crash, minimised by
 //! cutting chunks while the crash stays the same, and saved to
-//! `crates/hyperlora/tests/fuzz-corpus/<target>/<hash>.bin`, which `cargo test` replays. A
+//! `crates/hyperlora-fuzz/corpus/<target>/<hash>.bin`, which `cargo test` replays. A
 //! counting global allocator measures each case's peak and refuses a single allocation above
 //! `--max-alloc-mb`, which aborts the worker; the supervisor then saves the case being run (it
 //! is always in `<work>/inflight-<target>.bin`), as it does for a case that outlives
@@ -32,8 +32,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hyperlora::fuzz_targets::{corpus_dir, Harness, Target};
 use hyperlora::ErrorCode;
+use hyperlora_fuzz::{corpus_dir, fixtures_dir, Harness, Target};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -1133,7 +1133,7 @@ fn prompt_seeds() -> Vec<Vec<u8>> {
         "(((((((((((((((((((((((((((((portrait".into(),
         "photo)))]]] of (a:1e309) person".into(),
     ];
-    let cases = hyperlora::fuzz_targets::corpus_dir().join("../fixtures/sdxl_tokenizer/cases.json");
+    let cases = fixtures_dir().join("sdxl_tokenizer/cases.json");
     if let Ok(text) = std::fs::read_to_string(cases) {
         if let Ok(v) = serde_json::from_str::<Value>(&text) {
             for c in v["cases"].as_array().into_iter().flatten() {

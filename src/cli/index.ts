@@ -10,15 +10,15 @@ import { parseArgs, type ParseArgsConfig } from 'node:util'
 
 import { generateCommand, identityCommand, TINY_IMAGE_SIZE, type Warn } from './commands.js'
 import { checkedOutputFile, joinNegativeNumbers, usageError } from './flags.js'
-import { writeAtomic } from './files.js'
-import { HyperLoraError } from './errors.js'
-import { info, type RuntimeInfo } from './info.js'
-import { HyperLoRA, TINY_MODELS, type EngineProgress } from './engine.js'
+import { writeAtomic } from '../files.js'
+import { HyperLoraError } from '../errors.js'
+import { info, type RuntimeInfo } from '../info.js'
+import { HyperLoRA, TINY_MODELS, type EngineProgress } from '../engine.js'
 import { progressBar } from './progress-bar.js'
-import { inspectWeights, type WeightsIndex } from './weights.js'
-import { modelsCommand, pullCommand } from './models/commands.js'
+import { inspectWeights, type WeightsIndex } from '../weights.js'
+import { modelsCommand, pullCommand } from './models.js'
 
-const packageRoot = path.resolve(__dirname, '..')
+const packageRoot = path.resolve(__dirname, '..', '..')
 
 const HELP: Record<string, string> = {
   main: `hyperlora — zero-shot identity portraits (HyperLoRA for SDXL)

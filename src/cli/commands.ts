@@ -1,13 +1,13 @@
 /** The CLI's `generate` and `identity` commands: photos and models in, files out. */
 import * as path from 'node:path'
 
-import { HyperLoraError } from './errors.js'
-import { writeAtomic } from './files.js'
-import { TINY_ANTELOPEV2 } from './face.js'
-import { loadIdentity, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from './identity.js'
-import { HyperLoRA, MODEL_ENV, type EngineGenerateOptions } from './engine.js'
-import { DEFAULT_MODELS, resolveModel, type ModelRole } from './models/index.js'
-import { loadPipeline, TINY_SDXL, type GeneratedImage, type Sampler, type SigmaScheduler } from './pipeline.js'
+import { HyperLoraError } from '../errors.js'
+import { writeAtomic } from '../files.js'
+import { TINY_ANTELOPEV2 } from '../face.js'
+import { loadIdentity, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from '../identity.js'
+import { HyperLoRA, MODEL_ENV, type EngineGenerateOptions } from '../engine.js'
+import { DEFAULT_MODELS, resolveModel, type ModelRole } from '../models/index.js'
+import { loadPipeline, TINY_SDXL, type GeneratedImage, type Sampler, type SigmaScheduler } from '../pipeline.js'
 import type { StageEvent } from './progress-bar.js'
 import { checkedInputFile, checkedOutputFile, numberFlag, seedFlag, usageError } from './flags.js'
 
