@@ -20,7 +20,7 @@
 //! generation — so merge is the mechanism (diffusers' `fuse_lora`). A batch whose samples carry
 //! different LoRAs cannot be merged; it takes the side path ([`super::per_sample`]).
 //!
-//! Every layer community SDXL LoRAs target can be merged ([`sdxl_targets`]): the UNet's
+//! Every layer community SDXL LoRAs target can be merged ([`crate::sdxl::pipeline::sdxl_targets`]): the UNet's
 //! transformer Linears, its resnets' `conv1`/`conv2`/`conv_shortcut`/`time_emb_proj`, the
 //! down/upsamplers' convolutions, `conv_in`/`conv_out`, the time and add embeddings'
 //! `linear_1`/`linear_2`, conv-form `proj_in`/`proj_out`, and the text encoders' layer Linears.
@@ -35,40 +35,33 @@ use candle_nn::Linear;
 
 use super::names::{summarize_skipped, LoraComponent, LoraLayer, SkippedKey};
 use super::update::LoraUpdate;
-use crate::sdxl::model::conv::Conv2d;
-use crate::sdxl::model::unet::UNet2DConditionModel;
-use crate::sdxl::text::encoders::SdxlTextEncoders;
 use crate::{Error, Result};
 
-/// A layer a LoRA may merge into.
-pub enum LayerMut<'a> {
-    Linear(&'a mut Linear),
-    Conv(&'a mut Conv2d),
+/// A layer a LoRA may merge into: a Linear or a convolution, whose weight (`[out, in]` or
+/// `[out, in, kh, kw]`) and bias can be read and replaced. The models implement it for their own
+/// layer types, so this module needs to know none of them.
+pub trait MergeTarget {
+    fn weight(&self) -> &Tensor;
+    fn bias(&self) -> Option<&Tensor>;
+    fn replace(&mut self, weight: Tensor, bias: Option<Tensor>);
 }
 
-impl LayerMut<'_> {
-    /// `[out, in]` or `[out, in, kh, kw]`.
-    pub fn weight(&self) -> &Tensor {
-        match self {
-            LayerMut::Linear(l) => l.weight(),
-            LayerMut::Conv(c) => c.weight(),
-        }
+impl MergeTarget for Linear {
+    fn weight(&self) -> &Tensor {
+        Linear::weight(self)
     }
 
-    pub fn bias(&self) -> Option<&Tensor> {
-        match self {
-            LayerMut::Linear(l) => l.bias(),
-            LayerMut::Conv(c) => c.bias(),
-        }
+    fn bias(&self) -> Option<&Tensor> {
+        Linear::bias(self)
     }
 
-    fn set(&mut self, weight: Tensor, bias: Option<Tensor>) {
-        match self {
-            LayerMut::Linear(l) => **l = Linear::new(weight, bias),
-            LayerMut::Conv(c) => **c = c.with_weights(weight, bias),
-        }
+    fn replace(&mut self, weight: Tensor, bias: Option<Tensor>) {
+        *self = Linear::new(weight, bias);
     }
 }
+
+/// A layer of a model, borrowed for merging.
+pub type LayerMut<'a> = &'a mut dyn MergeTarget;
 
 /// A layer a LoRA may target: its component and module path (diffusers naming for the UNet,
 /// transformers' `text_model.encoder.layers.N.…` for the text encoders).
@@ -76,44 +69,6 @@ pub struct LoraTarget<'a> {
     pub component: LoraComponent,
     pub module: String,
     pub layer: LayerMut<'a>,
-}
-
-/// Every LoRA-targetable layer of SDXL's UNet and two text encoders.
-pub fn sdxl_targets<'a>(
-    unet: &'a mut UNet2DConditionModel,
-    text: &'a mut SdxlTextEncoders,
-) -> Vec<LoraTarget<'a>> {
-    let SdxlTextEncoders { clip_l, clip_g } = text;
-    let linear = |component: LoraComponent| {
-        move |(module, l): (String, &'a mut Linear)| LoraTarget {
-            component,
-            module,
-            layer: LayerMut::Linear(l),
-        }
-    };
-    let (linears, convs) = unet.lora_layers_mut();
-    let mut out: Vec<LoraTarget<'a>> = linears
-        .into_iter()
-        .map(linear(LoraComponent::Unet))
-        .collect();
-    out.extend(convs.into_iter().map(|(module, c)| LoraTarget {
-        component: LoraComponent::Unet,
-        module,
-        layer: LayerMut::Conv(c),
-    }));
-    out.extend(
-        clip_l
-            .linears_mut()
-            .into_iter()
-            .map(linear(LoraComponent::TextEncoder)),
-    );
-    out.extend(
-        clip_g
-            .linears_mut()
-            .into_iter()
-            .map(linear(LoraComponent::TextEncoder2)),
-    );
-    out
 }
 
 /// Text-encoder modules are named `text_model.encoder…`; files written against transformers 5's
@@ -233,7 +188,7 @@ impl LoraMerger {
         for key in stale {
             let base = self.originals.remove(&key).expect("listed");
             if let Some(layer) = by_key.get_mut(&key) {
-                layer.set(base.weight, base.bias);
+                layer.replace(base.weight, base.bias);
             }
         }
 
@@ -253,7 +208,7 @@ impl LoraMerger {
                 Ok((w, b)) => {
                     base.bias_copied = b.is_some();
                     let bias = b.or_else(|| base.bias.clone());
-                    layer.set(w, bias);
+                    layer.replace(w, bias);
                 }
                 Err(e) => {
                     failure = Some(e.context(format!("merging LoRAs into {}", key.1)));
@@ -264,7 +219,7 @@ impl LoraMerger {
         if let Some(e) = failure {
             for (key, base) in self.originals.drain() {
                 if let Some(layer) = by_key.get_mut(&key) {
-                    layer.set(base.weight, base.bias);
+                    layer.replace(base.weight, base.bias);
                 }
             }
             return Err(e);
@@ -438,6 +393,8 @@ mod tests {
     use crate::clip::text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
     use crate::lora::names::read_lora_file;
     use crate::sdxl::model::unet::{Config, UNet2DConditionModel};
+    use crate::sdxl::pipeline::sdxl_targets;
+    use crate::sdxl::text::encoders::SdxlTextEncoders;
     use crate::testing::{assert_close, fixture, load_fixture, max_abs_diff, tiny_model};
     use crate::ErrorCode;
 
@@ -867,7 +824,7 @@ mod tests {
                 .map(|(m, l)| LoraTarget {
                     component: LoraComponent::Unet,
                     module: m.clone(),
-                    layer: LayerMut::Linear(l),
+                    layer: l,
                 })
                 .collect();
             let t0 = Instant::now();

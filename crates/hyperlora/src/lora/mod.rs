@@ -13,7 +13,7 @@ pub mod names;
 pub mod per_sample;
 pub mod update;
 
-pub use apply::{sdxl_targets, LayerMut, LoraMerger, LoraTarget};
+pub use apply::{LayerMut, LoraMerger, LoraTarget, MergeTarget};
 pub use format::{KohyaLora, LoraWeights};
 pub use names::{
     kohya_to_module, module_to_kohya, parse_lora, read_lora_file, sgm_to_diffusers,

@@ -265,7 +265,7 @@ mod tests {
     use candle_core::{Device, Module};
 
     use super::*;
-    use crate::lora::{LayerMut, LoraMerger, LoraTarget};
+    use crate::lora::{LoraMerger, LoraTarget};
     use crate::testing::assert_close;
     use crate::ErrorCode;
 
@@ -340,7 +340,7 @@ mod tests {
                 .map(|(module, linear)| LoraTarget {
                     component: LoraComponent::Unet,
                     module: module.clone(),
-                    layer: LayerMut::Linear(linear),
+                    layer: linear,
                 })
                 .collect();
             merger.apply(targets, set).unwrap();

@@ -11,7 +11,7 @@ use crate::clip::text::ClipTextConfig;
 use crate::error::{Error, Result, ResultExt};
 use crate::image::RgbImage;
 use crate::lora::apply::unfit_layers;
-use crate::lora::{sdxl_targets, LoraLayer, LoraMerger, SkippedKey};
+use crate::lora::{LoraComponent, LoraLayer, LoraMerger, LoraTarget, SkippedKey};
 use crate::sdxl::model::{unet, vae};
 use crate::sdxl::sampling::noise::TorchGenerator;
 use crate::sdxl::sampling::sampler::{Sampler, Scheduler, SchedulerConfig, SigmaSchedule};
@@ -622,6 +622,44 @@ impl SdxlPipeline {
             })
             .collect()
     }
+}
+
+/// Every LoRA-targetable layer of SDXL's UNet and two text encoders.
+pub fn sdxl_targets<'a>(
+    unet: &'a mut unet::UNet2DConditionModel,
+    text: &'a mut SdxlTextEncoders,
+) -> Vec<LoraTarget<'a>> {
+    let SdxlTextEncoders { clip_l, clip_g } = text;
+    let linear = |component: LoraComponent| {
+        move |(module, l): (String, &'a mut candle_nn::Linear)| LoraTarget {
+            component,
+            module,
+            layer: l,
+        }
+    };
+    let (linears, convs) = unet.lora_layers_mut();
+    let mut out: Vec<LoraTarget<'a>> = linears
+        .into_iter()
+        .map(linear(LoraComponent::Unet))
+        .collect();
+    out.extend(convs.into_iter().map(|(module, c)| LoraTarget {
+        component: LoraComponent::Unet,
+        module,
+        layer: c,
+    }));
+    out.extend(
+        clip_l
+            .linears_mut()
+            .into_iter()
+            .map(linear(LoraComponent::TextEncoder)),
+    );
+    out.extend(
+        clip_g
+            .linears_mut()
+            .into_iter()
+            .map(linear(LoraComponent::TextEncoder2)),
+    );
+    out
 }
 
 #[cfg(test)]

@@ -215,6 +215,20 @@ impl CustomOp1 for Im2Col {
     }
 }
 
+impl crate::lora::MergeTarget for Conv2d {
+    fn weight(&self) -> &Tensor {
+        Conv2d::weight(self)
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        Conv2d::bias(self)
+    }
+
+    fn replace(&mut self, weight: Tensor, bias: Option<Tensor>) {
+        *self = self.with_weights(weight, bias);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
