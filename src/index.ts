@@ -15,10 +15,13 @@ export {
   type DeviceName,
   type GenerateOptions,
   type GeneratedImage,
+  type GenerationSettings,
+  type IdentityWeight,
   type LoadPipelineOptions,
   type Precision,
   type RefineFaceOptions,
   type Sampler,
+  type SigmaSchedule,
   type SigmaScheduler,
 } from './pipeline.js'
 export type { ImageFormat, ImageInput } from './images.js'

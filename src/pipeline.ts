@@ -137,12 +137,35 @@ export interface GeneratedImage {
   seed: number | bigint
   /** Position in its batch. */
   index: number
+  /** What the picture was drawn with, every default filled in by the engine (the same as
+   * `info`, as values). */
+  settings: GenerationSettings
   /** The generation settings in A1111's `parameters` format (also stored in PNGs). */
   info: string
   /** What the caller should know about the call that drew this image, one sentence each (options
    * that had no effect; from the engine, e.g. LoRA keys that matched no layer). The same list on
    * every image of a call; empty when all went as asked. */
   warnings: string[]
+}
+
+/** The settings one picture was drawn with. */
+export interface GenerationSettings {
+  prompt: string
+  negativePrompt: string
+  width: number
+  height: number
+  steps: number
+  cfg: number
+  sampler: Sampler
+  schedule: SigmaSchedule
+  /** This picture's own seed (see {@link GeneratedImage.seed}). */
+  seed: number | bigint
+  /** With an init image. */
+  strength?: number
+  /** The weight of each identity in the request, in order (a Base-LoRA in use follows its
+   * identity). */
+  identityWeights: number[]
+  loras: { path: string; weight: number }[]
 }
 
 /** A loaded SDXL model. Create with {@link loadPipeline}. */
@@ -375,13 +398,28 @@ export async function finish(drawn: Binding.Generated, p: Prepared, extra: reado
   return Promise.all(
     drawn.images.map(async (image, index) => {
       const info = parametersOf(s, index, extra)
+      const seed = reportedSeed(imageSeed(s.seed, index))
       return {
         data: await encodeWithParameters(image, p.format, info),
         format: p.format,
         width: image.width,
         height: image.height,
-        seed: reportedSeed(imageSeed(s.seed, index)),
+        seed,
         index,
+        settings: {
+          prompt: s.prompt,
+          negativePrompt: s.negativePrompt,
+          width: s.width,
+          height: s.height,
+          steps: s.steps,
+          cfg: s.cfg,
+          sampler: s.sampler,
+          schedule: s.schedule,
+          seed,
+          ...(s.strength != null && { strength: s.strength }),
+          identityWeights: [...s.identityWeights],
+          loras: s.loras.map((l) => ({ path: l.path, weight: l.weight ?? 1 })),
+        },
         info,
         warnings: [...p.warnings, ...drawn.warnings],
       }

@@ -7,7 +7,7 @@ import { TINY_ANTELOPEV2 } from '../face.js'
 import { loadIdentity, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from '../identity.js'
 import { HyperLoRA, MODEL_ENV, type EngineGenerateOptions } from '../engine.js'
 import { DEFAULT_MODELS, resolveModel, type ModelRole } from '../models/index.js'
-import { loadPipeline, TINY_SDXL, type GeneratedImage, type Sampler, type SigmaScheduler } from '../pipeline.js'
+import { loadPipeline, TINY_SDXL, type GeneratedImage, type Sampler, type SigmaSchedule } from '../pipeline.js'
 import type { StageEvent } from './progress-bar.js'
 import { checkedInputFile, checkedOutputFile, numberFlag, seedFlag, usageError } from './flags.js'
 
@@ -134,7 +134,7 @@ function generateOptions(values: CommandValues, prompt: string): Omit<EngineGene
     ...(seed !== undefined && { seed }),
     ...(typeof values['negative'] === 'string' && { negativePrompt: values['negative'] }),
     ...(typeof values['sampler'] === 'string' && { sampler: values['sampler'] as Sampler }),
-    ...(typeof values['scheduler'] === 'string' && { scheduler: values['scheduler'] as SigmaScheduler }),
+    ...(typeof (values['schedule'] ?? values['scheduler']) === 'string' && { schedule: (values['schedule'] ?? values['scheduler']) as SigmaSchedule }),
     ...(values['refine-face'] && { refineFace: true }),
   }
 }

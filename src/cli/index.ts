@@ -76,7 +76,8 @@ the person's identity LoRA is merged in and HyperLoRA's trigger words are prepen
   --cfg x               0 to 100 (default 5)
   --width n --height n  multiples of 8 up to 4096 (default 1024; 128 with --tiny)
   --sampler s           euler, euler_ancestral, dpmpp_2m (default), dpmpp_2m_sde, ddim
-  --scheduler s         normal, karras (default), exponential
+  --schedule s          sigma schedule: normal, karras (default), exponential
+                        (--scheduler is the old name, still accepted)
   --identity-weight x   default 0.85
   --lora path[:weight]  another LoRA (repeatable)
   --keep-background     skip the face background removal
@@ -226,6 +227,7 @@ const OPTIONS = {
   width: { type: 'string' },
   height: { type: 'string' },
   sampler: { type: 'string' },
+  schedule: { type: 'string' },
   scheduler: { type: 'string' },
   lora: { type: 'string', multiple: true },
   'keep-background': { type: 'boolean' },
