@@ -114,7 +114,10 @@ export interface AnalyzedFace {
 }
 
 export interface AnalyzeFacesOptions {
-  /** Spec step 2: grey out everything outside the face outline (default true). */
+  /**
+   * Background removal (docs/hyperlora-model.md §3 step 2): grey out everything outside the
+   * face outline (default true).
+   */
   removeBackground?: boolean
   /** Grey CLIP crop (default false). */
   grayscale?: boolean

@@ -45,7 +45,8 @@ impl From<&FaceInfo> for DetectedFace {
 
 #[napi(object)]
 pub struct AnalyzeFacesOptions {
-    /// Spec step 2: grey out everything outside the face outline (default true).
+    /// Background removal (docs/hyperlora-model.md §3 step 2): grey out everything outside the
+    /// face outline (default true).
     pub remove_background: Option<bool>,
     /// Grey CLIP crop (default false).
     pub grayscale: Option<bool>,
