@@ -365,6 +365,11 @@ impl Session {
             self.pipeline
                 .validate(&r.params)
                 .map_err(|e| e.context(format!("requests[{i}]")))?;
+            if r.file_set() != requests[0].file_set() {
+                return Err(Error::invalid_argument(format!(
+                    "requests[{i}] has other LoRA files than requests[0]: a batch shares its files (plan_batches groups requests that can share one)"
+                )));
+            }
         }
         let singles: Vec<Request> = requests.iter().flat_map(Request::per_image).collect();
         let mut images = self.generate_batch(&singles, cancel, progress)?.into_iter();
@@ -508,6 +513,22 @@ mod tests {
             plan_batches(&requests, 8),
             vec![vec![0, 5], vec![1], vec![2], vec![3], vec![4]]
         );
+    }
+
+    #[test]
+    fn a_batch_with_different_files_is_refused() {
+        let mut session = Session::new(tiny_sdxl());
+        let mut other = Request::new(params(64, 1));
+        other.files = vec![("style.safetensors".into(), 0.6)];
+        let err = session
+            .generate_many(
+                &[Request::new(params(64, 1)), other],
+                &CancelToken::new(),
+                &mut |_| {},
+            )
+            .unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::InvalidArgument);
+        assert!(err.message.starts_with("requests[1] has other LoRA files"));
     }
 
     #[test]
