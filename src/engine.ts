@@ -232,9 +232,8 @@ export class HyperLoRA {
 
   /** Draws requests that share one batch (or one request alone), with the refine pass on the
    * pictures of those that ask for it; runs inside the generation queue. */
-  async #draw(requests: readonly EngineGenerateOptions[], signal: AbortSignal, onProgress: (e: ProgressEvent) => void): Promise<GeneratedImage[][]> {
-    // The caller's own signal and progress are already folded into `signal` and `onProgress`.
-    const prepared = await Promise.all(requests.map(({ refineFace: _, onProgress: __, signal: ___, ...request }) => prepare(request)))
+  async #draw(requests: readonly EngineGenerateOptions[], signal: AbortSignal, onProgress: (e: ProgressEvent) => void, ready?: readonly Prepared[]): Promise<GeneratedImage[][]> {
+    const prepared = ready ?? (await Promise.all(requests.map(prepareRequest)))
     const drawn =
       prepared.length === 1
         ? [await this.#pipeline.generatePixels(prepared[0]!, { signal, onProgress })]
@@ -280,13 +279,14 @@ export class HyperLoRA {
     const started = performance.now()
     const report = reporter(options, started)
     const list = [...requests]
-    const plan = this.#pipeline.planBatches(await Promise.all(list.map(({ refineFace: _, onProgress: __, signal: ___, ...r }) => prepare(r))), maxBatchSize)
-    for (const batch of plan) {
+    const prepared = await Promise.all(list.map(prepareRequest))
+    for (const batch of this.#pipeline.planBatches(prepared, maxBatchSize)) {
       const images = await this.#generation.run(options.signal, (signal) =>
         this.#draw(
           batch.map((i) => list[i]!),
           signal,
           nativeProgress(report),
+          batch.map((i) => prepared[i]!),
         ),
       )
       for (const [k, index] of batch.entries()) yield { index, images: images[k]! }
@@ -308,6 +308,12 @@ export class HyperLoRA {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.dispose()
   }
+}
+
+/** A request's generation part, for the engine (the caller's signal and progress are folded into
+ * the queue's, the refine pass runs after). */
+function prepareRequest({ refineFace: _, onProgress: __, signal: ___, ...request }: EngineGenerateOptions): Promise<Prepared> {
+  return prepare(request)
 }
 
 /** `photo 1 (b.jpg) skipped: no face detected …`: the engine's reason already starts with the
