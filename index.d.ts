@@ -157,8 +157,11 @@ export interface DeviceOptions {
   dtype?: string
 }
 
+/** The codes engine errors carry, in their `[CODE] message` prefix (`errors.rs`). */
+export type ErrorCode = 'BAD_WEIGHTS' | 'MODEL_NOT_FOUND' | 'INVALID_ARGUMENT' | 'NO_FACE' | 'OUT_OF_MEMORY' | 'ABORTED' | 'IO' | 'INTERNAL'
+
 /** Every code an engine error can carry (in its `[CODE] message` prefix). */
-export declare function errorCodes(): Array<string>
+export declare function errorCodes(): Array<ErrorCode>
 
 export interface FaceAnalysisResult {
   faces: Array<AnalyzedFace>

@@ -841,6 +841,7 @@ module.exports.Identity = nativeBinding.Identity
 module.exports.IdentityEncoder = nativeBinding.IdentityEncoder
 module.exports.Pipeline = nativeBinding.Pipeline
 module.exports.backendInfo = nativeBinding.backendInfo
+module.exports.ErrorCode = nativeBinding.ErrorCode
 module.exports.errorCodes = nativeBinding.errorCodes
 module.exports.generateDefaults = nativeBinding.generateDefaults
 module.exports.inspectWeights = nativeBinding.inspectWeights

@@ -1,4 +1,12 @@
-/** Stable error codes. Programs branch on `error.code`; messages are for people. */
+import type * as Binding from '../index.js'
+
+/** Stable error codes: the engine's (generated into the binding's types) and `NATIVE_MISSING`,
+ * which only this layer raises (no native engine to ask). Programs branch on `error.code`;
+ * messages are for people. */
+export type ErrorCode = Binding.ErrorCode | 'NATIVE_MISSING'
+
+/** Every {@link ErrorCode} at run time, without loading the native engine (which may be missing);
+ * the type checks it lists each code, and a test that it matches the engine's `errorCodes()`. */
 export const ERROR_CODES = [
   'BAD_WEIGHTS',
   'MODEL_NOT_FOUND',
@@ -9,10 +17,11 @@ export const ERROR_CODES = [
   'IO',
   'NATIVE_MISSING',
   'INTERNAL',
-] as const
+] as const satisfies readonly ErrorCode[]
 
-/** One of {@link ERROR_CODES}. */
-export type ErrorCode = (typeof ERROR_CODES)[number]
+// Compile-time: no code of the engine is missing from the list.
+const EVERY_CODE_LISTED: Exclude<ErrorCode, (typeof ERROR_CODES)[number]> extends never ? true : false = true
+void EVERY_CODE_LISTED
 
 /**
  * Every failure of the engine surfaces as a `HyperLoraError`. An aborted call rejects with one

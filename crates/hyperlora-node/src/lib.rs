@@ -55,9 +55,9 @@ pub fn backend_info() -> BackendInfo {
 
 /// Every code an engine error can carry (in its `[CODE] message` prefix).
 #[napi]
-pub fn error_codes() -> Vec<String> {
+pub fn error_codes() -> Vec<words::ErrorCode> {
     hyperlora::ErrorCode::ALL
-        .iter()
-        .map(|c| c.as_str().to_string())
+        .into_iter()
+        .map(words::ErrorCode::from)
         .collect()
 }

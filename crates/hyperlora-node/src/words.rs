@@ -1,7 +1,6 @@
 //! The engine's word lists as JavaScript sees them: napi generates each enum into `index.d.ts` as
 //! a union of strings, so TypeScript never spells them out itself. The conversions are
-//! exhaustive matches, so the engine and these lists cannot drift apart. (Error codes travel in
-//! error messages instead; `errorCodes()` lists them.)
+//! exhaustive matches, so the engine and these lists cannot drift apart.
 
 use hyperlora::sdxl::sampling::sampler;
 use napi_derive::napi;
@@ -122,6 +121,42 @@ impl From<sampler::SigmaSchedule> for SigmaSchedule {
             sampler::SigmaSchedule::Normal => Self::Normal,
             sampler::SigmaSchedule::Karras => Self::Karras,
             sampler::SigmaSchedule::Exponential => Self::Exponential,
+        }
+    }
+}
+
+/// The codes engine errors carry, in their `[CODE] message` prefix (`errors.rs`).
+#[napi(string_enum)]
+pub enum ErrorCode {
+    #[napi(value = "BAD_WEIGHTS")]
+    BadWeights,
+    #[napi(value = "MODEL_NOT_FOUND")]
+    ModelNotFound,
+    #[napi(value = "INVALID_ARGUMENT")]
+    InvalidArgument,
+    #[napi(value = "NO_FACE")]
+    NoFace,
+    #[napi(value = "OUT_OF_MEMORY")]
+    OutOfMemory,
+    #[napi(value = "ABORTED")]
+    Aborted,
+    #[napi(value = "IO")]
+    Io,
+    #[napi(value = "INTERNAL")]
+    Internal,
+}
+
+impl From<hyperlora::ErrorCode> for ErrorCode {
+    fn from(code: hyperlora::ErrorCode) -> Self {
+        match code {
+            hyperlora::ErrorCode::BadWeights => Self::BadWeights,
+            hyperlora::ErrorCode::ModelNotFound => Self::ModelNotFound,
+            hyperlora::ErrorCode::InvalidArgument => Self::InvalidArgument,
+            hyperlora::ErrorCode::NoFace => Self::NoFace,
+            hyperlora::ErrorCode::OutOfMemory => Self::OutOfMemory,
+            hyperlora::ErrorCode::Aborted => Self::Aborted,
+            hyperlora::ErrorCode::Io => Self::Io,
+            hyperlora::ErrorCode::Internal => Self::Internal,
         }
     }
 }
