@@ -22,8 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::RgbImage;
 use crate::lora::{read_lora_file, summarize_skipped, KohyaLora, LoraLayer, SkippedKey};
 use crate::sdxl::batch::BatchRequest;
@@ -37,13 +36,12 @@ pub const DEFAULT_IDENTITY_WEIGHT: f64 = 0.85;
 /// it exactly.
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    // `RandomState` is keyed from the OS's randomness, afresh for every instance.
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(NEXT_SEED_SALT.fetch_add(1, Ordering::Relaxed));
-    hasher.finish() >> 16
+    // `RandomState` keys come from the OS's randomness and change with every instance.
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        >> 16
 }
-
-static NEXT_SEED_SALT: AtomicU64 = AtomicU64::new(0);
 
 /// A LoRA held in memory (an identity, a blend of identities) with a process-unique id.
 #[derive(Clone, Debug)]
