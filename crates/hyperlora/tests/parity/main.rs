@@ -6,4 +6,12 @@
 #[allow(dead_code)]
 mod common;
 
+mod clip_vision;
 mod face;
+mod noise;
+mod sdxl_sampler;
+mod sdxl_single_file;
+mod sdxl_text;
+mod sdxl_tokenizer;
+mod sdxl_unet;
+mod sdxl_vae;
