@@ -8,7 +8,10 @@ mod common;
 
 mod clip_vision;
 mod face;
+mod hyperlora;
+mod lora_apply;
 mod noise;
+mod sdxl_pipeline;
 mod sdxl_sampler;
 mod sdxl_single_file;
 mod sdxl_text;
