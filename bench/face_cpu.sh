@@ -4,4 +4,4 @@
 # tract runs single-threaded; taskset keeps the run on 2 cores as the issue asks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec taskset -c 0,1 cargo test --release -p hyperlora --lib face::tests::bench_face_cpu -- --ignored --nocapture
+exec taskset -c 0,1 cargo test --release -p hyperlora --test parity face::bench_face_cpu -- --ignored --nocapture

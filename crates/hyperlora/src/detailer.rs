@@ -179,8 +179,9 @@ impl RefineParams {
         )
     }
 
-    /// The img2img call for face `index`: a batch of one at `size`², seed `seed + index`.
-    fn face_params(&self, init: RgbImage, index: usize) -> GenerateParams {
+    /// The img2img request the refine pass runs for face `index`, from its crop `init` (already
+    /// resized to `size`²): a batch of one, seed `seed + index`.
+    pub fn face_params(&self, init: RgbImage, index: usize) -> GenerateParams {
         GenerateParams {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -451,8 +452,7 @@ pub fn refine_faces(
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
-    use crate::testing::{assert_close, fixture, load_fixture, max_abs_diff, tiny_sdxl};
-    use candle_core::Tensor;
+    use crate::testing::{astronaut_photo as astronaut, tiny_sdxl};
 
     fn face(b: [f64; 4]) -> FaceBox {
         FaceBox::from_xyxy(b)
@@ -715,83 +715,6 @@ mod tests {
     }
 
     const PROMPT: &str = "a photo of an astronaut riding a horse on the moon";
-
-    fn rgb(t: &Tensor) -> RgbImage {
-        let (height, width, _) = t.dims3().unwrap();
-        RgbImage {
-            width,
-            height,
-            data: t.flatten_all().unwrap().to_vec1().unwrap(),
-        }
-    }
-
-    /// The bundled photo (`models/tiny/photos/astronaut.png`'s pixels).
-    fn astronaut() -> RgbImage {
-        rgb(&load_fixture("face", "face.safetensors")["astronaut.image"])
-    }
-
-    /// One refine pass's img2img at the refine defaults (strength 0.5, DPM++ 2M Karras) matches
-    /// diffusers' StableDiffusionXLImg2ImgPipeline, from the crop this module makes of the photo.
-    #[test]
-    fn face_img2img_matches_diffusers() {
-        let case = "img2img_refine_dpmpp_2m_karras_strength05";
-        let expected = load_fixture("sdxl_pipeline", &format!("{case}.safetensors"));
-        let text = std::fs::read_to_string(fixture("sdxl_pipeline", &format!("{case}.json")));
-        let json: serde_json::Value = serde_json::from_str(&text.unwrap()).unwrap();
-        let j = &json["params"];
-        let b: Vec<f64> = serde_json::from_value(j["face_box"].clone()).unwrap();
-        let c: Vec<usize> = serde_json::from_value(j["crop"].clone()).unwrap();
-
-        let params = RefineParams {
-            prompt: j["prompt"].as_str().unwrap().into(),
-            steps: j["steps"].as_u64().unwrap() as usize,
-            guidance_scale: j["cfg"].as_f64().unwrap(),
-            sampler: Sampler::parse(j["sampler"].as_str().unwrap()).unwrap(),
-            schedule: SigmaSchedule::parse(j["schedule"].as_str().unwrap()).unwrap(),
-            seed: j["seed"].as_u64().unwrap(),
-            size: j["width"].as_u64().unwrap() as usize,
-            ..RefineParams::default()
-        };
-        assert_eq!(params.strength, j["strength"].as_f64().unwrap());
-        let photo = astronaut();
-        let r = crop_region(
-            &face([b[0], b[1], b[2], b[3]]),
-            photo.width,
-            photo.height,
-            params.padding,
-            params.min_size,
-        );
-        assert_eq!(r, region(c[0], c[1], c[2]));
-        let init = pil_resize_bicubic(&crop(&photo, r), params.size, params.size);
-        assert_eq!(init, rgb(&expected["init"]), "crop + Pillow bicubic");
-
-        let pipe = tiny_sdxl();
-        let latents = pipe
-            .generate_latents(
-                &params.face_params(init, 0),
-                &CancelToken::new(),
-                &mut |_| {},
-            )
-            .unwrap();
-        let (worst, ..) = max_abs_diff(&latents, &expected["latents"]);
-        eprintln!("refine img2img latents: max abs diff {worst:e}");
-        assert_close(
-            "refine img2img latents",
-            &latents,
-            &expected["latents"],
-            1e-3,
-        );
-        let image = pipe.decode(&latents).unwrap().remove(0);
-        let want = rgb(&expected["image"].squeeze(0).unwrap());
-        let worst = image
-            .data
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        assert!(worst <= 1, "decoded image differs by {worst} levels");
-    }
 
     /// Two faces of the bundled photo, one past its left edge.
     fn two_faces() -> [FaceBox; 2] {

@@ -21,5 +21,9 @@ pub mod weights;
 #[cfg(test)]
 pub(crate) mod testing;
 
+// Lets the test helpers shared with `tests/parity/` name the engine `hyperlora::` here too.
+#[cfg(test)]
+extern crate self as hyperlora;
+
 pub use error::{Error, ErrorCode, Result};
 pub use task::{CancelToken, Progress, Stage};

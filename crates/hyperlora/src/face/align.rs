@@ -53,32 +53,3 @@ pub fn estimate_norm(kps: &[[f32; 2]; 5], image_size: usize) -> [[f64; 3]; 2] {
     let src: Vec<[f64; 2]> = kps.iter().map(|p| [p[0] as f64, p[1] as f64]).collect();
     similarity_transform(&src, &dst)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::load_fixture;
-    use candle_core::DType;
-
-    #[test]
-    fn matches_skimage_similarity_transform() {
-        let f = load_fixture("face", "face.safetensors");
-        let lm = f["ops.lm5"]
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let kps: [[f32; 2]; 5] = std::array::from_fn(|i| [lm[i][0], lm[i][1]]);
-        let m = estimate_norm(&kps, 112);
-        let e = f["ops.norm_m"]
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec2::<f64>()
-            .unwrap();
-        for r in 0..2 {
-            for c in 0..3 {
-                assert!((m[r][c] - e[r][c]).abs() < 1e-5, "{m:?} vs {e:?}");
-            }
-        }
-    }
-}

@@ -304,6 +304,3 @@ fn check_image(img: &RgbImage) -> Result<()> {
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests;

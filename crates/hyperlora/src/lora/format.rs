@@ -443,11 +443,12 @@ pub(crate) fn serialize_safetensors(
 }
 
 /// A file's tensors in file order, and its `__metadata__`.
-pub(crate) type SafetensorsContents = (Vec<(String, Tensor)>, BTreeMap<String, String>);
+pub type SafetensorsContents = (Vec<(String, Tensor)>, BTreeMap<String, String>);
 
 /// Reads every tensor of a `.safetensors` file in file (offset) order, plus its metadata.
 /// A missing file is `MODEL_NOT_FOUND`; an unreadable or malformed one is `BAD_WEIGHTS`.
-pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<SafetensorsContents> {
+/// (candle's loader gives a map, losing the order and the metadata.)
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<SafetensorsContents> {
     use candle_core::safetensors::Load;
 
     let name = path.display();
@@ -521,13 +522,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, fixture};
-
-    fn tmp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("hyperlora-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::testing::{assert_close, tmp_dir};
 
     fn small(seed: f32) -> KohyaLora {
         let dev = Device::Cpu;
@@ -617,40 +612,6 @@ mod tests {
         small(1.0).save(&path).unwrap();
         assert!(KohyaLora::load(&path, &Device::Cpu).is_ok());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn reads_python_written_kohya_file() {
-        // The generator writes the expected HyperLoRA output with the exact keys diffusers
-        // loads (checked there); a round trip through our writer keeps every tensor.
-        let path = fixture("hyperlora", "id_lora_n1.safetensors");
-        let lora = KohyaLora::load(&path, &Device::Cpu).unwrap();
-        assert_eq!(lora.len(), 34 * 4);
-        assert_eq!(lora.rank(), Some(4));
-        let w = lora
-            .get("lora_unet_mid_block_attentions_0_transformer_blocks_1_attn2_to_out_0")
-            .unwrap();
-        assert_eq!(
-            (w.down.dims(), w.up.dims(), w.alpha),
-            (&[4, 32][..], &[32, 4][..], 2.0)
-        );
-        let dir = tmp_dir("kohya-py");
-        let out = dir.join("copy.safetensors");
-        lora.save(&out).unwrap();
-        let (ours, _) = read_safetensors(&out, &Device::Cpu).unwrap();
-        let (theirs, _) = read_safetensors(&path, &Device::Cpu).unwrap();
-        let ours: BTreeMap<_, _> = ours.into_iter().collect();
-        let theirs: BTreeMap<_, _> = theirs.into_iter().collect();
-        assert_eq!(
-            ours.keys().collect::<Vec<_>>(),
-            theirs.keys().collect::<Vec<_>>()
-        );
-        for (k, t) in &theirs {
-            assert_eq!(ours[k].dims(), t.dims(), "{k}");
-            assert_eq!(ours[k].dtype(), t.dtype(), "{k}");
-            assert_close(k, &ours[k], t, 0.0);
-        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -961,18 +961,7 @@ impl UNet2DConditionModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, load_fixture, tiny_model};
-
-    const STAGE: &str = "sdxl_unet";
-
-    fn tiny(dtype: DType) -> UNet2DConditionModel {
-        let config = Config::from_json(tiny_model("sdxl/unet/config.json")).unwrap();
-        let weights = tiny_model("sdxl/unet/diffusion_pytorch_model.safetensors");
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu).unwrap()
-        };
-        UNet2DConditionModel::new(vb, &config).unwrap()
-    }
+    use crate::testing::{assert_close, tiny_model, tiny_unet};
 
     #[test]
     fn tiny_config_reads_as_diffusers_wrote_it() {
@@ -1060,42 +1049,8 @@ mod tests {
     }
 
     #[test]
-    fn forward_matches_diffusers() {
-        let unet = tiny(DType::F32);
-        let f = load_fixture(STAGE, "forward.safetensors");
-        for t in [999.0, 421.0] {
-            let out = unet
-                .forward(
-                    &f["sample"],
-                    t,
-                    &f["encoder_hidden_states"],
-                    &f["text_embeds"],
-                    &f["time_ids"],
-                )
-                .unwrap();
-            assert_close(&format!("unet t={t}"), &out, &f[&format!("out_t{t}")], 1e-4);
-        }
-    }
-
-    #[test]
-    fn forward_on_latents_not_divisible_by_four_matches_diffusers() {
-        let unet = tiny(DType::F32);
-        let f = load_fixture(STAGE, "forward_odd.safetensors");
-        let out = unet
-            .forward(
-                &f["sample"],
-                37.5,
-                &f["encoder_hidden_states"],
-                &f["text_embeds"],
-                &f["time_ids"],
-            )
-            .unwrap();
-        assert_close("unet 10x6", &out, &f["out"], 1e-4);
-    }
-
-    #[test]
     fn linears_are_named_as_diffusers_names_them() {
-        let mut unet = tiny(DType::F32);
+        let mut unet = tiny_unet(DType::F32);
         let weights = tiny_model("sdxl/unet/diffusion_pytorch_model.safetensors");
         let file = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
         let linears = unet.linears_mut();
@@ -1115,47 +1070,5 @@ mod tests {
         assert!(names.contains(&"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"));
         assert!(names.contains(&"mid_block.attentions.0.transformer_blocks.1.attn2.to_out.0"));
         assert!(names.contains(&"up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj"));
-    }
-
-    #[test]
-    fn a_replaced_linear_changes_the_output() {
-        let f = load_fixture(STAGE, "forward.safetensors");
-        let mut unet = tiny(DType::F32);
-        let run = |unet: &UNet2DConditionModel| {
-            unet.forward(
-                &f["sample"],
-                421.0,
-                &f["encoder_hidden_states"],
-                &f["text_embeds"],
-                &f["time_ids"],
-            )
-            .unwrap()
-        };
-        for (name, linear) in unet.linears_mut() {
-            if name == "mid_block.attentions.0.transformer_blocks.0.attn1.to_q" {
-                *linear = Linear::new((linear.weight() * 3.0).unwrap(), None);
-            }
-        }
-        let (diff, ..) = crate::testing::max_abs_diff(&run(&unet), &f["out_t421"]);
-        assert!(diff > 1e-3, "output unchanged ({diff})");
-    }
-
-    /// f16 weights: same values (the tiny model is f16-exact), half-precision arithmetic.
-    /// (candle's CPU backend has no bf16 matmul, so bf16 can only be checked on a GPU.)
-    #[test]
-    fn f16_weights_give_close_results() {
-        let f = load_fixture(STAGE, "forward.safetensors");
-        let unet = tiny(DType::F16);
-        let out = unet
-            .forward(
-                &f["sample"],
-                999.0,
-                &f["encoder_hidden_states"],
-                &f["text_embeds"],
-                &f["time_ids"],
-            )
-            .unwrap();
-        assert_eq!(out.dtype(), DType::F16);
-        assert_close("unet f16", &out, &f["out_t999"], 2e-2);
     }
 }

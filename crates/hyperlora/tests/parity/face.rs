@@ -5,8 +5,14 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use super::*;
-use crate::testing::{load_fixture, tiny_model};
+use hyperlora::face::{
+    arcface, preprocess, AnalyzeOptions, AnalyzedPhotos, ArcFaceModel, Detection, Detector,
+    FaceAnalyzer, FaceChoice, LandmarkModel,
+};
+use hyperlora::image::RgbImage;
+use hyperlora::{CancelToken, ErrorCode};
+
+use crate::common::{load_fixture, rgb_image as rgb, tiny_model};
 
 fn fixture() -> HashMap<String, Tensor> {
     load_fixture("face", "face.safetensors")
@@ -14,21 +20,6 @@ fn fixture() -> HashMap<String, Tensor> {
 
 fn analyzer() -> FaceAnalyzer {
     FaceAnalyzer::load(&tiny_model("antelopev2")).unwrap()
-}
-
-fn rgb(t: &Tensor) -> RgbImage {
-    let (h, w, _) = t.dims3().unwrap();
-    RgbImage {
-        width: w,
-        height: h,
-        data: t
-            .to_dtype(DType::U8)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap(),
-    }
 }
 
 fn floats(t: &Tensor) -> Vec<f32> {
@@ -321,6 +312,56 @@ fn loader_checks_the_antelopev2_signatures() {
     assert_eq!(a.detector.fixed_input_size(), None);
 }
 
+#[test]
+fn matches_skimage_similarity_transform() {
+    let f = load_fixture("face", "face.safetensors");
+    let lm = f["ops.lm5"]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let kps: [[f32; 2]; 5] = std::array::from_fn(|i| [lm[i][0], lm[i][1]]);
+    let m = hyperlora::face::align::estimate_norm(&kps, 112);
+    let e = f["ops.norm_m"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    for r in 0..2 {
+        for c in 0..3 {
+            assert!((m[r][c] - e[r][c]).abs() < 1e-5, "{m:?} vs {e:?}");
+        }
+    }
+}
+
+fn max_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn cv_resize_and_warp_match_opencv() {
+    let f = load_fixture("face", "face.safetensors");
+    let src = rgb(&f["ops.src"]);
+    for (w, h) in [(90, 64), (20, 15), (53, 37), (26, 18)] {
+        let r = hyperlora::image::cv_resize_linear(&src, w, h);
+        let e = rgb(&f[&format!("ops.resize_{w}x{h}")]);
+        assert_eq!(max_diff(&r.data, &e.data), 0, "resize to {w}x{h}");
+    }
+    let m = f["ops.warp_m"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let m = [[m[0][0], m[0][1], m[0][2]], [m[1][0], m[1][1], m[1][2]]];
+    let r = hyperlora::image::warp_affine(&src, &m, 40, 40);
+    assert!(max_diff(&r.data, &rgb(&f["ops.warp_40"]).data) <= 1);
+}
+
 /// Timing of one 1024x1024 photo (bench/face_cpu.sh). Uses `HYPERLORA_ANTELOPEV2` (a real
 /// antelopev2 folder, or random weights of the real sizes) or else the tiny models.
 #[test]
@@ -333,7 +374,7 @@ fn bench_face_cpu() {
     let a = analyzer_at(&dir);
     let f = fixture();
     let small = rgb(&f["astronaut.image"]);
-    let img = crate::image::cv_resize_linear(&small, 1024, 1024);
+    let img = hyperlora::image::cv_resize_linear(&small, 1024, 1024);
     let cancel = CancelToken::new();
     // Warm-up builds the per-size plans.
     let _ = a.analyze(
