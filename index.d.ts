@@ -394,6 +394,9 @@ export interface RefineSettings {
   seed: bigint
   strength: number
   size: number
+  /** As in `GenerateSettings`. */
+  identityWeights: Array<number>
+  loras: Array<LoraFile>
 }
 
 /**

@@ -8,7 +8,7 @@ import { loadFaceAnalyzer, TINY_ANTELOPEV2, type FaceAnalyzer } from './face.js'
 import { Identity, loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYPERLORA, type IdentityEncoder, type IdentityPhoto } from './identity.js'
 import { decodeRgb8, type ImageInput, type Rgb8 } from './images.js'
 import type { GenerateSettings, RefineSettings, Refined } from '../index.js'
-import { native, type ProgressEvent } from './native.js'
+import type { ProgressEvent } from './native.js'
 import { finish, loadPipeline, prepare, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision, type Prepared, type RefineFaceOptions } from './pipeline.js'
 import { DEFAULT_MODELS, resolveModel, type ModelEvent, type ModelRole, type ResolveOptions } from './models/index.js'
 import { TaskQueue } from './queue.js'
@@ -223,8 +223,6 @@ export class HyperLoRA {
         width: rgb.width,
         height: rgb.height,
         batchSize: 1,
-        identityWeights: (prepared.request.identities ?? []).map((i) => i.weight ?? native().generateDefaults().identityWeight),
-        loras: prepared.request.loras ?? [],
       }
       return (await finish({ images: [refined.image], settings, warnings: refined.warnings }, prepared, refineSettings(s)))[0]!
     })

@@ -64,6 +64,9 @@ pub struct RefineSettings {
     pub seed: BigInt,
     pub strength: f64,
     pub size: u32,
+    /// As in `GenerateSettings`.
+    pub identity_weights: Vec<f64>,
+    pub loras: Vec<LoraFile>,
 }
 
 /// A refined picture, the settings used, and LoRA keys that were left out (one line per file).
@@ -128,7 +131,7 @@ impl Pipeline {
         // Convert on the JavaScript thread: the task must not touch JS-owned buffers.
         let params = refine_params(&request).map_err(to_napi)?;
         let faces = face_boxes(&faces).map_err(to_napi)?;
-        let (loras, _, _) = with_loras(
+        let (loras, identity_weights, files) = with_loras(
             Default::default(),
             request.identities.as_deref().unwrap_or_default(),
             request.loras.as_deref().unwrap_or_default(),
@@ -145,6 +148,8 @@ impl Pipeline {
             seed: BigInt::from(params.seed),
             strength: params.strength,
             size: params.size as u32,
+            identity_weights,
+            loras: files,
         };
         let session = self.inner.get()?;
         Ok(call(
