@@ -11,7 +11,7 @@ import type { GenerateSettings, RefineSettings, Refined } from '../index.js'
 import type { ProgressEvent } from './native.js'
 import { finish, loadPipeline, prepare, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision, type Prepared, type RefineFaceOptions } from './pipeline.js'
 import { DEFAULT_MODELS, resolveModel, type ModelEvent, type ModelRole, type ResolveOptions } from './models/index.js'
-import { TaskQueue } from './queue.js'
+import { TaskQueue } from './task-queue.js'
 
 /** What every long call reports through `onProgress`: the native progress event (its `stage`
  * list is generated from the engine) with the time since the call started. Stages: `download`
@@ -151,6 +151,12 @@ export class HyperLoRA {
   /** Loads an identity saved with `identity.saveLora(file)` (any kohya SDXL LoRA of HyperLoRA's layout). */
   static loadIdentity(file: string): Promise<Identity> {
     return loadIdentity(file)
+  }
+
+  /** An identity from `identity.toCoefficients()` output, expanded by this engine's HyperLoRA
+   * model (see `Identity.fromCoefficients`). */
+  identityFromCoefficients(coefficients: Uint8Array): Promise<Identity> {
+    return Identity.fromCoefficients(this.#encoder, coefficients)
   }
 
   /** Where the models run: `cpu`, `cuda` or `metal`. */

@@ -80,6 +80,31 @@ export class Identity {
     await callNative({}, () => this.native.save(path.resolve(file), options.base ?? false))
   }
 
+  /** Bytes its LoRA tensors take in memory (the Base-LoRA's included). */
+  get sizeBytes(): number {
+    return this.native.sizeBytes
+  }
+
+  /**
+   * The compact form (a few hundred KB at the released sizes, where the LoRA is tens of MB): the
+   * hypernetwork's output coefficients with the id of the HyperLoRA model that made them.
+   * {@link Identity.fromCoefficients} expands it back bit-equal. Only identities the
+   * hypernetwork made have one: for an identity loaded from a LoRA file or interpolated this
+   * rejects with `INVALID_ARGUMENT`.
+   */
+  async toCoefficients(): Promise<Buffer> {
+    return callNative({}, () => this.native.toCoefficients())
+  }
+
+  /**
+   * The identity of {@link Identity.toCoefficients} output, its LoRA bit-equal to the original's
+   * on an encoder loaded with the same HyperLoRA model, dtype and device. Coefficients of
+   * another HyperLoRA model, or a damaged buffer, reject with `INVALID_ARGUMENT`.
+   */
+  static async fromCoefficients(encoder: IdentityEncoder, coefficients: Uint8Array): Promise<Identity> {
+    return encoder.expandCoefficients(coefficients)
+  }
+
   /**
    * `(1 − t)·a + t·b` of the LoRA weights (down and up matrices separately). Both are linear in
    * the hypernetwork's output, so this equals the identity of the blended hypernetwork tokens:
@@ -124,6 +149,13 @@ export class IdentityEncoder {
   /** {@link dispose}, for `await using`. */
   async [Symbol.asyncDispose](): Promise<void> {
     this.dispose()
+  }
+
+  /** @internal {@link Identity.fromCoefficients}. */
+  async expandCoefficients(coefficients: Uint8Array): Promise<Identity> {
+    if (!(coefficients instanceof Uint8Array)) throw new HyperLoraError('INVALID_ARGUMENT', 'identity coefficients must be a Buffer or Uint8Array')
+    const buffer = Buffer.from(coefficients.buffer, coefficients.byteOffset, coefficients.byteLength)
+    return new Identity(await callNative({}, () => this.#native.fromCoefficients(buffer)))
   }
 
   /**

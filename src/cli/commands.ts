@@ -76,9 +76,12 @@ function strings(values: CommandValues, key: string): string[] {
 type OnProgress = ((e: StageEvent) => void) | undefined
 
 /** The four models of the engine, from flags, environment, --tiny or the defaults. */
+export function engineModels(values: CommandValues): Promise<Record<ModelRole, string>> {
+  return models(values, ['checkpoint', 'hyperlora', 'clipVision', 'faceModels'])
+}
+
 async function loadEngine(values: CommandValues, onProgress: OnProgress): Promise<HyperLoRA> {
-  const paths = await models(values, ['checkpoint', 'hyperlora', 'clipVision', 'faceModels'])
-  return HyperLoRA.load({ ...paths, ...(onProgress && { onProgress }) })
+  return HyperLoRA.load({ ...(await engineModels(values)), ...(onProgress && { onProgress }) })
 }
 
 /** The --face photos, each checked to exist before any model is loaded. */

@@ -17,6 +17,7 @@ import { HyperLoRA, TINY_MODELS, type EngineProgress } from '../engine.js'
 import { progressBar } from './progress-bar.js'
 import { inspectWeights, type WeightsIndex } from '../weights.js'
 import { modelsCommand, pullCommand } from './models.js'
+import { workerCommand } from './worker.js'
 
 const packageRoot = path.resolve(__dirname, '..', '..')
 
@@ -33,6 +34,7 @@ Commands:
   inspect   list the tensors of a .safetensors file
   pull      download models (default: the ones generate uses) into the Hugging Face cache
   models    list the known models: installed or not, where, sizes
+  worker    serve portrait jobs from a Redis queue (hyperlora/queue)
 
 Options:
   --json    machine-readable output (warnings go into it)
@@ -116,6 +118,22 @@ Examples:
 Lists every model of the manifest: its role, whether it is installed, where (hf-cache, comfyui,
 hyperlora-home), its size on disk (or its download size) and the path the engine loads.
 Never touches the network.`,
+  worker: `Usage: hyperlora worker --redis redis://host:port [options] [models]
+
+Serves the jobs of a hyperlora/queue PortraitQueue: one engine in this process, waiting
+generate jobs drawn together (mixed identities) in batches of up to --max-batch-size images.
+SIGTERM or SIGINT: stop taking jobs, finish the batch in hand, exit. Run one per GPU.
+  --redis url            redis://[user:password@]host[:port][/db] (rediss:// for TLS)
+  --queue name           queue name (default hyperlora)
+  --max-batch-size n     most images in one UNet batch (default 4)
+  --concurrency n        batches fetched and stored at once (default 1)
+  --output-dir dir       write images here and return their paths (default: PNG bytes in the
+                         job result, up to 16 MiB per job)
+  --lock-duration ms     how long a dead worker keeps its jobs before another takes them
+                         (default 30000)
+Models: --checkpoint, --hyperlora, --clip-vision, --face-models (or their environment
+variables, or --tiny); see 'hyperlora generate --help'. Every worker of a queue must load the
+same HyperLoRA model (identities are stored as its coefficients).`,
   inspect: `Usage: hyperlora inspect <file.safetensors> [--sha256] [--json] [--quiet]
 
 Lists the tensors of a safetensors file (name, dtype, shape) without loading it.
@@ -240,6 +258,12 @@ const OPTIONS = {
   comfyui: { type: 'string' },
   tiny: { type: 'boolean' },
   version: { type: 'boolean', short: 'v' },
+  redis: { type: 'string' },
+  queue: { type: 'string' },
+  'max-batch-size': { type: 'string' },
+  concurrency: { type: 'string' },
+  'output-dir': { type: 'string' },
+  'lock-duration': { type: 'string' },
 } as const satisfies ParseArgsConfig['options']
 
 const VALUE_FLAGS = new Set(Object.entries(OPTIONS).filter(([, o]) => o.type === 'string').map(([name]) => name))
@@ -308,6 +332,9 @@ export async function main(argv: string[]): Promise<number> {
       case 'models':
         if (rest.length > 0) throw usageError(`models takes no arguments, got ${rest.join(' ')}`)
         await modelsCommand({ ...flags, comfyui: values.comfyui })
+        return 0
+      case 'worker':
+        await workerCommand(values, (line) => flags.quiet || console.error(line))
         return 0
       case 'generate':
       case 'identity': {

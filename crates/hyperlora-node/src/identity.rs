@@ -1,18 +1,22 @@
 //! Identities: `loadIdentityEncoder`, `IdentityEncoder.create`, `Identity.save`, `loadIdentity`,
-//! `interpolateIdentities`. An identity is the LoRA the hypernetwork wrote (and, for models with
-//! one, its Base-LoRA), held in native memory under the engine's stable ids.
+//! `interpolateIdentities`, `Identity.toCoefficients`, `IdentityEncoder.fromCoefficients`. An
+//! identity is the LoRA the hypernetwork wrote (and, for models with one, its Base-LoRA), held in
+//! native memory under the engine's stable ids, with the coefficients it was expanded from when
+//! the hypernetwork made it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::Device;
 use hyperlora::device::{select_device, select_dtype};
 use hyperlora::face::FaceConditions;
+use hyperlora::hypernet::{HyperLoraOutput, IdentityCoefficients};
 use hyperlora::identity::IdentityEncoder as Encoder;
 use hyperlora::image::RgbImage;
 use hyperlora::lora::KohyaLora;
 use hyperlora::session::HeldLora;
 use hyperlora::Error;
-use napi::bindgen_prelude::{AsyncTask, ClassInstance, Float32Array};
+use napi::bindgen_prelude::{AsyncTask, Buffer, ClassInstance, Float32Array};
 use napi_derive::napi;
 
 use crate::call::{call, Call, CallContext, ProgressCallback};
@@ -27,6 +31,8 @@ use crate::CancelHandle;
 pub struct Identity {
     pub(crate) lora: HeldLora,
     pub(crate) base: Option<HeldLora>,
+    /// `None` for identities loaded from a LoRA file or interpolated.
+    coefficients: Option<Arc<IdentityCoefficients>>,
 }
 
 impl Identity {
@@ -34,6 +40,7 @@ impl Identity {
         Self {
             lora: HeldLora::new(id),
             base: base.map(HeldLora::new),
+            coefficients: None,
         }
     }
 
@@ -66,6 +73,38 @@ impl Identity {
     #[napi(getter)]
     pub fn has_base_lora(&self) -> bool {
         self.base.is_some()
+    }
+
+    /// Bytes the LoRA tensors (and the Base-LoRA's) take in memory.
+    #[napi(getter)]
+    pub fn size_bytes(&self) -> f64 {
+        let bytes = |l: &KohyaLora| -> usize {
+            l.iter()
+                .map(|(_, w)| {
+                    w.down.elem_count() * w.down.dtype().size_in_bytes()
+                        + w.up.elem_count() * w.up.dtype().size_in_bytes()
+                })
+                .sum()
+        };
+        (bytes(self.lora.lora()) + self.base.as_ref().map_or(0, |b| bytes(b.lora()))) as f64
+    }
+
+    /// The compact form: the hypernetwork's output coefficients and its model's id, which
+    /// `IdentityEncoder.fromCoefficients` expands back bit-equal. `INVALID_ARGUMENT` for an
+    /// identity loaded from a LoRA file or interpolated (it has no coefficients).
+    #[napi(ts_return_type = "Promise<Buffer>")]
+    pub fn to_coefficients(&self) -> napi::Result<AsyncTask<Call<Vec<u8>, Buffer>>> {
+        let c = self.coefficients.clone().ok_or_else(|| {
+            to_napi(Error::invalid_argument(
+                "this identity has no coefficients: only identities the hypernetwork made \
+                 (createIdentity, fromCoefficients) have them, not loaded or interpolated ones",
+            ))
+        })?;
+        Ok(call(
+            CallContext::default(),
+            |b: Vec<u8>| Ok(b.into()),
+            move |_, _| Ok(c.to_bytes()),
+        ))
     }
 
     /// The LoRA's tensors (f32 copies), module by module in file order; `base` for the
@@ -112,6 +151,7 @@ pub struct LoraModuleTensors {
 /// The ID-LoRA and the Base-LoRA a call makes an identity of.
 type IdentityLoras = (KohyaLora, Option<KohyaLora>);
 type IdentityCall = AsyncTask<Call<IdentityLoras, Identity>>;
+type EncodedIdentityCall = AsyncTask<Call<HyperLoraOutput, Identity>>;
 
 /// A module's tensors as host f32 vectors with their shapes.
 type ModuleData = (String, (Vec<f32>, Vec<u32>), (Vec<f32>, Vec<u32>), f64);
@@ -151,6 +191,13 @@ fn module_tensors(modules: Vec<ModuleData>) -> napi::Result<Vec<LoraModuleTensor
 
 fn identity((id, base): IdentityLoras) -> napi::Result<Identity> {
     Ok(Identity::new(id, base))
+}
+
+fn encoded_identity(out: HyperLoraOutput) -> napi::Result<Identity> {
+    Ok(Identity {
+        coefficients: Some(Arc::new(out.coefficients)),
+        ..Identity::new(out.id, out.base)
+    })
 }
 
 /// Loads an identity saved with `Identity.save` (any kohya LoRA in the same layout works).
@@ -221,7 +268,7 @@ impl IdentityEncoder {
         cancel: Option<ClassInstance<CancelHandle>>,
         #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
-    ) -> napi::Result<IdentityCall> {
+    ) -> napi::Result<EncodedIdentityCall> {
         let encoder = self.inner.get()?;
         // Copied on the JavaScript thread: the task must not touch JS-owned buffers.
         let photos: Vec<FaceConditions> = photos
@@ -234,12 +281,25 @@ impl IdentityEncoder {
             .collect();
         Ok(call(
             CallContext::new(cancel, on_progress),
-            identity,
-            move |cancel, progress| {
-                let out = encoder.create(&photos, cancel, progress)?;
-                Ok((out.id, out.base))
-            },
+            encoded_identity,
+            move |cancel, progress| encoder.create(&photos, cancel, progress),
         ))
+    }
+
+    /// Expands `Identity.toCoefficients` output back into the identity, bit-equal on an encoder
+    /// loaded with the same HyperLoRA model, dtype and device. Coefficients of another model,
+    /// or a damaged buffer, are `INVALID_ARGUMENT`.
+    #[napi(ts_return_type = "Promise<Identity>")]
+    pub fn from_coefficients(&self, coefficients: Buffer) -> napi::Result<EncodedIdentityCall> {
+        let encoder = self.inner.get()?;
+        let bytes = coefficients.to_vec();
+        Ok(call(CallContext::default(), encoded_identity, move |_, _| {
+            let c = IdentityCoefficients::from_bytes(&bytes)?;
+            let out = encoder.hypernet().expand(c)?;
+            // Merged from another thread's stream, as after `create`.
+            encoder.hypernet().device().synchronize()?;
+            Ok(out)
+        }))
     }
 }
 

@@ -154,6 +154,7 @@ impl IdentityEncoder {
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
+    use crate::hypernet::IdentityCoefficients;
     use crate::testing::tiny_model;
 
     fn encoder() -> IdentityEncoder {
@@ -247,6 +248,52 @@ mod tests {
         // The mean of two identical photos is that photo; a different second photo moves it.
         assert!(diff(&a.down, &b.down) < 1e-5);
         assert!(diff(&a.down, &c.down) > 1e-4);
+    }
+
+    #[test]
+    fn coefficients_expand_bit_equal_and_only_on_their_model() {
+        let enc = encoder();
+        let s = enc.clip_image_size();
+        let made = enc
+            .create(
+                &[photo(3, s), photo(5, s)],
+                &CancelToken::new(),
+                &mut |_| {},
+            )
+            .unwrap();
+        let bytes = made.coefficients.to_bytes();
+        let parsed = IdentityCoefficients::from_bytes(&bytes).unwrap();
+        let back = enc.hypernet().expand(parsed.clone()).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        let same = |a: &crate::lora::KohyaLora, b: &crate::lora::KohyaLora| {
+            assert_eq!(a.len(), b.len());
+            assert_eq!(a.metadata, b.metadata);
+            for ((na, wa), (nb, wb)) in a.iter().zip(b.iter()) {
+                assert_eq!(na, nb);
+                assert_eq!(bits(&wa.down), bits(&wb.down), "{na}");
+                assert_eq!(bits(&wa.up), bits(&wb.up), "{na}");
+                assert_eq!(wa.alpha.to_bits(), wb.alpha.to_bits());
+            }
+        };
+        same(&made.id, &back.id);
+        same(made.base.as_ref().unwrap(), back.base.as_ref().unwrap());
+        assert_eq!(made.id.metadata["hyperlora_num_photos"], "2");
+        // A compact identity is far smaller than its LoRA even at the tiny sizes.
+        let lora_floats: usize = made
+            .id
+            .iter()
+            .map(|(_, w)| w.down.elem_count() + w.up.elem_count())
+            .sum();
+        assert!(bytes.len() < lora_floats * 4, "{} bytes", bytes.len());
+
+        let mut other = parsed;
+        other.model_id[0] ^= 1;
+        let err = enc.hypernet().expand(other).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("made by HyperLoRA model"), "{err}");
     }
 
     #[test]

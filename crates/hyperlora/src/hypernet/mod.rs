@@ -10,6 +10,7 @@
 //! Load a released folder with [`HyperLora::load`]; see [`folder`] for the layout and the
 //! optional `hyper_lora_config.json`.
 
+pub mod coefficients;
 pub mod folder;
 pub mod lora_bank;
 pub mod projector;
@@ -19,6 +20,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+pub use coefficients::{IdentityCoefficients, Tokens};
 pub use folder::{HyperLoraConfig, HyperLoraConfigFile, IdConditioning, ModuleInfo, Proj};
 pub use lora_bank::{LoraBank, LoraKind};
 pub use projector::IdProjector;
@@ -27,11 +29,13 @@ pub use resampler::Resampler;
 use crate::lora::KohyaLora;
 use crate::{Error, Result};
 
-/// The ID-LoRA and, for models that have one, the Base-LoRA of one identity.
+/// The ID-LoRA and, for models that have one, the Base-LoRA of one identity, with the
+/// coefficients they were expanded from.
 #[derive(Debug, Clone)]
 pub struct HyperLoraOutput {
     pub id: KohyaLora,
     pub base: Option<KohyaLora>,
+    pub coefficients: IdentityCoefficients,
 }
 
 /// A loaded HyperLoRA model.
@@ -42,6 +46,8 @@ pub struct HyperLora {
     resampler: Resampler,
     base_resampler: Option<Resampler>,
     bank: LoraBank,
+    /// [`coefficients::model_id`] of the folder.
+    model_id: [u8; 32],
     dtype: DType,
     device: Device,
 }
@@ -81,6 +87,7 @@ impl HyperLora {
             resampler,
             base_resampler,
             bank,
+            model_id: coefficients::model_id(dir)?,
             dtype,
             device: device.clone(),
         })
@@ -98,6 +105,11 @@ impl HyperLora {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Identifies the loaded weights (see [`coefficients::model_id`]).
+    pub fn model_id(&self) -> &[u8; 32] {
+        &self.model_id
     }
 
     pub fn device(&self) -> &Device {
@@ -213,20 +225,78 @@ impl HyperLora {
         Ok(lora)
     }
 
-    /// Both LoRAs of one identity. `base_clip_penultimate` is needed (and used) only when the
-    /// model has a Base-LoRA; without it `base` is `None`.
+    /// Both LoRAs of one identity, and its coefficients. `base_clip_penultimate` is needed (and
+    /// used) only when the model has a Base-LoRA; without it `base` is `None`. The LoRAs are
+    /// [`HyperLora::expand`] of the coefficients, so a stored identity expands bit-equal.
     pub fn create_lora(
         &self,
         id_embeds: Option<&Tensor>,
         clip_penultimate: Option<&Tensor>,
         base_clip_penultimate: Option<&Tensor>,
     ) -> Result<HyperLoraOutput> {
-        let id = self.id_lora(id_embeds, clip_penultimate)?;
+        let id = self.id_tokens(id_embeds, clip_penultimate)?;
+        let photos = tokens_photos(id_embeds, clip_penultimate)
+            .parse()
+            .unwrap_or(0);
         let base = match (self.has_base_lora(), base_clip_penultimate) {
-            (true, Some(b)) => Some(self.base_lora(b)?),
+            (true, Some(b)) => Some(Tokens::from_tensor(
+                &self.base_tokens(b)?,
+                b.dim(0)?,
+            )?),
             _ => None,
         };
-        Ok(HyperLoraOutput { id, base })
+        let coefficients = IdentityCoefficients {
+            model_id: self.model_id,
+            queries: (8 * self.modules().len()) as u32,
+            hyper_dim: self.config.hyper_dim as u32,
+            id: Tokens::from_tensor(&id, photos)?,
+            base,
+        };
+        self.expand(coefficients)
+    }
+
+    /// The LoRAs of stored coefficients. Coefficients of another HyperLoRA model (another
+    /// [`HyperLora::model_id`]) or shape are `INVALID_ARGUMENT`: its bases would give another
+    /// person, not an error.
+    pub fn expand(&self, coefficients: IdentityCoefficients) -> Result<HyperLoraOutput> {
+        let c = &coefficients;
+        if c.model_id != self.model_id {
+            return Err(Error::invalid_argument(format!(
+                "these identity coefficients were made by HyperLoRA model {}, this one is {}: \
+                 expand them with the model that made them",
+                coefficients::short_id(&c.model_id),
+                coefficients::short_id(&self.model_id)
+            )));
+        }
+        let q = 8 * self.modules().len();
+        if (c.queries as usize, c.hyper_dim as usize) != (q, self.config.hyper_dim) {
+            return Err(Error::invalid_argument(format!(
+                "identity coefficients are [{}, {}], this model takes [{q}, {}]",
+                c.queries, c.hyper_dim, self.config.hyper_dim
+            )));
+        }
+        let lora = |t: &Tokens, kind: LoraKind| -> Result<KohyaLora> {
+            let tokens = Tensor::from_slice(&t.values, (1, q, self.config.hyper_dim), &self.device)?;
+            let mut lora = self.lora_from_tokens(&tokens, kind)?;
+            lora.metadata
+                .insert("hyperlora_num_photos".into(), t.num_photos.to_string());
+            Ok(lora)
+        };
+        let id = lora(&c.id, LoraKind::Id)?;
+        let base = match &c.base {
+            Some(t) if self.has_base_lora() => Some(lora(t, LoraKind::Base)?),
+            Some(_) => {
+                return Err(Error::invalid_argument(
+                    "identity coefficients have a Base-LoRA but this model has none",
+                ))
+            }
+            None => None,
+        };
+        Ok(HyperLoraOutput {
+            id,
+            base,
+            coefficients,
+        })
     }
 }
 

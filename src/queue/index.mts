@@ -1,0 +1,2 @@
+// ES module entry of `hyperlora/queue`: the same implementation as the CommonJS one.
+export * from './index.js'
