@@ -42,6 +42,14 @@ export declare class Identity {
   get rank(): number
   /** Whether the identity has a Base-LoRA (clothes, background, lighting). */
   get hasBaseLora(): boolean
+  /** Bytes the LoRA tensors (and the Base-LoRA's) take in memory. */
+  get sizeBytes(): number
+  /**
+   * The compact form: the hypernetwork's output coefficients and its model's id, which
+   * `IdentityEncoder.fromCoefficients` expands back bit-equal. `INVALID_ARGUMENT` for an
+   * identity loaded from a LoRA file or interpolated (it has no coefficients).
+   */
+  toCoefficients(): Promise<Buffer>
   /**
    * The LoRA's tensors (f32 copies), module by module in file order; `base` for the
    * Base-LoRA's.
@@ -65,6 +73,12 @@ export declare class IdentityEncoder {
    * one and every photo has a base crop).
    */
   create(photos: Array<FaceConditionsInput>, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<Identity>
+  /**
+   * Expands `Identity.toCoefficients` output back into the identity, bit-equal on an encoder
+   * loaded with the same HyperLoRA model, dtype and device. Coefficients of another model,
+   * or a damaged buffer, are `INVALID_ARGUMENT`.
+   */
+  fromCoefficients(coefficients: Buffer): Promise<Identity>
 }
 
 /** A loaded SDXL model. Weights stay resident until `dispose()` or garbage collection. */
