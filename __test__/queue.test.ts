@@ -2,6 +2,7 @@
 // the tiny models), images compared with the same requests drawn in this process.
 import { spawn, type ChildProcess } from 'node:child_process'
 import { createHash } from 'node:crypto'
+import * as fs from 'node:fs'
 import * as path from 'node:path'
 
 import sharp from 'sharp'
@@ -9,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 
 import { HyperLoRA, HyperLoraError, TINY_MODELS, type Identity } from '../src/index.js'
 import { PortraitQueue, type JobProgress, type PortraitJob, type QueuedGenerateOptions, type QueuedImage } from '../src/queue/index.js'
+import { tempDir } from './helpers.js'
 import { RedisServer } from './redis-server.js'
 
 const cli = path.join(__dirname, '..', 'bin', 'hyperlora.js')
@@ -231,21 +233,27 @@ describe('hyperlora/queue', () => {
     await startWorkers(name, 2)
     const jobs = await Promise.all(Array.from({ length: 16 }, (_, j) => q.generate({ ...request(j, [undefined]), steps: 6 })))
     await jobs[0]!.finished()
+    expect(await q.queue.getJobCountByTypes('completed')).toBeLessThan(16)
     await redis.restart(1000)
     const results = await Promise.all(jobs.map((job) => job.finished()))
     expect(results.every((images) => images.length === 1 && images[0]!.data!.length > 0)).toBe(true)
     expect(await q.queue.getJobCountByTypes('completed')).toBe(16)
   })
 
-  it('writes images atomically into an output directory and returns their paths', async () => {
-    // Covered with the CLI flag: --output-dir.
+  it('writes images into an output directory; SIGTERM finishes the batch in hand, then exits', async () => {
     const name = 'files'
     const q = queue(name)
-    const dir = (await import('./helpers.js')).tempDir('queue-out')
-    await startWorkers(name, 1, ['--output-dir', dir])
-    const [image] = await (await q.generate({ ...request(3, [undefined]) })).finished()
+    const dir = tempDir('queue-out')
+    const [w] = await startWorkers(name, 1, ['--output-dir', dir])
+    const job = await q.generate({ ...request(3, [undefined]), steps: 30 })
+    await new Promise<void>((resolve) => job.on('progress', (p) => p.stage === 'denoise' && resolve()))
+    const exited = w!.stop('SIGTERM')
+    const [image] = await job.finished()
+    expect(await exited).toBe(0)
+    expect(w!.log.at(-1)).toBe('worker closed')
     expect(image!.data).toBeUndefined()
     expect(path.dirname(image!.path!)).toBe(dir)
+    expect(fs.readdirSync(dir)).toEqual([path.basename(image!.path!)])
     expect((await sharp(image!.path!).metadata()).width).toBe(64)
   })
 })

@@ -82,6 +82,8 @@ export type QueuedPhoto = Buffer | Uint8Array | string
  * (events are not replayed across a Redis restart). */
 const POLL_MS = 1000
 
+type Settle = (outcome: { value: unknown } | { error: HyperLoraError }) => void
+
 /** A queued generate job. Emits `progress` ({@link JobProgress}) while a worker draws it. */
 export class PortraitJob extends EventEmitter<{ progress: [JobProgress] }> {
   /** @internal */
@@ -129,6 +131,8 @@ export class PortraitQueue {
   readonly #prefix: string
   #events: QueueEvents | undefined
   readonly #jobs = new Map<string, PortraitJob>()
+  /** Settles the `result` promises of the jobs waited for. */
+  readonly #waiting = new Map<string, Set<Settle>>()
 
   constructor(options: PortraitQueueOptions) {
     this.name = options.name ?? DEFAULT_QUEUE_NAME
@@ -196,32 +200,27 @@ export class PortraitQueue {
 
   /** @internal The job's result once it has one. */
   async result(id: string): Promise<unknown> {
-    const events = await this.#queueEvents()
+    await this.#queueEvents()
     return new Promise((resolve, reject) => {
-      let settled = false
-      const settle = (f: () => void): void => {
-        if (settled) return
-        settled = true
-        events.off('completed', onCompleted)
-        events.off('failed', onFailed)
+      const waiting = this.#waiting.get(id) ?? new Set<Settle>()
+      this.#waiting.set(id, waiting)
+      const settle: Settle = (outcome) => {
+        if (!waiting.delete(settle)) return
+        if (waiting.size === 0) {
+          this.#waiting.delete(id)
+          this.#jobs.delete(id)
+        }
         clearInterval(poll)
-        this.#jobs.delete(id)
-        f()
+        if ('error' in outcome) reject(outcome.error)
+        else resolve(outcome.value)
       }
-      const onCompleted = ({ jobId, returnvalue }: { jobId: string; returnvalue: unknown }): void => {
-        if (jobId === id) settle(() => resolve(typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue))
-      }
-      const onFailed = ({ jobId, failedReason }: { jobId: string; failedReason: string }): void => {
-        if (jobId === id) settle(() => reject(failureError(failedReason)))
-      }
-      events.on('completed', onCompleted)
-      events.on('failed', onFailed)
+      waiting.add(settle)
       const check = async (): Promise<void> => {
         const job = await Job.fromId(this.#queue, id)
-        if (!job) return settle(() => reject(new HyperLoraError('ABORTED', `job ${id} was cancelled or removed`)))
+        if (!job) return settle({ error: new HyperLoraError('ABORTED', `job ${id} was cancelled or removed`) })
         if (job.finishedOn === undefined) return
-        if (job.failedReason !== undefined && job.failedReason !== null && job.returnvalue == null) settle(() => reject(failureError(job.failedReason)))
-        else settle(() => resolve(job.returnvalue))
+        if (job.failedReason && job.returnvalue == null) settle({ error: failureError(job.failedReason) })
+        else settle({ value: job.returnvalue })
       }
       const poll = setInterval(() => void check().catch(() => {}), POLL_MS)
       void check().catch(() => {})
@@ -273,6 +272,13 @@ export class PortraitQueue {
       events.on('error', () => {})
       events.on('progress', ({ jobId, data }: { jobId: string; data: unknown }) => {
         this.#jobs.get(jobId)?.emit('progress', data as JobProgress)
+      })
+      events.on('completed', ({ jobId, returnvalue }: { jobId: string; returnvalue: unknown }) => {
+        const value = typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue
+        for (const settle of this.#waiting.get(jobId) ?? []) settle({ value })
+      })
+      events.on('failed', ({ jobId, failedReason }: { jobId: string; failedReason: string }) => {
+        for (const settle of this.#waiting.get(jobId) ?? []) settle({ error: failureError(failedReason) })
       })
       this.#events = events
     }
