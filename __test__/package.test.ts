@@ -107,4 +107,25 @@ describe('the packed package', () => {
     })()
     expect(failure).toMatch(/bad\.mts\(2,\d+\): error TS2322: Type 'string' is not assignable to type 'boolean/)
   })
+
+  it('exports hyperlora/queue to ES modules and CommonJS, with types', () => {
+    // bullmq and ioredis come with the package's dependencies; here, from this checkout.
+    for (const dep of ['bullmq', 'ioredis']) fs.symlinkSync(path.join(root, 'node_modules', dep), path.join(consumer, 'node_modules', dep))
+    fs.writeFileSync(path.join(consumer, 'queue.mjs'), `import { PortraitQueue, startWorker } from 'hyperlora/queue'\nconsole.log(typeof PortraitQueue, typeof startWorker)`)
+    fs.writeFileSync(path.join(consumer, 'queue.cjs'), `const { PortraitQueue } = require('hyperlora/queue')\nconsole.log(typeof PortraitQueue)`)
+    expect(run('node', ['queue.mjs']).trim()).toBe('function function')
+    expect(run('node', ['queue.cjs']).trim()).toBe('function')
+    fs.writeFileSync(
+      path.join(consumer, 'queue.mts'),
+      `import { PortraitQueue, type QueuedImage } from 'hyperlora/queue'
+       export async function draw(): Promise<QueuedImage[]> {
+         const q = new PortraitQueue({ connection: 'redis://127.0.0.1:6379' })
+         return (await q.generate({ prompt: 'a portrait', seed: 1n })).finished()
+       }`,
+    )
+    const tsc = path.join(root, 'node_modules', 'typescript', 'bin', 'tsc')
+    const compilerOptions = { module: 'nodenext', moduleResolution: 'nodenext', target: 'es2022', strict: true, noEmit: true, skipLibCheck: true, types: ['node'], typeRoots: [path.join(root, 'node_modules', '@types')] }
+    fs.writeFileSync(path.join(consumer, 'tsconfig.json'), JSON.stringify({ compilerOptions, files: ['queue.mts'] }))
+    run('node', [tsc, '-p', '.'])
+  })
 })
