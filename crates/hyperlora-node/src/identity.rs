@@ -293,13 +293,17 @@ impl IdentityEncoder {
     pub fn from_coefficients(&self, coefficients: Buffer) -> napi::Result<EncodedIdentityCall> {
         let encoder = self.inner.get()?;
         let bytes = coefficients.to_vec();
-        Ok(call(CallContext::default(), encoded_identity, move |_, _| {
-            let c = IdentityCoefficients::from_bytes(&bytes)?;
-            let out = encoder.hypernet().expand(c)?;
-            // Merged from another thread's stream, as after `create`.
-            encoder.hypernet().device().synchronize()?;
-            Ok(out)
-        }))
+        Ok(call(
+            CallContext::default(),
+            encoded_identity,
+            move |_, _| {
+                let c = IdentityCoefficients::from_bytes(&bytes)?;
+                let out = encoder.hypernet().expand(c)?;
+                // Merged from another thread's stream, as after `create`.
+                encoder.hypernet().device().synchronize()?;
+                Ok(out)
+            },
+        ))
     }
 }
 

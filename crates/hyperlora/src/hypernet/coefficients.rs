@@ -36,7 +36,10 @@ impl Tokens {
     /// From the resampler's `[1, queries, hyper_dim]` output.
     pub fn from_tensor(t: &Tensor, num_photos: usize) -> Result<Self> {
         Ok(Self {
-            values: t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?,
+            values: t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
             num_photos: num_photos as u32,
         })
     }

@@ -239,10 +239,7 @@ impl HyperLora {
             .parse()
             .unwrap_or(0);
         let base = match (self.has_base_lora(), base_clip_penultimate) {
-            (true, Some(b)) => Some(Tokens::from_tensor(
-                &self.base_tokens(b)?,
-                b.dim(0)?,
-            )?),
+            (true, Some(b)) => Some(Tokens::from_tensor(&self.base_tokens(b)?, b.dim(0)?)?),
             _ => None,
         };
         let coefficients = IdentityCoefficients {
@@ -276,7 +273,8 @@ impl HyperLora {
             )));
         }
         let lora = |t: &Tokens, kind: LoraKind| -> Result<KohyaLora> {
-            let tokens = Tensor::from_slice(&t.values, (1, q, self.config.hyper_dim), &self.device)?;
+            let tokens =
+                Tensor::from_slice(&t.values, (1, q, self.config.hyper_dim), &self.device)?;
             let mut lora = self.lora_from_tokens(&tokens, kind)?;
             lora.metadata
                 .insert("hyperlora_num_photos".into(), t.num_photos.to_string());
