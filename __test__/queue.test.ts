@@ -181,6 +181,9 @@ describe('hyperlora/queue', () => {
       const failed = await q.queue.getJob(job.id!)
       expect(failed!.failedReason).toMatch(/^\[INVALID_ARGUMENT\] /)
     }
+    // The producer refuses what it can check itself.
+    expect((await rejection(q.generate({ prompt: 'x', seed: -1 }))).code).toBe('INVALID_ARGUMENT')
+    expect((await rejection(q.generate({ prompt: 'x', seed: 1.5 }))).code).toBe('INVALID_ARGUMENT')
     // Still serving.
     const after = await q.generate(request(1, [identities[0]!.id]))
     expect(await after.finished()).toHaveLength(1)

@@ -188,6 +188,7 @@ export class PortraitQueue {
   async generate(options: QueuedGenerateOptions): Promise<PortraitJob> {
     if (typeof options !== 'object' || options === null || typeof options.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'generate needs options with a prompt')
     const seed = options.seed ?? randomBytes(8).readBigUInt64LE()
+    if (!/^\d+$/.test(String(seed)) || BigInt(seed) >= 2n ** 64n) throw new HyperLoraError('INVALID_ARGUMENT', `seed must be a whole number in [0, 2^64), got ${String(seed)}`)
     const data: GenerateJobData = { ...options, seed: String(seed) }
     const id = await this.#add(GENERATE_JOB, data)
     return this.#track(id)
