@@ -56,8 +56,11 @@ export class RedisServer {
     const args = ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--loglevel', 'warning', '--maxmemory-policy', 'noeviction']
     const child = spawn('redis-server', args, { stdio: ['ignore', 'ignore', 'inherit'] })
     this.#process = child
+    let failed: Error | undefined
+    child.on('error', (e) => (failed = new Error(`cannot run redis-server (Debian: apt-get install redis-server; .ci/run installs it): ${e.message}`)))
     const deadline = Date.now() + 15_000
     while (!(await ping(this.port))) {
+      if (failed) throw failed
       if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`)
       if (Date.now() > deadline) throw new Error('redis-server did not start in 15 s')
       await new Promise((r) => setTimeout(r, 50))
