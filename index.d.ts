@@ -46,8 +46,9 @@ export declare class Identity {
   get sizeBytes(): number
   /**
    * The compact form: the hypernetwork's output coefficients and its model's id, which
-   * `IdentityEncoder.fromCoefficients` expands back bit-equal. `INVALID_ARGUMENT` for an
-   * identity loaded from a LoRA file or interpolated (it has no coefficients).
+   * `IdentityEncoder.expandCoefficients` (TypeScript: `Identity.fromCoefficients`) expands
+   * back bit-equal. `INVALID_ARGUMENT` for an identity loaded from a LoRA file or
+   * interpolated (it has no coefficients).
    */
   toCoefficients(): Promise<Buffer>
   /**
@@ -78,7 +79,7 @@ export declare class IdentityEncoder {
    * loaded with the same HyperLoRA model, dtype and device. Coefficients of another model,
    * or a damaged buffer, are `INVALID_ARGUMENT`.
    */
-  fromCoefficients(coefficients: Buffer): Promise<Identity>
+  expandCoefficients(coefficients: Buffer): Promise<Identity>
 }
 
 /** A loaded SDXL model. Weights stay resident until `dispose()` or garbage collection. */

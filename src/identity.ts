@@ -155,7 +155,7 @@ export class IdentityEncoder {
   async expandCoefficients(coefficients: Uint8Array): Promise<Identity> {
     if (!(coefficients instanceof Uint8Array)) throw new HyperLoraError('INVALID_ARGUMENT', 'identity coefficients must be a Buffer or Uint8Array')
     const buffer = Buffer.from(coefficients.buffer, coefficients.byteOffset, coefficients.byteLength)
-    return new Identity(await callNative({}, () => this.#native.fromCoefficients(buffer)))
+    return new Identity(await callNative({}, () => this.#native.expandCoefficients(buffer)))
   }
 
   /**

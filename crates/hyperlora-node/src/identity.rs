@@ -1,5 +1,5 @@
 //! Identities: `loadIdentityEncoder`, `IdentityEncoder.create`, `Identity.save`, `loadIdentity`,
-//! `interpolateIdentities`, `Identity.toCoefficients`, `IdentityEncoder.fromCoefficients`. An
+//! `interpolateIdentities`, `Identity.toCoefficients`, `IdentityEncoder.expandCoefficients`. An
 //! identity is the LoRA the hypernetwork wrote (and, for models with one, its Base-LoRA), held in
 //! native memory under the engine's stable ids, with the coefficients it was expanded from when
 //! the hypernetwork made it.
@@ -90,14 +90,15 @@ impl Identity {
     }
 
     /// The compact form: the hypernetwork's output coefficients and its model's id, which
-    /// `IdentityEncoder.fromCoefficients` expands back bit-equal. `INVALID_ARGUMENT` for an
-    /// identity loaded from a LoRA file or interpolated (it has no coefficients).
+    /// `IdentityEncoder.expandCoefficients` (TypeScript: `Identity.fromCoefficients`) expands
+    /// back bit-equal. `INVALID_ARGUMENT` for an identity loaded from a LoRA file or
+    /// interpolated (it has no coefficients).
     #[napi(ts_return_type = "Promise<Buffer>")]
     pub fn to_coefficients(&self) -> napi::Result<AsyncTask<Call<Vec<u8>, Buffer>>> {
         let c = self.coefficients.clone().ok_or_else(|| {
             to_napi(Error::invalid_argument(
                 "this identity has no coefficients: only identities the hypernetwork made \
-                 (createIdentity, fromCoefficients) have them, not loaded or interpolated ones",
+                 (createIdentity, Identity.fromCoefficients) have them, not loaded or interpolated ones",
             ))
         })?;
         Ok(call(
@@ -290,7 +291,7 @@ impl IdentityEncoder {
     /// loaded with the same HyperLoRA model, dtype and device. Coefficients of another model,
     /// or a damaged buffer, are `INVALID_ARGUMENT`.
     #[napi(ts_return_type = "Promise<Identity>")]
-    pub fn from_coefficients(&self, coefficients: Buffer) -> napi::Result<EncodedIdentityCall> {
+    pub fn expand_coefficients(&self, coefficients: Buffer) -> napi::Result<EncodedIdentityCall> {
         let encoder = self.inner.get()?;
         let bytes = coefficients.to_vec();
         Ok(call(
