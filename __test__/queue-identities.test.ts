@@ -6,6 +6,7 @@ import sharp from 'sharp'
 import { beforeAll, describe, expect, it } from 'vitest'
 
 import { HyperLoraError, Identity, loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYPERLORA, type FaceConditions, type IdentityEncoder, type LoraModuleTensors } from '../src/index.js'
+import { IdentityCache } from '../src/queue/identity-cache.js'
 import { tempDir } from './helpers.js'
 
 const dir = tempDir('queue-identities')
@@ -89,5 +90,21 @@ describe('compact identities', () => {
     await identity.saveLora(file)
     await expectCode((await loadIdentity(file)).toCoefficients(), 'INVALID_ARGUMENT', /no coefficients/)
     await expectCode((await Identity.interpolate(identity, identity, 0.5)).toCoefficients(), 'INVALID_ARGUMENT', /no coefficients/)
+  })
+
+  it('are kept expanded on workers in an LRU bounded by their memory', () => {
+    const cache = new IdentityCache(100)
+    const identity = (sizeBytes: number): Identity => ({ sizeBytes }) as Identity
+    const [a, b, c] = [identity(40), identity(40), identity(40)]
+    cache.set('a', a)
+    cache.set('b', b)
+    expect(cache.get('a')).toBe(a) // a is now the most recently used
+    cache.set('c', c) // 120 > 100: b, the least recently used, goes
+    expect([cache.get('a'), cache.get('b'), cache.get('c')]).toEqual([a, undefined, c])
+    expect(cache.bytes).toBe(80)
+    const big = identity(500)
+    cache.set('big', big) // alone over the bound: it stays, the others go
+    expect([cache.get('a'), cache.get('c'), cache.get('big')]).toEqual([undefined, undefined, big])
+    expect(cache.bytes).toBe(500)
   })
 })
