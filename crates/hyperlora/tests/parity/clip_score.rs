@@ -137,3 +137,39 @@ fn likeness_matches_insightface() {
         }
     }
 }
+
+/// What a prompt score costs on the CPU: `HYPERLORA_CLIP_DIR` (default: the tiny model; a
+/// real-size random-weight folder comes from `bench/make_clip_sized.py`). `bench/score_cpu.sh`.
+#[test]
+#[ignore]
+fn bench_clip_score_cpu() {
+    use std::time::Instant;
+    let dir = std::env::var("HYPERLORA_CLIP_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| tiny_model("clip-vision"));
+    let started = Instant::now();
+    let vision =
+        hyperlora::clip::vision::ClipVisionModel::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let load_vision = started.elapsed();
+    let scorer = ClipScorer::new(vision, &dir, Some(&merges()));
+    let img = crate::common::astronaut_photo();
+    let big = hyperlora::image::pil_resize_bicubic(&img, 1024, 1024);
+    let started = Instant::now();
+    let text = scorer.text_embeds("a portrait photo of an astronaut").unwrap();
+    let first_text = started.elapsed();
+    let started = Instant::now();
+    scorer.text_embeds("a portrait photo of an astronaut").unwrap();
+    let text_again = started.elapsed();
+    scorer.alignment(&big, &text).unwrap(); // warm-up
+    let runs = 3;
+    let started = Instant::now();
+    for _ in 0..runs {
+        scorer.alignment(&big, &text).unwrap();
+    }
+    let image = started.elapsed() / runs;
+    eprintln!(
+        "{}: vision load {load_vision:?}; text tower load + first prompt {first_text:?}, \
+         a prompt {text_again:?}; one 1024² picture (preprocess + vision + projection + cosine) {image:?}",
+        dir.display()
+    );
+}
