@@ -18,7 +18,8 @@ import { identityEmbedding, keepsEmbedding, rankScores, scorePortraits, type Ima
  * list is generated from the engine) with the time since the call started. Stages: `download`
  * (models fetched on first use; `step` counts bytes), `loading` (models), `face` (face analysis,
  * per photo), `identity` (CLIP per photo, then the hypernetwork), `text` (prompt encoding),
- * `denoise` (per step), `decode` (VAE), `refine` (the face refine pass: its steps over all faces). */
+ * `denoise` (per step), `decode` (VAE), `refine` (the face refine pass: its steps over all faces),
+ * `score` (portrait scores, per picture). */
 export interface EngineProgress extends ProgressEvent {
   /** Milliseconds since the call started (queue time included). */
   elapsedMs: number
