@@ -57,7 +57,7 @@ const identity = await engine.createIdentity(photos, { onWarning: (w) => console
 // The text tower loads on the first prompt score: kept out of the per-picture cost.
 await engine.score(photos[0]!, { identity, prompt: prompts[0]! })
 
-const mean = (xs: number[]): number => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : NaN)
+const mean = (xs: number[]): string => (xs.length ? (xs.reduce((a, b) => a + b, 0) / xs.length).toFixed(4) : '-')
 const rows: string[][] = []
 let scoreMs = 0
 let scored = 0
@@ -85,7 +85,7 @@ for (const identityWeight of weights) {
       }
     }
   }
-  rows.push([identityWeight.toFixed(2), mean(faceSim).toFixed(4), mean(clipT).toFixed(4), `${faceless}/${prompts.length * seeds}`])
+  rows.push([identityWeight.toFixed(2), mean(faceSim), mean(clipT), `${faceless}/${prompts.length * seeds}`])
 }
 await engine.dispose()
 
