@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::Device;
-use hyperlora::device::{select_device, select_dtype};
 use hyperlora::clip::score::ClipScorer;
+use hyperlora::device::{select_device, select_dtype};
 use hyperlora::face::likeness::{decode_embedding, ARCFACE_METADATA_KEY};
 use hyperlora::face::FaceConditions;
 use hyperlora::identity::IdentityEncoder as Encoder;

@@ -25,7 +25,10 @@ pub enum Rank {
     Likeness,
     Prompt,
     /// `likeness · w_likeness + prompt · w_prompt`.
-    Weighted { likeness: f32, prompt: f32 },
+    Weighted {
+        likeness: f32,
+        prompt: f32,
+    },
 }
 
 impl Rank {
@@ -39,7 +42,13 @@ impl Rank {
                 likeness: wl,
                 prompt: wp,
             } => {
-                let part = |w: f32, v: Option<f32>| if w == 0.0 { Some(0.0) } else { v.map(|v| w * v) };
+                let part = |w: f32, v: Option<f32>| {
+                    if w == 0.0 {
+                        Some(0.0)
+                    } else {
+                        v.map(|v| w * v)
+                    }
+                };
                 Some(part(wl, likeness)? + part(wp, s.prompt_alignment)?)
             }
         }
@@ -47,8 +56,7 @@ impl Rank {
 
     fn check(self) -> Result<()> {
         if let Rank::Weighted { likeness, prompt } = self {
-            if !(likeness.is_finite() && prompt.is_finite()) || (likeness == 0.0 && prompt == 0.0)
-            {
+            if !(likeness.is_finite() && prompt.is_finite()) || (likeness == 0.0 && prompt == 0.0) {
                 return Err(Error::invalid_argument(format!(
                     "rank weights must be finite and not both 0, got likeness {likeness}, prompt {prompt}"
                 )));

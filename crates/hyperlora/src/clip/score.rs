@@ -101,7 +101,9 @@ impl ClipScorer {
         let s = self.image_size();
         let pixels = images
             .iter()
-            .map(|img| Tensor::from_vec(clip_pixels(img, s)?, (3, s, s), &Device::Cpu).map_err(Error::from))
+            .map(|img| {
+                Tensor::from_vec(clip_pixels(img, s)?, (3, s, s), &Device::Cpu).map_err(Error::from)
+            })
             .collect::<Result<Vec<_>>>()?;
         let pixels = Tensor::stack(&pixels, 0)?;
         let out = self.vision.forward(&pixels)?;
@@ -141,9 +143,11 @@ impl ClipScorer {
     fn load_text_tower(&self) -> Result<TextTower> {
         let dir = &self.dir;
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| Error::from(e).context(format!("cannot read {}", config_path.display())))?;
-        let mut config = ClipTextConfig::from_json(&text).map_err(|e| e.context(config_path.display()))?;
+        let text = std::fs::read_to_string(&config_path).map_err(|e| {
+            Error::from(e).context(format!("cannot read {}", config_path.display()))
+        })?;
+        let mut config =
+            ClipTextConfig::from_json(&text).map_err(|e| e.context(config_path.display()))?;
         // CLIPModel projects both towers to its top-level projection_dim.
         if let Some(p) = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
@@ -162,7 +166,11 @@ impl ClipScorer {
         // SAFETY: model files are not modified while they are mapped (as for every
         // memory-mapped weights file in this crate).
         let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(&[&weights], self.vision.dtype(), self.vision.device())
+            VarBuilder::from_mmaped_safetensors(
+                &[&weights],
+                self.vision.dtype(),
+                self.vision.device(),
+            )
         }
         .map_err(|e| Error::bad_weights(format!("{}: {e}", weights.display())))?;
         if !vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
@@ -214,6 +222,14 @@ mod tests {
         // 60x30 → 20x10, the crop is columns 5..15 of it: its column 5 is column 10, white.
         let white = (1.0 - CLIP_MEAN[0]) / CLIP_STD[0];
         assert!((px[5] - white).abs() < 1e-6, "{}", px[5]);
-        assert!(clip_pixels(&RgbImage { width: 2, height: 2, data: vec![] }, 10).is_err());
+        assert!(clip_pixels(
+            &RgbImage {
+                width: 2,
+                height: 2,
+                data: vec![]
+            },
+            10
+        )
+        .is_err());
     }
 }

@@ -51,20 +51,38 @@ fn text_tower_and_projections_match_transformers() {
     let dir = tiny_model("clip-vision");
     let config = ClipTextConfig::from_json_file(dir.join("config.json")).unwrap();
     let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
     }
     .unwrap();
     let model = ClipTextModelWithProjection::load(vb, &config).unwrap();
     // CLIPProcessor's ids (padding to 77, truncation to BOS + 75 + EOS) from CLIP's merges alone.
     let tokenizer = ClipTokenizer::from_merges_file(merges(), SDXL_PAD_TOKEN).unwrap();
-    let expected = f["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+    let expected = f["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap();
     for (p, want) in prompts().iter().zip(&expected) {
         assert_eq!(&tokenizer.encode_window(p)[..], &want[..], "{p}");
     }
     let out = model.forward(&f["input_ids"]).unwrap();
-    assert_close("text last_hidden_state", &out.last_hidden_state, &f["text_last_hidden_state"], TOL);
+    assert_close(
+        "text last_hidden_state",
+        &out.last_hidden_state,
+        &f["text_last_hidden_state"],
+        TOL,
+    );
     assert_close("text pooled", &out.pooled, &f["text_pooled"], TOL);
-    assert_close("text_embeds", out.text_embeds.as_ref().unwrap(), &f["text_embeds"], TOL);
+    assert_close(
+        "text_embeds",
+        out.text_embeds.as_ref().unwrap(),
+        &f["text_embeds"],
+        TOL,
+    );
 }
 
 #[test]
@@ -80,7 +98,12 @@ fn image_processing_and_image_embeds_match_transformers() {
     let pixels = Tensor::stack(&pixels, 0).unwrap();
     assert_close("pixel_values", &pixels, &f["pixel_values"], 1e-6);
     let out = tiny_clip_vision(DType::F32).forward(&pixels).unwrap();
-    assert_close("image_embeds", out.image_embeds.as_ref().unwrap(), &f["image_embeds"], TOL);
+    assert_close(
+        "image_embeds",
+        out.image_embeds.as_ref().unwrap(),
+        &f["image_embeds"],
+        TOL,
+    );
 }
 
 #[test]
@@ -121,19 +144,31 @@ fn likeness_matches_insightface() {
     let analyzer = FaceAnalyzer::load(&tiny_model("antelopev2")).unwrap();
     for name in ["astronaut", "tall", "grey"] {
         let img = rgb_image(&f[&format!("{name}.image")]);
-        let l = analyzer.likeness(&img, &reference, &CancelToken::new()).unwrap();
+        let l = analyzer
+            .likeness(&img, &reference, &CancelToken::new())
+            .unwrap();
         let Some(want) = f.get(&format!("{name}.likeness")) else {
-            assert_eq!((l.cosine, l.reason.as_deref()), (None, Some(NO_FACE_REASON)), "{name}");
+            assert_eq!(
+                (l.cosine, l.reason.as_deref()),
+                (None, Some(NO_FACE_REASON)),
+                "{name}"
+            );
             assert!(l.face.is_none());
             continue;
         };
         let want = want.to_vec1::<f32>().unwrap()[0];
         let got = l.cosine.expect("a face");
-        assert!((got - want).abs() <= TOL, "{name}: likeness {got} vs insightface {want}");
+        assert!(
+            (got - want).abs() <= TOL,
+            "{name}: likeness {got} vs insightface {want}"
+        );
         let bx = f[&format!("{name}.box")].to_vec1::<f32>().unwrap();
         let ours = l.face.unwrap().bbox;
         for c in 0..4 {
-            assert!((ours[c] - bx[c]).abs() <= 0.5, "{name}: box {ours:?} vs {bx:?}");
+            assert!(
+                (ours[c] - bx[c]).abs() <= 0.5,
+                "{name}: box {ours:?} vs {bx:?}"
+            );
         }
     }
 }
@@ -155,10 +190,14 @@ fn bench_clip_score_cpu() {
     let img = crate::common::astronaut_photo();
     let big = hyperlora::image::pil_resize_bicubic(&img, 1024, 1024);
     let started = Instant::now();
-    let text = scorer.text_embeds("a portrait photo of an astronaut").unwrap();
+    let text = scorer
+        .text_embeds("a portrait photo of an astronaut")
+        .unwrap();
     let first_text = started.elapsed();
     let started = Instant::now();
-    scorer.text_embeds("a portrait photo of an astronaut").unwrap();
+    scorer
+        .text_embeds("a portrait photo of an astronaut")
+        .unwrap();
     let text_again = started.elapsed();
     scorer.alignment(&big, &text).unwrap(); // warm-up
     let runs = 3;
