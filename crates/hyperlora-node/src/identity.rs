@@ -191,8 +191,18 @@ pub fn interpolate_identities(a: &Identity, b: &Identity, t: f64) -> napi::Resul
     let bases = a.base.clone().zip(b.base.clone());
     Ok(call(CallContext::default(), identity, move |_, _| {
         let mut id = KohyaLora::lerp(a_id.lora(), b_id.lora(), t)?;
-        // The blend is nobody's face: no reference embedding to score against.
-        id.metadata.remove(ARCFACE_METADATA_KEY);
+        // The ends are the identities themselves; a blend is nobody's face, with no reference
+        // embedding to score against.
+        let ends = [(0.0, &a_id), (1.0, &b_id)];
+        match ends.iter().find(|(end, _)| t == *end) {
+            Some((_, lora)) => match lora.lora().metadata.get(ARCFACE_METADATA_KEY) {
+                Some(e) => id
+                    .metadata
+                    .insert(ARCFACE_METADATA_KEY.to_string(), e.clone()),
+                None => id.metadata.remove(ARCFACE_METADATA_KEY),
+            },
+            None => id.metadata.remove(ARCFACE_METADATA_KEY),
+        };
         let base = bases
             .map(|(a, b)| KohyaLora::lerp(a.lora(), b.lora(), t))
             .transpose()?;
