@@ -210,7 +210,11 @@ mod tests {
     #[test]
     fn preprocessing_resizes_the_short_side_and_crops_the_centre() {
         // A wide picture, white in its middle third: the centre crop keeps the middle.
-        let mut img = RgbImage::new(60, 30, 0);
+        let mut img = RgbImage {
+            width: 60,
+            height: 30,
+            data: vec![0; 60 * 30 * 3],
+        };
         for y in 0..30 {
             for x in 20..40 {
                 let at = (y * 60 + x) * 3;
