@@ -33,7 +33,7 @@ export type Rank = 'likeness' | 'prompt' | { likeness: number; prompt: number }
 export const NO_PERSON_REASON = 'no identity or photos given'
 
 /** The mean ArcFace embedding an identity keeps; `INVALID_ARGUMENT` when it has none (a LoRA
- * saved by an older version or by another tool, or an interpolated identity). */
+ * saved by an older version or by another tool, or a blend of two identities). */
 export function identityEmbedding(identity: Identity): Float32Array {
   let embedding: Float32Array | null
   try {
