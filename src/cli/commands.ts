@@ -1,4 +1,4 @@
-/** The CLI's `generate` and `identity` commands: photos and models in, files out. */
+/** The CLI's `generate`, `identity` and `score` commands: photos and models in, files (or scores) out. */
 import * as path from 'node:path'
 
 import { HyperLoraError } from '../errors.js'
