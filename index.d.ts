@@ -52,6 +52,11 @@ export declare class Identity {
    */
   toCoefficients(): Promise<Buffer>
   /**
+   * The mean ArcFace embedding of the photos the identity was made from (kept in the LoRA
+   * file's metadata), or `null` for a LoRA without one.
+   */
+  arcface(): Float32Array | null
+  /**
    * The LoRA's tensors (f32 copies), module by module in file order; `base` for the
    * Base-LoRA's.
    */
@@ -282,6 +287,20 @@ export interface IdentityUse {
   baseWeight?: number
 }
 
+/** One picture's scores. */
+export interface ImageScore {
+  /**
+   * ArcFace cosine of the picture's largest face with the person; `null` when not asked for
+   * or when the picture has no face (`likenessReason` says which).
+   */
+  likeness?: number
+  likenessReason?: string
+  /** The face scored, `[x1, y1, x2, y2]` in pixels. */
+  face?: Array<number>
+  /** CLIP ViT-L/14 cosine of the picture with the prompt (the paper's CLIP-T), when asked for. */
+  promptAlignment?: number
+}
+
 /** Reads the tensor index of a `.safetensors` file (memory-mapped; data is not loaded). */
 export declare function inspectWeights(path: string, options?: InspectWeightsOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<WeightsIndexResult>
 
@@ -348,6 +367,19 @@ export interface ProgressEvent {
   step: number
   totalSteps: number
 }
+
+/** What to rank by: `likeness`, `prompt`, or `weighted` with both weights. */
+export interface RankBy {
+  by: string
+  likeness?: number
+  prompt?: number
+}
+
+/**
+ * Positions of `scores` best first: pictures without the value ranked on (no face, a score not
+ * taken) come last, and equal values keep their order.
+ */
+export declare function rankScores(scores: Array<ImageScore>, rank: RankBy): Array<number>
 
 /** An RGB8 picture handed in or out of the engine. */
 export interface RawImage {
@@ -420,6 +452,24 @@ export interface RefineSettings {
  */
 export type Sampler = 'euler' | 'euler_ancestral' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'ddim'
 
+/**
+ * Scores each picture: likeness to `references` and/or alignment with `prompt` (at least one).
+ * Progress: `score`, one step per picture.
+ */
+export declare function scoreImages(faces: FaceAnalyzer, encoder: IdentityEncoder, images: Array<RawImage>, options: ScoreImagesOptions, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<Array<ImageScore>>
+
+export interface ScoreImagesOptions {
+  /**
+   * ArcFace embeddings of the person (an identity's mean, or one per photo): likeness is
+   * taken against their normalised mean. Without them, no likeness.
+   */
+  references?: Array<Float32Array>
+  /** Without it, no prompt alignment. */
+  prompt?: string
+  /** CLIP's BPE merges, for a CLIP folder without `vocab.json` + `merges.txt`. */
+  mergesFile?: string
+}
+
 /** How the sampler spaces its noise levels (A1111's "Schedule type"). */
 export type SigmaSchedule = 'normal' | 'karras' | 'exponential'
 
@@ -433,7 +483,7 @@ export interface SkippedPhoto {
  * What a long call is doing. `download` and `loading` are reported by the TypeScript layer
  * (model files fetched, models loaded); the engine reports the others.
  */
-export type Stage = 'download' | 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode' | 'refine' | 'hash'
+export type Stage = 'download' | 'loading' | 'face' | 'identity' | 'text' | 'denoise' | 'decode' | 'refine' | 'hash' | 'score'
 
 export interface TensorEntry {
   name: string

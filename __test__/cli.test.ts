@@ -134,9 +134,32 @@ describe('hyperlora CLI', () => {
     expect(JSON.parse(identity.stdout).warnings).toEqual(['photo 1 (grey.png) skipped: no face detected (tried 640, 512, 384 and 256)'])
   })
 
+  it('score prints likeness and prompt alignment per picture; generate --best-of keeps the best', async () => {
+    const dir = tempDir('cli-score')
+    const lora = path.join(dir, 'me.safetensors')
+    expect(hyperlora('identity', '--tiny', '--face', photo, '--out', lora, '--quiet').code).toBe(0)
+    const grey = await greyPhoto(dir)
+    const json = hyperlora('score', '--tiny', '--identity', lora, '--prompt', 'an astronaut', photo, grey, '--json')
+    expect(json.code, json.stderr).toBe(0)
+    const [a, b] = JSON.parse(json.stdout).images
+    expect(a).toMatchObject({ file: photo, likeness: expect.any(Number), promptAlignment: expect.any(Number), face: expect.any(Array) })
+    expect(b).toMatchObject({ file: grey, likeness: null, likenessReason: 'no face' })
+    const table = hyperlora('score', '--tiny', '--face', photo, grey)
+    expect(table.code, table.stderr).toBe(0)
+    expect(table.stdout).toMatch(/^image +likeness +prompt +face$/m)
+    expect(table.stdout).toMatch(/grey\.png +- +- +no face$/m)
+    expect(hyperlora('score', '--tiny', photo).code).toBe(2)
+    const best = hyperlora('generate', '--tiny', '--identity', lora, '--prompt', 'a portrait', '--width', '64', '--height', '64', '--steps', '1', '--seed', '5', '--best-of', '2', '--out', path.join(dir, 'b.png'), '--json')
+    expect(best.code, best.stderr).toBe(0)
+    const report = JSON.parse(best.stdout)
+    expect(report.candidates).toHaveLength(2)
+    expect(report.seed).toBe(report.candidates[0].seed)
+    expect(hyperlora('generate', '--tiny', '--prompt', 'x', '--best-of', '0').code).toBe(2)
+  })
+
   it('has --help for every command, with examples', () => {
     expect(hyperlora('--help').stdout).toMatch(/Examples:[\s\S]*hyperlora demo/)
-    for (const command of ['generate', 'identity', 'info', 'demo', 'inspect']) {
+    for (const command of ['generate', 'identity', 'score', 'info', 'demo', 'inspect']) {
       const r = hyperlora(command, '--help')
       expect(r.code, command).toBe(0)
       expect(r.stdout).toContain(`Usage: hyperlora ${command}`)

@@ -12,12 +12,14 @@ import type { ProgressEvent } from './native.js'
 import { finish, loadPipeline, prepare, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision, type Prepared, type RefineFaceOptions } from './pipeline.js'
 import { DEFAULT_MODELS, resolveModel, type ModelEvent, type ModelRole, type ResolveOptions } from './models/index.js'
 import { TaskQueue } from './task-queue.js'
+import { identityEmbedding, keepsEmbedding, rankScores, scorePortraits, type ImageScore, type Rank, type ScoreTargets } from './score.js'
 
 /** What every long call reports through `onProgress`: the native progress event (its `stage`
  * list is generated from the engine) with the time since the call started. Stages: `download`
  * (models fetched on first use; `step` counts bytes), `loading` (models), `face` (face analysis,
  * per photo), `identity` (CLIP per photo, then the hypernetwork), `text` (prompt encoding),
- * `denoise` (per step), `decode` (VAE), `refine` (the face refine pass: its steps over all faces). */
+ * `denoise` (per step), `decode` (VAE), `refine` (the face refine pass: its steps over all faces),
+ * `score` (portrait scores, per picture). */
 export interface EngineProgress extends ProgressEvent {
   /** Milliseconds since the call started (queue time included). */
   elapsedMs: number
@@ -83,7 +85,21 @@ export interface EngineGenerateOptions extends Omit<GenerateOptions, 'onProgress
    * keeps likeness best on large faces; this helps half-body and group shots). `true` uses the
    * defaults of {@link RefineFaceOptions}. Progress then also reports stage `refine`. */
   refineFace?: boolean | RefineFaceOptions
+  /** Draw this many candidates in one batch (seeds `seed … seed + N − 1`, so each redraws alone)
+   * and return them best first, each with its `scores` (likeness when `identity` keeps its
+   * ArcFace embedding, prompt alignment with `prompt`). Replaces `batchSize`. */
+  bestOf?: number
+  /** What `bestOf` sorts by; default `likeness` with an `identity`, else `prompt`. */
+  rank?: Rank
 }
+
+/** A picture from {@link HyperLoRA.generate}; with `bestOf`, it carries its scores. */
+export interface ScoredImage extends GeneratedImage {
+  scores?: ImageScore
+}
+
+/** Options of {@link HyperLoRA.score}. */
+export interface ScoreOptions extends ScoreTargets, EngineCallOptions {}
 
 /** What {@link HyperLoRA.refineFaces} takes: the prompt, identity and sampling of a generation
  * (size and batch come from the image) plus the refine pass's own settings. */
@@ -204,10 +220,41 @@ export class HyperLoRA {
    * Image `k` reports seed `seed + k`, which redraws it alone, and every image carries the call's
    * `warnings`.
    */
-  async generate(options: EngineGenerateOptions): Promise<GeneratedImage[]> {
+  async generate(options: EngineGenerateOptions): Promise<ScoredImage[]> {
+    if (options.bestOf !== undefined) return this.#bestOf(options.bestOf, options)
     const started = performance.now()
     const report = reporter(options, started)
     return this.#generation.run(options.signal, async (signal) => (await this.#draw([options], signal, nativeProgress(report)))[0]!)
+  }
+
+  /** `generate` with `bestOf`: one batch of candidates, scored, best first. */
+  async #bestOf(bestOf: number, { bestOf: _, rank, ...options }: EngineGenerateOptions): Promise<ScoredImage[]> {
+    if (!Number.isSafeInteger(bestOf) || bestOf < 1) throw new HyperLoraError('INVALID_ARGUMENT', `bestOf must be a positive integer, got ${bestOf}`)
+    if (options.batchSize !== undefined && options.batchSize !== bestOf) throw new HyperLoraError('INVALID_ARGUMENT', 'give bestOf or batchSize, not both')
+    const by = rank ?? (options.identity ? 'likeness' : 'prompt')
+    const needsLikeness = by === 'likeness' || (typeof by === 'object' && by.likeness !== 0)
+    if (needsLikeness && !options.identity) throw new HyperLoraError('INVALID_ARGUMENT', 'bestOf ranked by likeness needs an identity')
+    // Checked before drawing: an identity without its embedding cannot be ranked by likeness.
+    const identity = options.identity && (needsLikeness || keepsEmbedding(options.identity)) ? options.identity : undefined
+    if (identity) identityEmbedding(identity)
+    const images = await this.generate({ ...options, batchSize: bestOf })
+    const { onProgress, signal } = options
+    const scores = await this.score(
+      images.map((image) => image.data),
+      { prompt: options.prompt, ...(identity && { identity }), ...(signal && { signal }), ...(onProgress && { onProgress }) },
+    )
+    return rankScores(scores, by).map((i) => ({ ...images[i]!, scores: scores[i]! }))
+  }
+
+  /**
+   * Likeness and prompt scores of pictures, as the HyperLoRA paper measures portraits: the ArcFace
+   * cosine of each picture's largest face with the person (`identity`, or `photos` of them), and
+   * the CLIP ViT-L/14 cosine of the picture with `prompt`. Progress reports `score` per picture.
+   */
+  async score(images: ImageInput | readonly ImageInput[], options: ScoreOptions): Promise<ImageScore[]> {
+    const list = Array.isArray(images) ? (images as readonly ImageInput[]) : [images as ImageInput]
+    const report = reporter(options, performance.now())
+    return this.#identities.run(options.signal, (signal) => scorePortraits(this.#faces, this.#encoder, list, { ...options, signal, onProgress: nativeProgress(report) }))
   }
 
   /**
@@ -283,6 +330,7 @@ export class HyperLoRA {
     const started = performance.now()
     const report = reporter(options, started)
     const list = [...requests]
+    if (list.some((r) => r.bestOf !== undefined)) throw new HyperLoraError('INVALID_ARGUMENT', 'bestOf is for generate, not generateMany')
     const prepared = await Promise.all(list.map(prepareRequest))
     for (const batch of this.#pipeline.planBatches(prepared, maxBatchSize)) {
       const images = await this.#generation.run(options.signal, (signal) =>
@@ -316,7 +364,7 @@ export class HyperLoRA {
 
 /** A request's generation part, for the engine (the caller's signal and progress are folded into
  * the queue's, the refine pass runs after). */
-function prepareRequest({ refineFace: _, onProgress: __, signal: ___, ...request }: EngineGenerateOptions): Promise<Prepared> {
+function prepareRequest({ refineFace: _, onProgress: __, signal: ___, bestOf: _b, rank: _r, ...request }: EngineGenerateOptions): Promise<Prepared> {
   return prepare(request)
 }
 

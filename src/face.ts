@@ -60,6 +60,11 @@ export class FaceAnalyzer {
     this.#native = nativeAnalyzer
   }
 
+  /** @internal The native models (for scoring). */
+  get native(): Binding.FaceAnalyzer {
+    return this.#native
+  }
+
   /** Frees the native models; calls after this reject with `INVALID_ARGUMENT`. */
   dispose(): void {
     this.#native.dispose()

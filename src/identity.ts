@@ -141,6 +141,11 @@ export class IdentityEncoder {
     return this.#native.clipImageSize
   }
 
+  /** @internal The native models (for scoring). */
+  get native(): Binding.IdentityEncoder {
+    return this.#native
+  }
+
   /** Frees the native models; calls after this reject with `INVALID_ARGUMENT`. */
   dispose(): void {
     this.#native.dispose()

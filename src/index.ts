@@ -59,7 +59,10 @@ export {
   type HyperLoRALoadOptions,
   type ModelPaths,
   type RefineFacesOptions,
+  type ScoredImage,
+  type ScoreOptions,
 } from './engine.js'
+export { identityEmbedding, rankScores, type ImageScore, type Rank } from './score.js'
 export {
   DEFAULT_MODELS,
   listModels,

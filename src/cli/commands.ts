@@ -1,10 +1,11 @@
-/** The CLI's `generate` and `identity` commands: photos and models in, files out. */
+/** The CLI's `generate`, `identity` and `score` commands: photos and models in, files (or scores) out. */
 import * as path from 'node:path'
 
 import { HyperLoraError } from '../errors.js'
 import { writeAtomic } from '../files.js'
-import { TINY_ANTELOPEV2 } from '../face.js'
-import { loadIdentity, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from '../identity.js'
+import { loadFaceAnalyzer, TINY_ANTELOPEV2 } from '../face.js'
+import { loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from '../identity.js'
+import { scorePortraits, type ImageScore } from '../score.js'
 import { HyperLoRA, MODEL_ENV, type EngineGenerateOptions } from '../engine.js'
 import { DEFAULT_MODELS, resolveModel, type ModelRole } from '../models/index.js'
 import { loadPipeline, TINY_SDXL, type GeneratedImage, type Sampler, type SigmaSchedule } from '../pipeline.js'
@@ -128,8 +129,10 @@ function generateOptions(values: CommandValues, prompt: string): Omit<EngineGene
     height: numberFlag(values, 'height') ?? size,
   }
   const seed = seedFlag(values)
+  const bestOf = numberFlag(values, 'best-of')
   return {
     out,
+    ...(bestOf !== undefined && { bestOf }),
     prompt,
     loras,
     format,
@@ -149,15 +152,18 @@ export async function generateCommand(values: CommandValues, onProgress: OnProgr
   const savedIdentity = typeof values['identity'] === 'string' ? checkedInputFile('identity', values['identity']) : undefined
   const faces = strings(values, 'face').length > 0 ? facePhotos(values) : []
   if (savedIdentity !== undefined && faces.length > 0) throw usageError('give --face photos or --identity, not both')
-  const { out, refineFace, ...options } = generateOptions(values, prompt)
-  // Photos and the face refine pass need all four models; otherwise SDXL alone does.
-  const engine = faces.length > 0 || refineFace ? await loadEngine(values, onProgress) : undefined
+  const { out, refineFace, bestOf, ...options } = generateOptions(values, prompt)
+  // Photos, the face refine pass and best-of-N need all four models; otherwise SDXL alone does.
+  const engine = faces.length > 0 || refineFace || bestOf !== undefined ? await loadEngine(values, onProgress) : undefined
   const pipeline = engine ? undefined : await loadPipeline((await models(values, ['checkpoint'])).checkpoint)
   let image: GeneratedImage | undefined
+  let candidates: { seed: number | string; scores: ImageScore | undefined }[] | undefined
   try {
     const identity = savedIdentity ? await loadIdentity(savedIdentity) : engine ? await identityFromFaces(engine, faces, values, onProgress, warn) : undefined
     const request = { ...options, ...(identity && { identity }), ...(onProgress && { onProgress }) }
-    ;[image] = engine ? await engine.generate({ ...request, ...(refineFace && { refineFace }) }) : await pipeline!.generate(request)
+    const images = engine ? await engine.generate({ ...request, ...(refineFace && { refineFace }), ...(bestOf !== undefined && { bestOf }) }) : await pipeline!.generate(request)
+    image = images[0]
+    if (bestOf !== undefined) candidates = images.map((c) => ({ seed: jsonSeed(c.seed), scores: 'scores' in c ? (c.scores as ImageScore | undefined) : undefined }))
   } finally {
     await engine?.dispose()
     pipeline?.dispose()
@@ -166,7 +172,52 @@ export async function generateCommand(values: CommandValues, onProgress: OnProgr
   for (const warning of image.warnings) warn(warning)
   const file = out ?? path.resolve(`hyperlora-${image.seed}.${image.format === 'jpeg' ? 'jpg' : image.format}`)
   writeAtomic(file, image.data)
-  // Seeds above 2^53 are bigints, which JSON cannot hold: those are written as strings.
-  const seed = typeof image.seed === 'bigint' ? image.seed.toString() : image.seed
-  return { output: file, seed, width: image.width, height: image.height, info: image.info }
+  return { output: file, seed: jsonSeed(image.seed), width: image.width, height: image.height, info: image.info, ...(candidates && { candidates }) }
+}
+
+/** Seeds above 2^53 are bigints, which JSON cannot hold: those are written as strings. */
+function jsonSeed(seed: number | bigint): number | string {
+  return typeof seed === 'bigint' ? seed.toString() : seed
+}
+
+/** `hyperlora score [--identity me.safetensors | --face a.jpg…] [--prompt …] img…`: the scores of
+ * each picture, in the order given. Loads only the face models, CLIP and the hypernetwork folder's
+ * encoder (not SDXL). */
+export async function scoreCommand(values: CommandValues, files: readonly string[], onProgress: OnProgress): Promise<{ images: (ImageScore & { file: string })[] }> {
+  if (files.length === 0) throw usageError('score needs at least one picture: hyperlora score [--identity me.safetensors] [--prompt "…"] a.png b.png')
+  const images = files.map((f) => checkedInputFile('image', f))
+  const savedIdentity = typeof values['identity'] === 'string' ? checkedInputFile('identity', values['identity']) : undefined
+  const faces = strings(values, 'face').length > 0 ? facePhotos(values) : []
+  if (savedIdentity !== undefined && faces.length > 0) throw usageError('give --face photos or --identity, not both')
+  const prompt = typeof values['prompt'] === 'string' ? values['prompt'] : undefined
+  if (savedIdentity === undefined && faces.length === 0 && prompt === undefined) throw usageError('give --identity (or --face photos) and/or --prompt')
+  const paths = await models(values, ['hyperlora', 'clipVision', 'faceModels'])
+  const identity = savedIdentity ? await loadIdentity(savedIdentity) : undefined
+  const [analyzer, encoder] = await Promise.all([loadFaceAnalyzer(paths.faceModels), loadIdentityEncoder(paths.hyperlora, paths.clipVision)])
+  try {
+    const scores = await scorePortraits(analyzer, encoder, images, {
+      identity,
+      ...(faces.length > 0 && { photos: faces }),
+      prompt,
+      ...(onProgress && { onProgress }),
+    })
+    return { images: scores.map((s, i) => ({ file: images[i]!, ...s })) }
+  } finally {
+    analyzer.dispose()
+    encoder.dispose()
+  }
+}
+
+/** The scores as a table, one picture a line. */
+export function scoreTable(result: { images: (ImageScore & { file: string })[] }): string {
+  const cell = (v: number | null | undefined): string => (v === null || v === undefined ? '-' : v.toFixed(4))
+  const rows = result.images.map((s) => [
+    path.relative(process.cwd(), s.file) || s.file,
+    cell(s.likeness),
+    cell(s.promptAlignment),
+    s.face ? `[${s.face.map((v) => v.toFixed(0)).join(', ')}]` : (s.likenessReason ?? ''),
+  ])
+  const table = [['image', 'likeness', 'prompt', 'face'], ...rows]
+  const widths = table[0]!.map((_, c) => Math.max(...table.map((r) => r[c]!.length)))
+  return table.map((r) => r.map((v, c) => v.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n')
 }

@@ -28,6 +28,7 @@ const NUMBER_FLAGS: Record<string, NumberRule> = {
   width: { integer: true, min: 8, max: 4096, multipleOf: 8, accepts: 'a multiple of 8 from 8 to 4096' },
   height: { integer: true, min: 8, max: 4096, multipleOf: 8, accepts: 'a multiple of 8 from 8 to 4096' },
   'identity-weight': { integer: false, min: -100, max: 100, accepts: 'a number from -100 to 100, e.g. 0.85 (negative pushes away from the person)' },
+  'best-of': { integer: true, min: 1, max: 64, accepts: 'a whole number from 1 to 64' },
 }
 
 type Values = Readonly<Record<string, string | boolean | string[] | undefined>>

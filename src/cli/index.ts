@@ -8,7 +8,7 @@
 import * as path from 'node:path'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 
-import { generateCommand, identityCommand, TINY_IMAGE_SIZE, type Warn } from './commands.js'
+import { generateCommand, identityCommand, scoreCommand, scoreTable, TINY_IMAGE_SIZE, type Warn } from './commands.js'
 import { checkedOutputFile, joinNegativeNumbers, usageError } from './flags.js'
 import { writeAtomic } from '../files.js'
 import { HyperLoraError } from '../errors.js'
@@ -29,6 +29,7 @@ Usage: hyperlora <command> [options]
 Commands:
   generate  draw a picture, of the person in --face photos (or a saved --identity)
   identity  turn --face photos into an identity LoRA (.safetensors)
+  score     likeness to a person and prompt alignment of pictures
   info      version, native backend, threads and where models are looked up
   demo      run the pipeline on the small bundled models (random weights)
   inspect   list the tensors of a .safetensors file
@@ -84,6 +85,9 @@ the person's identity LoRA is merged in and HyperLoRA's trigger words are prepen
   --lora path[:weight]  another LoRA (repeatable)
   --keep-background     skip the face background removal
   --refine-face         re-draw the faces at 1024² with the identity and blend them back
+  --best-of n           draw n candidates in one batch (seeds seed…seed+n-1), keep the best:
+                        by likeness with an identity, else by prompt alignment (--json lists
+                        every candidate's seed and scores)
 Models: a path, a model name ('hyperlora models') or a Hugging Face repo id, from the flag, else
 the environment variable, else the default ('hyperlora pull' fetches the defaults; generate
 never downloads):
@@ -99,6 +103,14 @@ Turns photos of one person into an identity LoRA (kohya format, loads in ComfyUI
 and in 'hyperlora generate --identity'). Photos without a face are skipped with a warning.
 Models: --hyperlora, --clip-vision, --face-models (or their environment variables, or --tiny);
 see 'hyperlora generate --help'.`,
+  score: `Usage: hyperlora score [--identity me.safetensors | --face photo...] [--prompt text] image... [--json]
+
+Scores pictures as the HyperLoRA paper measures portraits: likeness, the ArcFace cosine of each
+picture's largest face with the person (a saved --identity, or --face photos of them), and
+prompt alignment, the CLIP ViT-L/14 cosine of the picture with --prompt (CLIP-T). Prints a
+table (a '-' where there is no score, with the reason), or with --json the scores per picture.
+Models: --hyperlora, --clip-vision, --face-models (or their environment variables, or --tiny);
+SDXL is not loaded.`,
   pull: `Usage: hyperlora pull [name]... [--comfyui <models dir>] [--json] [--quiet]
 
 Makes models available, by manifest name (see 'hyperlora models'); without a name, the default
@@ -250,6 +262,7 @@ const OPTIONS = {
   lora: { type: 'string', multiple: true },
   'keep-background': { type: 'boolean' },
   'refine-face': { type: 'boolean' },
+  'best-of': { type: 'string' },
   real: { type: 'boolean' },
   checkpoint: { type: 'string' },
   hyperlora: { type: 'string' },
@@ -336,6 +349,12 @@ export async function main(argv: string[]): Promise<number> {
       case 'worker':
         await workerCommand(values, (line) => flags.quiet || console.error(line))
         return 0
+      case 'score': {
+        const result = await scoreCommand(values, rest, progressBar(!flags.quiet && !flags.json))
+        if (flags.json) console.log(JSON.stringify({ ...result, warnings: flags.warnings }, null, 2))
+        else console.log(scoreTable(result))
+        return 0
+      }
       case 'generate':
       case 'identity': {
         const run = command === 'generate' ? generateCommand : identityCommand

@@ -107,7 +107,7 @@ fn analyze_options(o: Option<AnalyzeFacesOptions>) -> hyperlora::Result<AnalyzeO
 /// antelopev2's detector, landmark model and ArcFace, run in-process.
 #[napi]
 pub struct FaceAnalyzer {
-    inner: Resident<Analyzer>,
+    pub(crate) inner: Resident<Analyzer>,
 }
 
 #[napi]

@@ -4,11 +4,13 @@
 //! native memory under the engine's stable ids, with the coefficients it was expanded from when
 //! the hypernetwork made it.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::Device;
+use hyperlora::clip::score::ClipScorer;
 use hyperlora::device::{select_device, select_dtype};
+use hyperlora::face::likeness::{decode_embedding, ARCFACE_METADATA_KEY};
 use hyperlora::face::FaceConditions;
 use hyperlora::hypernet::{HyperLoraOutput, IdentityCoefficients};
 use hyperlora::identity::IdentityEncoder as Encoder;
@@ -106,6 +108,19 @@ impl Identity {
             |b: Vec<u8>| Ok(b.into()),
             move |_, _| Ok(c.to_bytes()),
         ))
+    }
+
+    /// The mean ArcFace embedding of the photos the identity was made from (kept in the LoRA
+    /// file's metadata), or `null` for a LoRA without one.
+    #[napi]
+    pub fn arcface(&self) -> napi::Result<Option<Float32Array>> {
+        self.lora
+            .lora()
+            .metadata
+            .get(ARCFACE_METADATA_KEY)
+            .map(|text| decode_embedding(text).map(Float32Array::new))
+            .transpose()
+            .map_err(to_napi)
     }
 
     /// The LoRA's tensors (f32 copies), module by module in file order; `base` for the
@@ -222,7 +237,19 @@ pub fn interpolate_identities(a: &Identity, b: &Identity, t: f64) -> napi::Resul
     let (a_id, b_id) = (a.lora.clone(), b.lora.clone());
     let bases = a.base.clone().zip(b.base.clone());
     Ok(call(CallContext::default(), identity, move |_, _| {
-        let id = KohyaLora::lerp(a_id.lora(), b_id.lora(), t)?;
+        let mut id = KohyaLora::lerp(a_id.lora(), b_id.lora(), t)?;
+        // The ends are the identities themselves; a blend is nobody's face, with no reference
+        // embedding to score against.
+        let ends = [(0.0, &a_id), (1.0, &b_id)];
+        match ends.iter().find(|(end, _)| t == *end) {
+            Some((_, lora)) => match lora.lora().metadata.get(ARCFACE_METADATA_KEY) {
+                Some(e) => id
+                    .metadata
+                    .insert(ARCFACE_METADATA_KEY.to_string(), e.clone()),
+                None => id.metadata.remove(ARCFACE_METADATA_KEY),
+            },
+            None => id.metadata.remove(ARCFACE_METADATA_KEY),
+        };
         let base = bases
             .map(|(a, b)| KohyaLora::lerp(a.lora(), b.lora(), t))
             .transpose()?;
@@ -244,6 +271,27 @@ pub struct FaceConditionsInput {
 pub struct IdentityEncoder {
     inner: Resident<Encoder>,
     clip_image_size: u32,
+    clip_dir: PathBuf,
+    /// Made on the first prompt score; it keeps the text tower once loaded.
+    scorer: Mutex<Option<Arc<ClipScorer>>>,
+}
+
+impl IdentityEncoder {
+    /// The CLIP scorer over this encoder's vision tower (`merges_file`: CLIP's BPE merges, for
+    /// a CLIP folder without a tokenizer; used when the text tower is first loaded).
+    pub(crate) fn scorer(&self, merges_file: Option<&Path>) -> napi::Result<Arc<ClipScorer>> {
+        let encoder = self.inner.get()?;
+        let mut slot = self.scorer.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(slot
+            .get_or_insert_with(|| {
+                Arc::new(ClipScorer::new(
+                    encoder.clip().clone(),
+                    &self.clip_dir,
+                    merges_file,
+                ))
+            })
+            .clone())
+    }
 }
 
 #[napi]
@@ -258,6 +306,10 @@ impl IdentityEncoder {
     #[napi]
     pub fn dispose(&self) {
         self.inner.dispose();
+        self.scorer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
     /// Creates the identity of 1..N photos of one person (with its Base-LoRA when the model has
@@ -322,26 +374,25 @@ pub fn load_identity_encoder(
     hyperlora: String,
     clip_vision: String,
     options: Option<DeviceOptions>,
-) -> AsyncTask<Call<Encoder, IdentityEncoder>> {
+) -> AsyncTask<Call<(Encoder, PathBuf), IdentityEncoder>> {
     let (device, dtype) = options.map(|o| (o.device, o.dtype)).unwrap_or((None, None));
     let device = device.unwrap_or_else(|| "auto".to_string());
     call(
         CallContext::default(),
-        |encoder: Encoder| {
+        |(encoder, clip_dir): (Encoder, PathBuf)| {
             Ok(IdentityEncoder {
                 clip_image_size: encoder.clip_image_size() as u32,
                 inner: Resident::new(encoder),
+                clip_dir,
+                scorer: Mutex::new(None),
             })
         },
         move |_, _| {
             let device = select_device(&device)?;
             let dtype = select_dtype(dtype.as_deref(), &device)?;
-            Encoder::load(
-                &PathBuf::from(hyperlora),
-                &PathBuf::from(clip_vision),
-                dtype,
-                &device,
-            )
+            let clip_dir = PathBuf::from(clip_vision);
+            let encoder = Encoder::load(&PathBuf::from(hyperlora), &clip_dir, dtype, &device)?;
+            Ok((encoder, clip_dir))
         },
     )
 }

@@ -18,6 +18,7 @@ mod inspect;
 mod pipeline;
 mod refine;
 mod resident;
+mod score;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
 mod words;

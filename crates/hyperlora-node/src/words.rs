@@ -34,6 +34,9 @@ pub enum Stage {
     /// Hashing a weights file.
     #[napi(value = "hash")]
     Hash,
+    /// Scoring pictures (likeness, prompt alignment), picture by picture.
+    #[napi(value = "score")]
+    Score,
 }
 
 impl From<hyperlora::Stage> for Stage {
@@ -46,6 +49,7 @@ impl From<hyperlora::Stage> for Stage {
             hyperlora::Stage::Decode => Self::Decode,
             hyperlora::Stage::Refine => Self::Refine,
             hyperlora::Stage::Hash => Self::Hash,
+            hyperlora::Stage::Score => Self::Score,
         }
     }
 }

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::clip::vision::ClipVisionModel;
 use crate::error::{Error, Result};
+use crate::face::likeness::{encode_embedding, mean_embedding, ARCFACE_METADATA_KEY};
 use crate::face::FaceConditions;
 use crate::hypernet::{HyperLora, HyperLoraOutput};
 use crate::image::RgbImage;
@@ -62,6 +63,11 @@ impl IdentityEncoder {
         &self.hyper
     }
 
+    /// The CLIP vision tower (prompt scores use it too, see [`crate::clip::score`]).
+    pub fn clip(&self) -> &ClipVisionModel {
+        &self.clip
+    }
+
     /// CLIP pixel values [N, 3, S, S] from RGB8 crops: scale to [0, 1], normalise per channel.
     fn clip_pixels(&self, crops: &[&RgbImage]) -> Result<Tensor> {
         let s = self.clip_image_size();
@@ -94,6 +100,8 @@ impl IdentityEncoder {
     /// The identity of 1..N photos of one person: the resampler output is averaged over them.
     /// With a model that has a Base-LoRA and photos that all have base crops, the Base-LoRA of
     /// those crops comes too.
+    /// The ID-LoRA's metadata keeps the photos' mean ArcFace embedding (under
+    /// [`ARCFACE_METADATA_KEY`]), so a saved and reloaded identity can still be scored.
     /// Progress: `identity`, one step per photo (CLIP), then one for the hypernetwork.
     pub fn create(
         &self,
@@ -134,11 +142,16 @@ impl IdentityEncoder {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let id = Tensor::stack(&embeds, 0)?; // [N, 1, 512]
         cancel.check()?;
-        let out = self.hyper.create_lora(
+        let mut out = self.hyper.create_lora(
             self.hyper.uses_id_embeds().then_some(&id),
             self.hyper.uses_clip().then_some(&clip),
             base.as_ref(),
         )?;
+        let arcface: Vec<Vec<f32>> = photos.iter().map(|p| p.arcface.clone()).collect();
+        out.id.metadata.insert(
+            ARCFACE_METADATA_KEY.to_string(),
+            encode_embedding(&mean_embedding(&arcface)?),
+        );
         // The LoRA may be merged from another thread's stream (see `SdxlPipeline::load`).
         self.device.synchronize()?;
         progress(Progress {

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod image;
 pub mod lora;
 pub mod memory;
+pub mod score;
 pub mod sdxl;
 pub mod session;
 pub mod task;

@@ -47,6 +47,8 @@ pub enum Stage {
     Refine,
     /// Hashing a weights file.
     Hash,
+    /// Scoring pictures (likeness, prompt alignment), picture by picture.
+    Score,
 }
 
 /// One progress report: which stage, and how far through it.

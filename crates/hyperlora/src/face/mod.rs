@@ -11,6 +11,7 @@ pub mod align;
 pub mod arcface;
 pub mod detector;
 pub mod landmarks;
+pub mod likeness;
 pub mod onnx;
 pub mod preprocess;
 

@@ -6,6 +6,7 @@
 #[allow(dead_code)]
 mod common;
 
+mod clip_score;
 mod clip_vision;
 mod face;
 mod hyperlora;
