@@ -60,7 +60,10 @@ impl ControlNet {
                 weights: vec![path.to_path_buf()],
             }
         } else {
-            return Err(Error::model_not_found(format!("{}: no such file", context())));
+            return Err(Error::model_not_found(format!(
+                "{}: no such file",
+                context()
+            )));
         };
         let config = if path.is_dir() || (is_diffusers_file(path) && files.config.is_file()) {
             Config::from_json(&files.config)?
@@ -138,7 +141,9 @@ fn tensor_shapes(files: &[PathBuf]) -> Result<HashMap<String, Vec<usize>>> {
         ));
     }
     if has(&|k| {
-        k.starts_with("control_model.") || k.starts_with("input_blocks.") || k.starts_with("zero_convs.")
+        k.starts_with("control_model.")
+            || k.starts_with("input_blocks.")
+            || k.starts_with("zero_convs.")
     }) {
         return Err(Error::bad_weights(
             "an original-layout ControlNet (control_model.* / input_blocks.* names) was found; convert it to diffusers naming",
@@ -321,7 +326,9 @@ impl<'a> ControlBatch<'a> {
         let cond_rows = if guess_mode && guidance {
             let mask: Vec<f32> = requests
                 .iter()
-                .flat_map(|&(_, b)| std::iter::repeat_n(0f32, b).chain(std::iter::repeat_n(1f32, b)))
+                .flat_map(|&(_, b)| {
+                    std::iter::repeat_n(0f32, b).chain(std::iter::repeat_n(1f32, b))
+                })
                 .collect();
             let n = mask.len();
             Some(Tensor::from_vec(mask, (n, 1, 1, 1), device)?)
@@ -349,7 +356,8 @@ impl<'a> ControlBatch<'a> {
             }
             let model = net.use_.net.model();
             let guess_mode = model.config().global_pool_conditions;
-            let mut r = model.forward(input, timestep, &net.cond, &net.images, scale, guess_mode)?;
+            let mut r =
+                model.forward(input, timestep, &net.cond, &net.images, scale, guess_mode)?;
             if let Some(mask) = &self.cond_rows {
                 let mask = mask.to_dtype(r.mid.dtype())?;
                 r = ControlResiduals {
