@@ -1,10 +1,11 @@
+import { spawnSync } from 'node:child_process'
 import * as path from 'node:path'
 
 import sharp from 'sharp'
 import { beforeAll, describe, expect, it } from 'vitest'
 
 import { ControlNet, loadPipeline, TINY_SDXL, type GeneratedImage, type Pipeline } from '../src/index.js'
-import { rejection } from './helpers.js'
+import { rejection, tempDir } from './helpers.js'
 
 const TINY_CONTROLNET = path.join(TINY_SDXL, '..', 'controlnet')
 const TINY_CONTROLNET_FILE = path.join(TINY_SDXL, '..', 'controlnet-b-sdxl-tiny.safetensors')
@@ -92,5 +93,15 @@ describe('ControlNet from TypeScript', () => {
   it('refuses a window with start after end', async () => {
     const error = await rejection(pipeline.generate({ ...base, controlnets: [{ model: controlnet, image: pose(20, 40), start: 0.8, end: 0.2 }] }))
     expect(error.code).toBe('INVALID_ARGUMENT')
+  })
+
+  it('the CLI takes --controlnet model:image:strength', () => {
+    const out = path.join(tempDir('controlnet-cli'), 'posed.png')
+    const pose = path.join(TINY_SDXL, '..', 'photos', 'astronaut.png')
+    const cli = path.join(__dirname, '..', 'bin', 'hyperlora.js')
+    const args = ['generate', '--tiny', '--prompt', 'a pose', '--steps', '2', '--width', '64', '--height', '64', '--seed', '1']
+    const r = spawnSync('node', [cli, ...args, '--controlnet', `${TINY_CONTROLNET}:${pose}:0.7`, '--out', out, '--json'], { encoding: 'utf8' })
+    expect(r.status, r.stderr).toBe(0)
+    expect(JSON.parse(r.stdout).info).toContain('ControlNet 0: "Model: controlnet, Weight: 0.7, Guidance Start: 0, Guidance End: 1"')
   })
 })
