@@ -7,7 +7,7 @@ import { loadFaceAnalyzer, TINY_ANTELOPEV2 } from '../face.js'
 import { loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from '../identity.js'
 import { scorePortraits, type ImageScore } from '../score.js'
 import { HyperLoRA, MODEL_ENV, type EngineGenerateOptions } from '../engine.js'
-import { DEFAULT_MODELS, resolveModel, type ModelRole } from '../models/index.js'
+import { DEFAULT_MODELS, resolveModel, type LoadRole } from '../models/index.js'
 import { loadPipeline, TINY_SDXL, type GeneratedImage, type Sampler, type SigmaSchedule } from '../pipeline.js'
 import type { StageEvent } from './progress-bar.js'
 import { checkedInputFile, checkedOutputFile, numberFlag, seedFlag, usageError } from './flags.js'
@@ -48,7 +48,7 @@ async function model(values: CommandValues, role: keyof typeof MODELS): Promise<
  * Every model of `roles`, or one error listing each that is missing (not just the first), with
  * how to get them and how to try the CLI without them.
  */
-async function models<R extends ModelRole>(values: CommandValues, roles: readonly R[]): Promise<Record<R, string>> {
+async function models<R extends LoadRole>(values: CommandValues, roles: readonly R[]): Promise<Record<R, string>> {
   const settled = await Promise.allSettled(roles.map((role) => model(values, role)))
   const failures = settled.filter((s): s is PromiseRejectedResult => s.status === 'rejected').map((s) => s.reason as unknown)
   const other = failures.find((e) => !(e instanceof HyperLoraError && e.code === 'MODEL_NOT_FOUND'))
@@ -120,6 +120,12 @@ function generateOptions(values: CommandValues, prompt: string): Omit<EngineGene
     const weighted = /^(.*):(-?\d*\.?\d+)$/.exec(spec)
     return { path: checkedInputFile('lora', weighted ? weighted[1]! : spec), weight: weighted ? Number(weighted[2]) : 1 }
   })
+  const controlnets = strings(values, 'controlnet').map((spec) => {
+    // `model:image[:strength]`: a model path or manifest name, the control image, a weight.
+    const parts = /^([^:]+):(.+?)(?::(\d*\.?\d+))?$/.exec(spec)
+    if (!parts) throw usageError(`--controlnet takes model:image[:strength], got ${spec}`)
+    return { model: parts[1]!, image: checkedInputFile('controlnet', parts[2]!), ...(parts[3] !== undefined && { strength: Number(parts[3]) }) }
+  })
   const size = values['tiny'] ? TINY_IMAGE_SIZE : undefined
   const numbers = {
     identityWeight: numberFlag(values, 'identity-weight'),
@@ -135,6 +141,7 @@ function generateOptions(values: CommandValues, prompt: string): Omit<EngineGene
     ...(bestOf !== undefined && { bestOf }),
     prompt,
     loras,
+    ...(controlnets.length > 0 && { controlnets }),
     format,
     ...Object.fromEntries(Object.entries(numbers).filter(([, v]) => v !== undefined)),
     ...(seed !== undefined && { seed }),
@@ -152,7 +159,16 @@ export async function generateCommand(values: CommandValues, onProgress: OnProgr
   const savedIdentity = typeof values['identity'] === 'string' ? checkedInputFile('identity', values['identity']) : undefined
   const faces = strings(values, 'face').length > 0 ? facePhotos(values) : []
   if (savedIdentity !== undefined && faces.length > 0) throw usageError('give --face photos or --identity, not both')
-  const { out, refineFace, bestOf, ...options } = generateOptions(values, prompt)
+  const { out, refineFace, bestOf, controlnets, ...rest } = generateOptions(values, prompt)
+  // ControlNets by manifest name or path, never downloaded (as the other models here).
+  const comfyui = values['comfyui']
+  const resolved = await Promise.all(
+    (controlnets ?? []).map(async (c) => ({
+      ...c,
+      model: await resolveModel('controlnet', c.model as string, { download: false, ...(typeof comfyui === 'string' && { comfyuiModels: comfyui }) }),
+    })),
+  )
+  const options = { ...rest, ...(resolved.length > 0 && { controlnets: resolved }) }
   // Photos, the face refine pass and best-of-N need all four models; otherwise SDXL alone does.
   const engine = faces.length > 0 || refineFace || bestOf !== undefined ? await loadEngine(values, onProgress) : undefined
   const pipeline = engine ? undefined : await loadPipeline((await models(values, ['checkpoint'])).checkpoint)

@@ -8,6 +8,7 @@ mod common;
 
 mod clip_score;
 mod clip_vision;
+mod controlnet;
 mod face;
 mod hyperlora;
 mod lora_apply;
