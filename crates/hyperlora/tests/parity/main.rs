@@ -9,6 +9,7 @@ mod common;
 mod clip_vision;
 mod face;
 mod hyperlora;
+mod instantid;
 mod lora_apply;
 mod noise;
 mod sdxl_pipeline;
