@@ -36,20 +36,18 @@ pub fn draw_kps(width: usize, height: usize, kps: &[[f32; 2]; 5]) -> RgbImage {
         data: vec![0; width * height * 3],
     };
     for [a, b] in LIMBS {
-        let (x0, y0) = (f64::from(kps[a][0]), f64::from(kps[a][1]));
-        let (x1, y1) = (f64::from(kps[b][0]), f64::from(kps[b][1]));
-        let length = ((x0 - x1).powi(2) + (y0 - y1).powi(2)).sqrt();
-        let angle = (y0 - y1).atan2(x0 - x1).to_degrees();
+        // insightface's keypoints are float32 and numpy keeps them so: the length and the
+        // mean in f32, the angle through Python floats.
+        let (dx, dy) = (kps[a][0] - kps[b][0], kps[a][1] - kps[b][1]);
+        let length = (dx * dx + dy * dy).sqrt();
+        let angle = f64::from(dy).atan2(f64::from(dx)).to_degrees();
         // Python's int() truncates toward zero.
-        let center = (((x0 + x1) / 2.0) as i32, ((y0 + y1) / 2.0) as i32);
-        let poly = ellipse2poly(
-            center,
-            ((length / 2.0) as i32, STICK_WIDTH),
-            angle as i32,
-            0,
-            360,
-            1,
+        let center = (
+            ((kps[a][0] + kps[b][0]) / 2.0) as i32,
+            ((kps[a][1] + kps[b][1]) / 2.0) as i32,
         );
+        let axes = ((length / 2.0) as i32, STICK_WIDTH);
+        let poly = ellipse2poly(center, axes, angle as i32, 0, 360, 1);
         fill_convex_poly(&mut img, &poly, KPS_COLORS[a]);
     }
     // The reference draws on float64 and truncates after × 0.6: 255 → 153 (exact in f64).
@@ -329,7 +327,7 @@ pub fn fill_circle(img: &mut RgbImage, center: (i32, i32), radius: i32, color: [
     let (mut err, mut dx, mut dy, mut plus, mut minus) = (0i64, r, 0i64, 1i64, (r << 1) - 1);
     // Rows y with the span x1..=x2, clipped as OpenCV clips (whole circle inside or not, the
     // spans are the same once clipped).
-    let mut span = |img: &mut RgbImage, y: i64, x1: i64, x2: i64| {
+    let span = |img: &mut RgbImage, y: i64, x1: i64, x2: i64| {
         if (0..h).contains(&y) && x1 < w && x2 >= 0 {
             hline(img, y, x1.max(0), x2.min(w - 1), color);
         }

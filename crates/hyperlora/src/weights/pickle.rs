@@ -134,8 +134,10 @@ impl Value {
 
 impl Seq {
     fn new(items: Vec<Value>) -> Result<Self> {
-        let mut s = Seq::default();
-        s.nodes = 1;
+        let mut s = Seq {
+            nodes: 1,
+            ..Seq::default()
+        };
         for v in items {
             s.push(v)?;
         }
