@@ -30,6 +30,11 @@ export declare class FaceAnalyzer {
    * face are skipped when others have one, else the call fails with `NO_FACE` naming the photo.
    */
   analyze(photos: Array<RawImage>, names: Array<string | undefined | null>, options?: AnalyzeFacesOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<FaceAnalysisResult>
+  /**
+   * InstantID's face analysis of one photo: the largest face's keypoints, raw ArcFace
+   * embedding and keypoint picture. `NO_FACE` (naming `label`) when it has none.
+   */
+  instantidFace(image: RawImage, label: string, cancel?: CancelHandle | undefined | null): Promise<KeypointFace>
 }
 
 /**
@@ -281,6 +286,22 @@ export interface InspectWeightsOptions {
  * Base-LoRAs blend the same way when both identities have one.
  */
 export declare function interpolateIdentities(a: Identity, b: Identity, t: number): Promise<Identity>
+
+/** What InstantID takes from a photo (docs/instantid.md): its largest face. */
+export interface KeypointFace {
+  /** `[x1, y1, x2, y2]`. */
+  bbox: Array<number>
+  score: number
+  /** Left eye, right eye, nose, left and right mouth corners: `[[x, y], …]`. */
+  keypoints: Array<Array<number>>
+  /** insightface's raw ArcFace `embedding` (not normalised): IdentityNet's face condition. */
+  embedding: Float32Array
+  /**
+   * The keypoints drawn as InstantID's `draw_kps` draws them, at the photo's size:
+   * IdentityNet's control image.
+   */
+  keypointsImage: RawImage
+}
 
 /**
  * Loads an insightface antelopev2 folder (`scrfd_10g_bnkps.onnx`, `2d106det.onnx`,
