@@ -210,6 +210,7 @@ fn main() -> hyperlora::Result<()> {
         seed: 1000 + i as u64,
         batch_size: 1,
         init_image: None,
+        controlnets: Vec::new(),
     };
     let cancel = CancelToken::new();
     let quiet = &mut |_| {};

@@ -455,6 +455,7 @@ fn main() -> hyperlora::Result<()> {
         seed: 0,
         batch_size: 1,
         init_image: None,
+        controlnets: Vec::new(),
     };
     let cancel = CancelToken::new();
     phase(

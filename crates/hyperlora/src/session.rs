@@ -13,8 +13,8 @@
 //! single-image request per seed, still sharing every UNet call.)
 //!
 //! Batching ([`plan_batches`], [`Session::generate_many`]): requests that share width, height,
-//! steps, cfg, sampler, sigma schedule and LoRA files, without an init image, run as one UNet
-//! batch; their identities may differ (each sample gets its own identity's low-rank update, see
+//! steps, cfg, sampler, sigma schedule, LoRA files and ControlNets (model, strength, window; the
+//! control images may differ), without an init image, run as one UNet batch; their identities may differ (each sample gets its own identity's low-rank update, see
 //! [`crate::sdxl::batch`]). When every request of a batch has the same identities they are
 //! merged with the files instead, which needs no per-sample side path.
 
@@ -198,6 +198,11 @@ impl Request {
             && a.sampler == b.sampler
             && a.schedule == b.schedule
             && self.file_set() == other.file_set()
+            && a.controlnets.len() == b.controlnets.len()
+            && a.controlnets
+                .iter()
+                .zip(&b.controlnets)
+                .all(|(x, y)| x.same_settings(y))
     }
 }
 

@@ -4,8 +4,9 @@
 //!   coefficients, the SIMD vertical pass's rounding, the 2x-downscale INTER_AREA shortcut).
 //! - [`warp_affine`]: `cv2.warpAffine(INTER_LINEAR, BORDER_CONSTANT 0)` (OpenCV 5 computes it in
 //!   f32; ours agrees to 1/255 on a few pixels).
-//! - [`pil_resize_bicubic`]: `PIL.Image.resize(BICUBIC)` (a = -0.5, support scaled when
-//!   shrinking, 22-bit fixed-point coefficients, horizontal then vertical pass, u8 in between).
+//! - [`pil_resize_bicubic`] / [`pil_resize_lanczos`]: `PIL.Image.resize(BICUBIC / LANCZOS)`
+//!   (support scaled when shrinking, 22-bit fixed-point coefficients, horizontal then vertical
+//!   pass, u8 in between).
 //! - [`pil_gaussian_blur`]: `ImageFilter.GaussianBlur` = three box blurs per axis (Pillow's
 //!   BoxBlur.c), [`pil_paste_masked`], [`pil_crop`], [`pil_grayscale`], [`fill_polygon`].
 //!
@@ -205,12 +206,45 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
+/// Pillow's `lanczos_filter`: `sinc(x) · sinc(x / 3)` on [-3, 3).
+fn lanczos(x: f64) -> f64 {
+    let sinc = |x: f64| {
+        if x == 0.0 {
+            1.0
+        } else {
+            let x = x * std::f64::consts::PI;
+            x.sin() / x
+        }
+    };
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// A Pillow resampling filter: the kernel and its support at scale 1.
+#[derive(Clone, Copy)]
+struct Filter {
+    kernel: fn(f64) -> f64,
+    support: f64,
+}
+
+const BICUBIC: Filter = Filter {
+    kernel: bicubic,
+    support: 2.0,
+};
+const LANCZOS: Filter = Filter {
+    kernel: lanczos,
+    support: 3.0,
+};
+
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index (first source
 /// index, fixed-point weights).
-fn pil_coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+fn pil_coeffs(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let support = filter.support * filterscale;
     (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
@@ -219,7 +253,7 @@ fn pil_coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             let xmax = ((center + support + 0.5) as isize).min(in_size as isize) as usize;
             let n = xmax.saturating_sub(xmin);
             let mut k: Vec<f64> = (0..n)
-                .map(|x| bicubic((x as f64 + xmin as f64 - center + 0.5) * ss))
+                .map(|x| (filter.kernel)((x as f64 + xmin as f64 - center + 0.5) * ss))
                 .collect();
             let ww: f64 = k.iter().sum();
             if ww != 0.0 {
@@ -245,12 +279,12 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-fn pil_resize_planes(p: &Planes, w: usize, h: usize) -> Vec<u8> {
+fn pil_resize_planes(p: &Planes, w: usize, h: usize, filter: Filter) -> Vec<u8> {
     let c = p.c;
     let need_h = w != p.w;
     let need_v = h != p.h;
-    let xs = pil_coeffs(p.w, w);
-    let ys = pil_coeffs(p.h, h);
+    let xs = pil_coeffs(p.w, w, filter);
+    let ys = pil_coeffs(p.h, h, filter);
     // Horizontal pass over only the rows the vertical pass reads.
     let (first, last) = if need_v {
         let (lo, _) = &ys[0];
@@ -310,7 +344,25 @@ pub fn pil_resize_bicubic(img: &RgbImage, w: usize, h: usize) -> RgbImage {
     RgbImage {
         width: w,
         height: h,
-        data: pil_resize_planes(&p, w, h),
+        data: pil_resize_planes(&p, w, h, BICUBIC),
+    }
+}
+
+/// `PIL.Image.resize((w, h), Image.LANCZOS)` for RGB (diffusers' image processors' default).
+pub fn pil_resize_lanczos(img: &RgbImage, w: usize, h: usize) -> RgbImage {
+    if img.width == w && img.height == h {
+        return img.clone();
+    }
+    let p = Planes {
+        w: img.width,
+        h: img.height,
+        c: 3,
+        data: &img.data,
+    };
+    RgbImage {
+        width: w,
+        height: h,
+        data: pil_resize_planes(&p, w, h, LANCZOS),
     }
 }
 
@@ -328,7 +380,7 @@ pub fn pil_resize_bicubic_gray(img: &GrayImage, w: usize, h: usize) -> GrayImage
     GrayImage {
         width: w,
         height: h,
-        data: pil_resize_planes(&p, w, h),
+        data: pil_resize_planes(&p, w, h, BICUBIC),
     }
 }
 

@@ -23,6 +23,7 @@ use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::image::RgbImage;
 use crate::lora::{LoraLayer, RowLoras, SampleAdapters};
+use crate::sdxl::control::ControlBatch;
 use crate::sdxl::model::unet::UNetConditioning;
 use crate::sdxl::pipeline::{Conditioning, GenerateParams, SdxlPipeline};
 use crate::sdxl::sampling::noise::TorchGenerator;
@@ -50,11 +51,12 @@ fn set_key(loras: &[(&[LoraLayer], f32)]) -> SetKey {
 }
 
 /// Requests that share one UNet call per step.
-struct SubBatch {
+struct SubBatch<'a> {
     /// Indices into the requests, in row order.
     requests: Vec<usize>,
     cond: UNetConditioning,
     adapters: Option<SampleAdapters>,
+    control: Option<ControlBatch<'a>>,
 }
 
 /// One request's denoising state.
@@ -186,11 +188,17 @@ impl SdxlPipeline {
                 let input = states[sb.requests[0]]
                     .scheduler
                     .scale_model_input(&Tensor::cat(&inputs, 0)?, i)?;
-                let eps = self.unet.forward_conditioned(
+                let t = states[sb.requests[0]].scheduler.timestep(i);
+                let residuals = match &sb.control {
+                    Some(c) => c.residuals(&input, t, i, steps)?,
+                    None => None,
+                };
+                let eps = self.unet.forward_controlled(
                     &input,
-                    states[sb.requests[0]].scheduler.timestep(i),
+                    t,
                     &sb.cond,
                     sb.adapters.as_ref(),
+                    residuals.as_ref(),
                 )?;
                 let mut row = 0;
                 for &r in &sb.requests {
@@ -267,6 +275,17 @@ impl SdxlPipeline {
                     first.schedule.as_str().to_string(),
                 ),
             ];
+            let same_controls = p.controlnets.len() == first.controlnets.len()
+                && p
+                    .controlnets
+                    .iter()
+                    .zip(&first.controlnets)
+                    .all(|(a, b)| a.same_settings(b));
+            if !same_controls {
+                return Err(Error::invalid_argument(format!(
+                    "requests[{i}].controlnets differ from requests[0]'s: a batch shares its ControlNets, strengths and windows (the images may differ)"
+                )));
+            }
             if let Some((field, _, ours, theirs)) = differs.into_iter().find(|d| d.1) {
                 return Err(Error::invalid_argument(format!(
                     "requests[{i}].{field} is {ours} but requests[0].{field} is {theirs}: a batch shares width, height, steps, cfg, sampler and scheduler"
@@ -279,13 +298,13 @@ impl SdxlPipeline {
 
     /// Groups the requests by text-context length, orders each group by LoRA set and assembles
     /// its conditioning rows and per-sample LoRA updates.
-    fn sub_batches(
+    fn sub_batches<'r>(
         &self,
-        requests: &[BatchRequest<'_>],
+        requests: &'r [BatchRequest<'_>],
         conditionings: &[Conditioning],
         of_request: &[usize],
         guidance: bool,
-    ) -> Result<Vec<SubBatch>> {
+    ) -> Result<Vec<SubBatch<'r>>> {
         let context_len = |r: usize| conditionings[of_request[r]].context.dim(1);
         let mut order = (0..requests.len())
             .map(|r| Ok((context_len(r)?, set_key(&requests[r].loras), r)))
@@ -333,14 +352,22 @@ impl SdxlPipeline {
                 .time_ids
                 .narrow(0, 0, 1)?
                 .repeat((rows, 1))?;
+            let (context, pooled) = (Tensor::cat(&contexts, 0)?, Tensor::cat(&pooled, 0)?);
+            let controls: Vec<_> = group
+                .iter()
+                .map(|o| {
+                    let p = &requests[o.2].params;
+                    (p.controlnets.as_slice(), p.batch_size)
+                })
+                .collect();
+            let p = &requests[group[0].2].params;
             out.push(SubBatch {
                 requests: group.iter().map(|o| o.2).collect(),
-                cond: self.unet.condition(
-                    &Tensor::cat(&contexts, 0)?,
-                    &Tensor::cat(&pooled, 0)?,
-                    &time_ids,
-                )?,
+                cond: self.unet.condition(&context, &pooled, &time_ids)?,
                 adapters,
+                control: ControlBatch::new(
+                    &controls, guidance, &context, &pooled, &time_ids, p.width, p.height,
+                )?,
             });
             start = end;
         }
@@ -401,6 +428,7 @@ mod tests {
             seed,
             batch_size: batch,
             init_image: None,
+            controlnets: Vec::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! pipelines that run one request or a batch of requests with different identities.
 
 pub mod batch;
+pub mod control;
 pub mod model;
 pub mod pipeline;
 pub mod sampling;

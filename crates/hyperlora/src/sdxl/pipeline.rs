@@ -12,6 +12,7 @@ use crate::error::{Error, Result, ResultExt};
 use crate::image::RgbImage;
 use crate::lora::apply::unfit_layers;
 use crate::lora::{LoraComponent, LoraLayer, LoraMerger, LoraTarget, SkippedKey};
+use crate::sdxl::control::{ControlBatch, ControlNetUse};
 use crate::sdxl::model::{unet, vae};
 use crate::sdxl::sampling::noise::TorchGenerator;
 use crate::sdxl::sampling::sampler::{Sampler, Scheduler, SchedulerConfig, SigmaSchedule};
@@ -68,6 +69,9 @@ pub struct GenerateParams {
     pub seed: u64,
     pub batch_size: usize,
     pub init_image: Option<InitImage>,
+    /// ControlNets whose residuals guide the UNet (several are summed, as diffusers'
+    /// MultiControlNet does).
+    pub controlnets: Vec<ControlNetUse>,
 }
 
 impl Default for GenerateParams {
@@ -84,6 +88,7 @@ impl Default for GenerateParams {
             seed: 0,
             batch_size: 1,
             init_image: None,
+            controlnets: Vec::new(),
         }
     }
 }
@@ -342,6 +347,9 @@ impl SdxlPipeline {
                 )));
             }
         }
+        for c in &p.controlnets {
+            c.validate(self.unet.config(), f)?;
+        }
         self.check_memory(p.batch_size, p.width, p.height)
     }
 
@@ -525,6 +533,15 @@ impl SdxlPipeline {
         let unet_cond = self
             .unet
             .condition(&cond.context, &cond.pooled, &cond.time_ids)?;
+        let control = ControlBatch::new(
+            &[(params.controlnets.as_slice(), b)],
+            guidance,
+            &cond.context,
+            &cond.pooled,
+            &cond.time_ids,
+            params.width,
+            params.height,
+        )?;
         let first = scheduler.begin_index();
         let total = (scheduler.num_inference_steps() - first) as u64;
         for (done, i) in (first..scheduler.num_inference_steps()).enumerate() {
@@ -535,9 +552,14 @@ impl SdxlPipeline {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let eps =
-                self.unet
-                    .forward_conditioned(&input, scheduler.timestep(i), &unet_cond, None)?;
+            let t = scheduler.timestep(i);
+            let residuals = match &control {
+                Some(c) => c.residuals(&input, t, done, total as usize)?,
+                None => None,
+            };
+            let eps = self
+                .unet
+                .forward_controlled(&input, t, &unet_cond, None, residuals.as_ref())?;
             let eps = if guidance {
                 let uncond = eps.narrow(0, 0, b)?;
                 let text = eps.narrow(0, b, b)?;

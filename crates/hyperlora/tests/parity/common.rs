@@ -147,6 +147,7 @@ pub fn pipeline_case_params(case: &str) -> hyperlora::sdxl::pipeline::GeneratePa
         seed: p["seed"].as_u64().unwrap(),
         batch_size: n("batch"),
         init_image: None,
+        controlnets: Vec::new(),
     }
 }
 

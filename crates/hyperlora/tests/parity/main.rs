@@ -7,6 +7,7 @@
 mod common;
 
 mod clip_vision;
+mod controlnet;
 mod face;
 mod hyperlora;
 mod instantid;

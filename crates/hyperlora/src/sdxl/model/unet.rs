@@ -232,7 +232,7 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::bad_weights(format!(
@@ -317,7 +317,7 @@ impl Config {
 }
 
 /// Expands a one-or-per-block field to one value per block.
-fn per_block(values: &[usize], n: usize, name: &str) -> Result<Vec<usize>> {
+pub(crate) fn per_block(values: &[usize], n: usize, name: &str) -> Result<Vec<usize>> {
     match values.len() {
         1 => Ok(vec![values[0]; n]),
         len if len == n => Ok(values.to_vec()),
@@ -360,13 +360,13 @@ pub fn timestep_embedding(
 
 /// diffusers `TimestepEmbedding`: linear_1, SiLU, linear_2.
 #[derive(Debug, Clone)]
-struct TimestepEmbedding {
+pub(crate) struct TimestepEmbedding {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl TimestepEmbedding {
-    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
             linear_1: candle_nn::linear(in_dim, out_dim, vb.pp("linear_1"))?,
             linear_2: candle_nn::linear(out_dim, out_dim, vb.pp("linear_2"))?,
@@ -377,9 +377,246 @@ impl TimestepEmbedding {
         Ok(self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)?)
     }
 
-    fn linears_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+    pub(crate) fn linears_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        out: &mut Vec<(String, &'a mut Linear)>,
+    ) {
         out.push((format!("{prefix}.linear_1"), &mut self.linear_1));
         out.push((format!("{prefix}.linear_2"), &mut self.linear_2));
+    }
+}
+
+/// A config's per-block fields, one value per block.
+struct Blocks {
+    layers: Vec<usize>,
+    cross: Vec<usize>,
+    depth: Vec<usize>,
+    heads: Vec<usize>,
+}
+
+impl Blocks {
+    fn of(c: &Config) -> Result<Self> {
+        let n = c.block_out_channels.len();
+        Ok(Self {
+            layers: per_block(&c.layers_per_block, n, "layers_per_block")?,
+            cross: per_block(&c.cross_attention_dim, n, "cross_attention_dim")?,
+            depth: per_block(
+                &c.transformer_layers_per_block,
+                n,
+                "transformer_layers_per_block",
+            )?,
+            heads: per_block(&c.attention_head_dim, n, "attention_head_dim")?,
+        })
+    }
+}
+
+fn resnet_config(c: &Config, cin: usize, cout: usize) -> ResnetConfig {
+    ResnetConfig {
+        temb_channels: Some(c.time_embed_dim()),
+        ..ResnetConfig::new(cin, cout, c.norm_num_groups, c.norm_eps)
+    }
+}
+
+fn transformer_config(
+    c: &Config,
+    channels: usize,
+    heads: usize,
+    layers: usize,
+    cross_dim: usize,
+) -> TransformerConfig {
+    TransformerConfig {
+        channels,
+        heads,
+        dim_head: channels / heads,
+        layers,
+        cross_dim,
+        groups: c.norm_num_groups,
+        use_linear_projection: c.use_linear_projection,
+        upcast_attention: c.upcast_attention,
+    }
+}
+
+/// `time_embedding` and, with `text_time`, `add_embedding`: the UNet's and the ControlNet's.
+pub(crate) fn time_embeddings(
+    vb: &VarBuilder,
+    c: &Config,
+) -> Result<(TimestepEmbedding, Option<TimestepEmbedding>)> {
+    let temb_dim = c.time_embed_dim();
+    let time_embedding =
+        TimestepEmbedding::new(vb.pp("time_embedding"), c.block_out_channels[0], temb_dim)?;
+    let add_embedding = match c.addition_embed_type.as_deref() {
+        Some("text_time") => {
+            let in_dim = c.projection_class_embeddings_input_dim.unwrap_or_default();
+            Some(TimestepEmbedding::new(
+                vb.pp("add_embedding"),
+                in_dim,
+                temb_dim,
+            )?)
+        }
+        _ => None,
+    };
+    Ok((time_embedding, add_embedding))
+}
+
+/// `down_blocks.*`: the UNet's encoder, which a ControlNet copies.
+pub(crate) fn down_blocks(vb: &VarBuilder, c: &Config) -> Result<Vec<DownBlock>> {
+    let n = c.block_out_channels.len();
+    let b = Blocks::of(c)?;
+    let mut out = Vec::with_capacity(n);
+    let mut cout = c.block_out_channels[0];
+    for (i, kind) in c.down_block_types.iter().enumerate() {
+        let vb = vb.pp("down_blocks").pp(i);
+        let cin = cout;
+        cout = c.block_out_channels[i];
+        let resnets = (0..b.layers[i])
+            .map(|j| {
+                ResnetBlock2D::new(
+                    vb.pp("resnets").pp(j),
+                    &resnet_config(c, if j == 0 { cin } else { cout }, cout),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = if kind == "CrossAttnDownBlock2D" {
+            let tc = transformer_config(c, cout, b.heads[i], b.depth[i], b.cross[i]);
+            (0..b.layers[i])
+                .map(|j| Transformer2DModel::new(vb.pp("attentions").pp(j), &tc))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let downsampler = if i + 1 < n {
+            Some(Downsample2D::new(
+                vb.pp("downsamplers").pp(0),
+                cout,
+                cout,
+                c.downsample_padding,
+            )?)
+        } else {
+            None
+        };
+        out.push(DownBlock {
+            resnets,
+            attentions,
+            downsampler,
+        });
+    }
+    Ok(out)
+}
+
+/// `mid_block`, if the config has one.
+pub(crate) fn mid_block(vb: &VarBuilder, c: &Config) -> Result<Option<MidBlock>> {
+    if c.mid_block_type.is_none() {
+        return Ok(None);
+    }
+    let n = c.block_out_channels.len();
+    let b = Blocks::of(c)?;
+    let vb = vb.pp("mid_block");
+    let ch = c.block_out_channels[n - 1];
+    let rc = ResnetConfig {
+        output_scale_factor: c.mid_block_scale_factor,
+        ..resnet_config(c, ch, ch)
+    };
+    let tc = transformer_config(c, ch, b.heads[n - 1], b.depth[n - 1], b.cross[n - 1]);
+    Ok(Some(MidBlock {
+        resnets: (0..2)
+            .map(|j| ResnetBlock2D::new(vb.pp("resnets").pp(j), &rc))
+            .collect::<Result<_>>()?,
+        attentions: vec![Transformer2DModel::new(vb.pp("attentions").pp(0), &tc)?],
+    }))
+}
+
+/// The step-independent conditioning (see [`UNet2DConditionModel::condition`]) with the
+/// `text_time` MLP `add_embedding` of the UNet or of a ControlNet.
+pub(crate) fn condition_with(
+    add_embedding: Option<&TimestepEmbedding>,
+    c: &Config,
+    dtype: DType,
+    encoder_hidden_states: &Tensor,
+    text_embeds: &Tensor,
+    time_ids: &Tensor,
+) -> Result<UNetConditioning> {
+    let context = encoder_hidden_states.to_dtype(dtype)?;
+    let added = match (add_embedding, c.addition_time_embed_dim) {
+        (Some(add), Some(add_dim)) => {
+            // text_time: [pooled text, sinusoid of each of the 6 ids] -> MLP, added to temb.
+            let b = context.dim(0)?;
+            let ids = time_ids
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if ids.len() % b != 0 {
+                return Err(Error::invalid_argument(format!(
+                    "time_ids {:?} do not match batch {b}",
+                    time_ids.dims()
+                )));
+            }
+            let time_embeds = timestep_embedding(
+                &ids,
+                add_dim,
+                c.flip_sin_to_cos,
+                c.freq_shift,
+                context.device(),
+            )?
+            .reshape((b, ()))?;
+            let add_in = Tensor::cat(
+                &[text_embeds.to_dtype(dtype)?, time_embeds.to_dtype(dtype)?],
+                1,
+            )?;
+            Some(add.forward(&add_in)?)
+        }
+        _ => None,
+    };
+    Ok(UNetConditioning { context, added })
+}
+
+/// The time embedding [B, temb] every ResNet sees: sinusoidal features in f32 (PyTorch casts
+/// the timestep to float32 first), the MLP in the model dtype, plus the `text_time` embedding.
+pub(crate) fn time_embed(
+    time_embedding: &TimestepEmbedding,
+    c: &Config,
+    dtype: DType,
+    timestep: f64,
+    b: usize,
+    device: &Device,
+    cond: &UNetConditioning,
+) -> Result<Tensor> {
+    let t = vec![timestep as f32; b];
+    let t_emb = timestep_embedding(
+        &t,
+        c.block_out_channels[0],
+        c.flip_sin_to_cos,
+        c.freq_shift,
+        device,
+    )?;
+    let temb = time_embedding.forward(&t_emb.to_dtype(dtype)?)?;
+    Ok(match &cond.added {
+        Some(added) => (temb + added)?,
+        None => temb,
+    })
+}
+
+/// A ControlNet's output for one step, added to the UNet's skip connections and mid-block
+/// output (diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`).
+#[derive(Debug, Clone)]
+pub struct ControlResiduals {
+    /// One per skip connection, in the order the down path produces them (`conv_in` first).
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl ControlResiduals {
+    /// MultiControlNet: the residuals of several ControlNets summed.
+    pub fn add(&self, other: &Self) -> Result<Self> {
+        Ok(Self {
+            down: self
+                .down
+                .iter()
+                .zip(&other.down)
+                .map(|(a, b)| a + b)
+                .collect::<candle_core::Result<_>>()?,
+            mid: (&self.mid + &other.mid)?,
+        })
     }
 }
 
@@ -402,9 +639,13 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    pub(crate) fn has_downsampler(&self) -> bool {
+        self.downsampler.is_some()
+    }
+
     /// Appends every intermediate output to `skips` (one per resnet, one after downsampling),
     /// as the up blocks consume them.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         temb: &Tensor,
@@ -436,7 +677,7 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         temb: &Tensor,
@@ -510,109 +751,26 @@ impl UNet2DConditionModel {
         config.validate()?;
         let c = config;
         let n = c.block_out_channels.len();
-        let layers = per_block(&c.layers_per_block, n, "layers_per_block")?;
-        let cross = per_block(&c.cross_attention_dim, n, "cross_attention_dim")?;
-        let depth = per_block(
-            &c.transformer_layers_per_block,
-            n,
-            "transformer_layers_per_block",
-        )?;
-        let heads = per_block(&c.attention_head_dim, n, "attention_head_dim")?;
-        let temb_dim = c.time_embed_dim();
-        let groups = c.norm_num_groups;
-        let resnet_cfg = |cin: usize, cout: usize| ResnetConfig {
-            temb_channels: Some(temb_dim),
-            ..ResnetConfig::new(cin, cout, groups, c.norm_eps)
+        let Blocks {
+            layers,
+            cross,
+            depth,
+            heads,
+        } = Blocks::of(c)?;
+        let resnet_cfg = |cin: usize, cout: usize| resnet_config(c, cin, cout);
+        let transformer_cfg = |channels: usize, heads: usize, layers: usize, cross_dim: usize| {
+            transformer_config(c, channels, heads, layers, cross_dim)
         };
-        let transformer_cfg =
-            |channels: usize, heads: usize, layers: usize, cross_dim: usize| TransformerConfig {
-                channels,
-                heads,
-                dim_head: channels / heads,
-                layers,
-                cross_dim,
-                groups,
-                use_linear_projection: c.use_linear_projection,
-                upcast_attention: c.upcast_attention,
-            };
-
+        let groups = c.norm_num_groups;
         let conv_in = conv2d_same(
             c.in_channels,
             c.block_out_channels[0],
             c.conv_in_kernel,
             vb.pp("conv_in"),
         )?;
-        let time_embedding =
-            TimestepEmbedding::new(vb.pp("time_embedding"), c.block_out_channels[0], temb_dim)?;
-        let add_embedding = match c.addition_embed_type.as_deref() {
-            Some("text_time") => {
-                let in_dim = c.projection_class_embeddings_input_dim.unwrap_or_default();
-                Some(TimestepEmbedding::new(
-                    vb.pp("add_embedding"),
-                    in_dim,
-                    temb_dim,
-                )?)
-            }
-            _ => None,
-        };
-
-        let mut down_blocks = Vec::with_capacity(n);
-        let mut cout = c.block_out_channels[0];
-        for (i, kind) in c.down_block_types.iter().enumerate() {
-            let vb = vb.pp("down_blocks").pp(i);
-            let cin = cout;
-            cout = c.block_out_channels[i];
-            let resnets = (0..layers[i])
-                .map(|j| {
-                    ResnetBlock2D::new(
-                        vb.pp("resnets").pp(j),
-                        &resnet_cfg(if j == 0 { cin } else { cout }, cout),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let attentions = if kind == "CrossAttnDownBlock2D" {
-                let tc = transformer_cfg(cout, heads[i], depth[i], cross[i]);
-                (0..layers[i])
-                    .map(|j| Transformer2DModel::new(vb.pp("attentions").pp(j), &tc))
-                    .collect::<Result<Vec<_>>>()?
-            } else {
-                Vec::new()
-            };
-            let downsampler = if i + 1 < n {
-                Some(Downsample2D::new(
-                    vb.pp("downsamplers").pp(0),
-                    cout,
-                    cout,
-                    c.downsample_padding,
-                )?)
-            } else {
-                None
-            };
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsampler,
-            });
-        }
-
-        let mid_block = match c.mid_block_type {
-            Some(_) => {
-                let vb = vb.pp("mid_block");
-                let ch = c.block_out_channels[n - 1];
-                let rc = ResnetConfig {
-                    output_scale_factor: c.mid_block_scale_factor,
-                    ..resnet_cfg(ch, ch)
-                };
-                let tc = transformer_cfg(ch, heads[n - 1], depth[n - 1], cross[n - 1]);
-                Some(MidBlock {
-                    resnets: (0..2)
-                        .map(|j| ResnetBlock2D::new(vb.pp("resnets").pp(j), &rc))
-                        .collect::<Result<_>>()?,
-                    attentions: vec![Transformer2DModel::new(vb.pp("attentions").pp(0), &tc)?],
-                })
-            }
-            None => None,
-        };
+        let (time_embedding, add_embedding) = time_embeddings(&vb, c)?;
+        let down_blocks = down_blocks(&vb, c)?;
+        let mid_block = mid_block(&vb, c)?;
 
         let rev = |v: &[usize]| v.iter().rev().copied().collect::<Vec<_>>();
         let (rch, rlayers, rcross, rdepth, rheads) = (
@@ -856,42 +1014,14 @@ impl UNet2DConditionModel {
         text_embeds: &Tensor,
         time_ids: &Tensor,
     ) -> Result<UNetConditioning> {
-        let c = &self.config;
-        let context = encoder_hidden_states.to_dtype(self.dtype)?;
-        let added = match (&self.add_embedding, c.addition_time_embed_dim) {
-            (Some(add), Some(add_dim)) => {
-                // text_time: [pooled text, sinusoid of each of the 6 ids] -> MLP, added to temb.
-                let b = context.dim(0)?;
-                let ids = time_ids
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                if ids.len() % b != 0 {
-                    return Err(Error::invalid_argument(format!(
-                        "time_ids {:?} do not match batch {b}",
-                        time_ids.dims()
-                    )));
-                }
-                let time_embeds = timestep_embedding(
-                    &ids,
-                    add_dim,
-                    c.flip_sin_to_cos,
-                    c.freq_shift,
-                    context.device(),
-                )?
-                .reshape((b, ()))?;
-                let add_in = Tensor::cat(
-                    &[
-                        text_embeds.to_dtype(self.dtype)?,
-                        time_embeds.to_dtype(self.dtype)?,
-                    ],
-                    1,
-                )?;
-                Some(add.forward(&add_in)?)
-            }
-            _ => None,
-        };
-        Ok(UNetConditioning { context, added })
+        condition_with(
+            self.add_embedding.as_ref(),
+            &self.config,
+            self.dtype,
+            encoder_hidden_states,
+            text_embeds,
+            time_ids,
+        )
     }
 
     /// One denoiser evaluation with conditioning from [`condition`](Self::condition).
@@ -902,6 +1032,20 @@ impl UNet2DConditionModel {
         cond: &UNetConditioning,
         adapters: Option<&SampleAdapters>,
     ) -> Result<Tensor> {
+        self.forward_controlled(sample, timestep, cond, adapters, None)
+    }
+
+    /// [`forward_conditioned`](Self::forward_conditioned) with a ControlNet's residuals added to
+    /// the skip connections and to the mid block's output, as diffusers'
+    /// `down_block_additional_residuals` / `mid_block_additional_residual` are.
+    pub fn forward_controlled(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &UNetConditioning,
+        adapters: Option<&SampleAdapters>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, _, h, w) = sample.dims4()?;
         let device = sample.device();
@@ -911,20 +1055,15 @@ impl UNet2DConditionModel {
         }
         let context = &cond.context;
 
-        // Time embedding [B, temb]: sinusoidal features in f32 (PyTorch casts the timestep to
-        // float32 first), then the MLP in the model dtype.
-        let t = vec![timestep as f32; b];
-        let t_emb = timestep_embedding(
-            &t,
-            c.block_out_channels[0],
-            c.flip_sin_to_cos,
-            c.freq_shift,
+        let temb = time_embed(
+            &self.time_embedding,
+            c,
+            self.dtype,
+            timestep,
+            b,
             device,
+            cond,
         )?;
-        let mut temb = self.time_embedding.forward(&t_emb.to_dtype(self.dtype)?)?;
-        if let Some(added) = &cond.added {
-            temb = (temb + added)?;
-        }
 
         x = self.conv_in.forward(&x)?;
         let mut skips = vec![x.clone()];
@@ -933,6 +1072,19 @@ impl UNet2DConditionModel {
         }
         if let Some(mid) = &self.mid_block {
             x = mid.forward(&x, &temb, context, adapters)?;
+        }
+        if let Some(control) = control {
+            if control.down.len() != skips.len() {
+                return Err(Error::invalid_argument(format!(
+                    "controlnet gives {} residuals for the unet's {} skip connections",
+                    control.down.len(),
+                    skips.len()
+                )));
+            }
+            for (skip, residual) in skips.iter_mut().zip(&control.down) {
+                *skip = skip.broadcast_add(&residual.to_dtype(self.dtype)?)?;
+            }
+            x = x.broadcast_add(&control.mid.to_dtype(self.dtype)?)?;
         }
         for block in &self.up_blocks {
             let n = block.resnets.len();
