@@ -1,12 +1,16 @@
 //! InstantID against `scripts/fixtures/instantid.py`: the torch.save reader, the image
-//! projection, the face (raw embedding and keypoints of the largest face), `draw_kps`, Canny.
+//! projection, the face (raw embedding and keypoints of the largest face), `draw_kps`, Canny,
+//! IdentityNet given the face tokens, and whole generations with it.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::common::*;
 use hyperlora::face::FaceAnalyzer;
 use hyperlora::image::{canny::canny, draw::draw_kps, RgbImage};
-use hyperlora::instantid::{face_tokens, load_image_proj};
+use hyperlora::instantid::{face_tokens, keypoint_image, load_image_proj};
+use hyperlora::sdxl::control::{ControlNet, ControlNetUse};
+use hyperlora::sdxl::pipeline::GenerateParams;
+use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
 use hyperlora::weights::torch_checkpoint;
 
 const STAGE: &str = "instantid";
@@ -155,4 +159,118 @@ fn canny_is_cv2_exact() {
             "thresholds {low}/{high}: {count} pixels differ, (x, y, ours, cv2) {bad:?}"
         );
     }
+}
+
+fn load_instantid(pipe: &hyperlora::sdxl::pipeline::SdxlPipeline) -> ControlNet {
+    ControlNet::load(
+        &tiny_model("instantid"),
+        pipe.unet.config(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
+#[test]
+fn identitynet_reads_the_face_tokens() {
+    let pipe = tiny_sdxl();
+    let net = load_instantid(&pipe);
+    assert!(net.image_proj().is_some());
+    let f = load_fixture(STAGE, "identitynet.safetensors");
+    let model = net.model();
+    let cond = model
+        .condition(&f["face_tokens"], &f["text_embeds"], &f["time_ids"])
+        .unwrap();
+    let r = model
+        .forward(
+            &f["sample"].repeat((2, 1, 1, 1)).unwrap(),
+            500.0,
+            &cond,
+            &f["cond"],
+            0.6,
+            false,
+        )
+        .unwrap();
+    for (k, d) in r.down.iter().enumerate() {
+        assert_close(&format!("down.{k}"), d, &f[&format!("down.{k}")], 1e-4);
+    }
+    assert_close("mid", &r.mid, &f["mid"], 1e-4);
+}
+
+#[test]
+fn instantid_generations_match_the_reference_pipeline() {
+    let pipe = tiny_sdxl();
+    let analyzer = FaceAnalyzer::load(&tiny_model("antelopev2")).unwrap();
+    let photo = astronaut_photo();
+    let face = analyzer.keypoint_face(&photo, "astronaut").unwrap();
+    let keypoints = keypoint_image(&face, photo.width, photo.height);
+    let net = load_instantid(&pipe);
+    for case in ["pipeline_euler", "pipeline_no_cfg_batch2"] {
+        let text = std::fs::read_to_string(fixture(STAGE, &format!("{case}.json"))).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let p = &json["params"];
+        let s = |k: &str| p[k].as_str().unwrap().to_string();
+        let n = |k: &str| p[k].as_u64().unwrap() as usize;
+        let use_ = ControlNetUse {
+            scale: p["strength"].as_f64().unwrap(),
+            face: Some(face.embedding.clone()),
+            ..ControlNetUse::new(net.clone(), keypoints.clone())
+        };
+        let params = GenerateParams {
+            prompt: s("prompt"),
+            negative_prompt: s("negative_prompt"),
+            width: n("width"),
+            height: n("height"),
+            steps: n("steps"),
+            guidance_scale: p["cfg"].as_f64().unwrap(),
+            sampler: Sampler::parse(&s("sampler")).unwrap(),
+            schedule: SigmaSchedule::parse(&s("schedule")).unwrap(),
+            seed: p["seed"].as_u64().unwrap(),
+            batch_size: n("batch"),
+            init_image: None,
+            controlnets: vec![use_],
+        };
+        let expected = load_fixture(STAGE, &format!("{case}.safetensors"));
+        let (latents, images) = run_pipeline(&pipe, &params);
+        assert_close(
+            &format!("{case} latents"),
+            &latents,
+            &expected["latents"],
+            1e-3,
+        );
+        let want: Vec<u8> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(
+            got.len() == want.len() && worst <= 1,
+            "{case}: image differs by {worst} levels"
+        );
+    }
+}
+
+#[test]
+fn instantid_without_a_face_is_refused() {
+    let pipe = tiny_sdxl();
+    let net = load_instantid(&pipe);
+    let black = RgbImage {
+        width: 64,
+        height: 64,
+        data: vec![0; 64 * 64 * 3],
+    };
+    let params = GenerateParams {
+        width: 64,
+        height: 64,
+        steps: 1,
+        controlnets: vec![ControlNetUse::new(net, black)],
+        ..GenerateParams::default()
+    };
+    let e = pipe
+        .generate_latents(&params, &hyperlora::CancelToken::new(), &mut |_| {})
+        .unwrap_err();
+    assert_eq!(e.code, hyperlora::ErrorCode::InvalidArgument, "{e}");
 }
