@@ -11,6 +11,7 @@
 #![cfg_attr(test, allow(dead_code))]
 
 mod call;
+mod controlnet;
 mod errors;
 mod face;
 mod identity;

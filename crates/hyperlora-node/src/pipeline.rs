@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use hyperlora::device::{device_name, select_device, select_dtype};
 use hyperlora::image::RgbImage;
+use hyperlora::sdxl::control::ControlNetUse;
 use hyperlora::sdxl::pipeline::{GenerateParams, InitImage, LoadOptions, SdxlPipeline};
 use hyperlora::session::{self, plan_batches, random_seed, Session, DEFAULT_IDENTITY_WEIGHT};
 use hyperlora::Error;
@@ -14,6 +15,7 @@ use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, ClassInstance};
 use napi_derive::napi;
 
 use crate::call::{call, Call, CallContext, ProgressCallback};
+use crate::controlnet::{control_uses, ControlNetRequest, ControlNetSettings};
 use crate::errors::{guarded, to_napi};
 use crate::identity::Identity;
 use crate::resident::Resident;
@@ -171,6 +173,9 @@ pub struct GenerateRequest<'a> {
     pub strength: Option<f64>,
     pub identities: Option<Vec<IdentityUse<'a>>>,
     pub loras: Option<Vec<LoraFile>>,
+    /// ControlNets with their control images (several are summed, as diffusers'
+    /// MultiControlNet).
+    pub controlnets: Option<Vec<ControlNetRequest<'a>>>,
 }
 
 /// The settings a request was drawn with, every default filled in.
@@ -193,6 +198,7 @@ pub struct GenerateSettings {
     /// identity).
     pub identity_weights: Vec<f64>,
     pub loras: Vec<LoraFile>,
+    pub controlnets: Vec<ControlNetSettings>,
 }
 
 /// What a request gets for the fields it leaves unset.
@@ -208,6 +214,10 @@ pub struct GenerateDefaults {
     /// With an init image.
     pub strength: f64,
     pub identity_weight: f64,
+    /// A ControlNet's strength, start and end.
+    pub controlnet_strength: f64,
+    pub controlnet_start: f64,
+    pub controlnet_end: f64,
 }
 
 /// The engine's defaults (the one place they are written is the engine).
@@ -224,6 +234,9 @@ pub fn generate_defaults() -> GenerateDefaults {
         batch_size: d.batch_size as u32,
         strength: InitImage::DEFAULT_STRENGTH,
         identity_weight: DEFAULT_IDENTITY_WEIGHT,
+        controlnet_strength: ControlNetUse::DEFAULT_SCALE,
+        controlnet_start: ControlNetUse::DEFAULT_START,
+        controlnet_end: ControlNetUse::DEFAULT_END,
     }
 }
 
@@ -238,7 +251,17 @@ pub struct Generated {
 
 /// A request in the engine's terms (defaults filled in), with its settings for the result.
 /// Runs on the JavaScript thread: the task must not touch JS-owned buffers.
-fn engine_request(r: &GenerateRequest) -> hyperlora::Result<(session::Request, GenerateSettings)> {
+fn engine_request(r: &GenerateRequest) -> napi::Result<(session::Request, GenerateSettings)> {
+    let (controlnets, controlnet_settings) =
+        control_uses(r.controlnets.as_deref().unwrap_or_default())?;
+    request_with(r, controlnets, controlnet_settings).map_err(to_napi)
+}
+
+fn request_with(
+    r: &GenerateRequest,
+    controlnets: Vec<ControlNetUse>,
+    controlnet_settings: Vec<ControlNetSettings>,
+) -> hyperlora::Result<(session::Request, GenerateSettings)> {
     let d = GenerateParams::default();
     let seed = seed_u64(r.seed.as_ref())?;
     let init_image = r.init_image.as_ref().map(|image| InitImage {
@@ -257,6 +280,7 @@ fn engine_request(r: &GenerateRequest) -> hyperlora::Result<(session::Request, G
         seed,
         batch_size: r.batch_size.map_or(d.batch_size, |v| v as usize),
         init_image,
+        controlnets,
     };
     let (request, identity_weights, loras) = with_loras(
         params,
@@ -278,18 +302,24 @@ fn engine_request(r: &GenerateRequest) -> hyperlora::Result<(session::Request, G
         strength: params.init_image.as_ref().map(|i| i.strength),
         identity_weights,
         loras,
+        controlnets: controlnet_settings,
     };
     Ok((request, settings))
 }
 
 fn engine_requests(
     requests: &[GenerateRequest],
-) -> hyperlora::Result<(Vec<session::Request>, Vec<GenerateSettings>)> {
+) -> napi::Result<(Vec<session::Request>, Vec<GenerateSettings>)> {
     requests
         .iter()
         .enumerate()
-        .map(|(i, r)| engine_request(r).map_err(|e| e.context(format!("requests[{i}]"))))
-        .collect::<hyperlora::Result<Vec<_>>>()
+        .map(|(i, r)| {
+            let (controlnets, settings) =
+                control_uses(r.controlnets.as_deref().unwrap_or_default())?;
+            request_with(r, controlnets, settings)
+                .map_err(|e| to_napi(e.context(format!("requests[{i}]"))))
+        })
+        .collect::<napi::Result<Vec<_>>>()
         .map(|pairs| pairs.into_iter().unzip())
 }
 
@@ -325,7 +355,7 @@ impl Pipeline {
         #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
     ) -> napi::Result<AsyncTask<Call<Generated, Generated>>> {
-        let (request, settings) = engine_request(&request).map_err(to_napi)?;
+        let (request, settings) = engine_request(&request)?;
         let session = self.inner.get()?;
         Ok(call(
             CallContext::new(cancel, on_progress),
@@ -347,7 +377,7 @@ impl Pipeline {
         requests: Vec<GenerateRequest>,
         max_images: u32,
     ) -> napi::Result<Vec<Vec<u32>>> {
-        let (requests, _) = guarded(|| engine_requests(&requests))?;
+        let (requests, _) = guarded(|| Ok(engine_requests(&requests)))??;
         Ok(plan_batches(&requests, max_images as usize)
             .into_iter()
             .map(|batch| batch.into_iter().map(|i| i as u32).collect())
@@ -365,7 +395,7 @@ impl Pipeline {
         #[napi(ts_arg_type = "((event: ProgressEvent | null) => void) | undefined | null")]
         on_progress: Option<ProgressCallback>,
     ) -> napi::Result<AsyncTask<Call<Vec<Generated>, Vec<Generated>>>> {
-        let (requests, settings) = engine_requests(&requests).map_err(to_napi)?;
+        let (requests, settings) = engine_requests(&requests)?;
         let session = self.inner.get()?;
         Ok(call(
             CallContext::new(cancel, on_progress),

@@ -276,8 +276,7 @@ impl SdxlPipeline {
                 ),
             ];
             let same_controls = p.controlnets.len() == first.controlnets.len()
-                && p
-                    .controlnets
+                && p.controlnets
                     .iter()
                     .zip(&first.controlnets)
                     .all(|(a, b)| a.same_settings(b));

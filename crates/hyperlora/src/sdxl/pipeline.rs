@@ -557,9 +557,9 @@ impl SdxlPipeline {
                 Some(c) => c.residuals(&input, t, done, total as usize)?,
                 None => None,
             };
-            let eps = self
-                .unet
-                .forward_controlled(&input, t, &unet_cond, None, residuals.as_ref())?;
+            let eps =
+                self.unet
+                    .forward_controlled(&input, t, &unet_cond, None, residuals.as_ref())?;
             let eps = if guidance {
                 let uncond = eps.narrow(0, 0, b)?;
                 let text = eps.narrow(0, b, b)?;

@@ -67,7 +67,13 @@ fn case_params(pipe: &SdxlPipeline, case: &str) -> (GenerateParams, Tensor, Vec<
     (params, expected["latents"].clone(), image)
 }
 
-fn check(case: &str, latents: &Tensor, images: &[hyperlora::image::RgbImage], want: &Tensor, want_image: &[u8]) {
+fn check(
+    case: &str,
+    latents: &Tensor,
+    images: &[hyperlora::image::RgbImage],
+    want: &Tensor,
+    want_image: &[u8],
+) {
     assert_close(&format!("{case} latents"), latents, want, 1e-3);
     let got: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
     assert_eq!(got.len(), want_image.len(), "{case}: image size");
@@ -102,7 +108,11 @@ fn control_images_resize_as_pillow_lanczos() {
         let src = rgb(&expected[&format!("src{k}")]);
         let want = rgb(&expected[&format!("lanczos{k}")]);
         let got = pil_resize_lanczos(&src, want.width, want.height);
-        assert_eq!(got, want, "resize {k}: {}x{} -> {}x{}", src.width, src.height, want.width, want.height);
+        assert_eq!(
+            got, want,
+            "resize {k}: {}x{} -> {}x{}",
+            src.width, src.height, want.width, want.height
+        );
     }
 }
 
@@ -129,7 +139,8 @@ fn scale_zero_or_an_empty_window_equals_no_controlnet() {
 fn a_wrong_file_is_bad_weights_naming_the_tensor() {
     let pipe = tiny_sdxl();
     let config = pipe.unet.config();
-    // A UNet is no ControlNet.
+    // A UNet is no ControlNet: with its config.json beside it, the first ControlNet tensor it
+    // lacks is named.
     let err = ControlNet::load(
         &tiny_model("sdxl/unet/diffusion_pytorch_model.safetensors"),
         config,
@@ -138,9 +149,23 @@ fn a_wrong_file_is_bad_weights_naming_the_tensor() {
     )
     .unwrap_err();
     assert_eq!(err.code, ErrorCode::BadWeights, "{err}");
-    assert!(err.message.contains("controlnet_cond_embedding.conv_in.weight"), "{err}");
-    // A ControlNet with a tensor missing: named.
+    assert!(err.message.contains("'controlnet_cond_embedding."), "{err}");
+    // Alone (no config), it is recognised as no ControlNet.
     let dir = crate::common::tmp_dir("controlnet-missing");
+    let lone = dir.join("unet-sdxl.safetensors");
+    std::fs::copy(
+        tiny_model("sdxl/unet/diffusion_pytorch_model.safetensors"),
+        &lone,
+    )
+    .unwrap();
+    let err = ControlNet::load(&lone, config, &Device::Cpu, DType::F32).unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadWeights, "{err}");
+    assert!(
+        err.message
+            .contains("controlnet_cond_embedding.conv_in.weight"),
+        "{err}"
+    );
+    // A ControlNet with a tensor missing: named.
     let src = tiny_model("controlnet-b-sdxl-tiny.safetensors");
     let mut tensors = candle_core::safetensors::load(&src, &Device::Cpu).unwrap();
     tensors.remove("controlnet_mid_block.weight");
@@ -168,17 +193,26 @@ fn single_file_config_is_read_off_its_shapes() {
     let folder = load(&pipe, "controlnet");
     let single = load(&pipe, "controlnet-b-sdxl-tiny.safetensors");
     let (a, b) = (single.model().config(), folder.model().config());
-    assert_eq!(a.conditioning_embedding_out_channels, b.conditioning_embedding_out_channels);
+    assert_eq!(
+        a.conditioning_embedding_out_channels,
+        b.conditioning_embedding_out_channels
+    );
     assert_eq!(a.conditioning_channels, b.conditioning_channels);
     let (a, b) = (&a.unet, &b.unet);
     assert_eq!(a.block_out_channels, b.block_out_channels);
     assert_eq!(a.down_block_types, b.down_block_types);
     assert_eq!(a.layers_per_block, b.layers_per_block);
     assert_eq!(a.attention_head_dim, b.attention_head_dim);
-    assert_eq!(a.transformer_layers_per_block, b.transformer_layers_per_block);
+    assert_eq!(
+        a.transformer_layers_per_block,
+        b.transformer_layers_per_block
+    );
     assert_eq!(a.cross_attention_dim, b.cross_attention_dim);
     assert_eq!(a.addition_time_embed_dim, b.addition_time_embed_dim);
-    assert_eq!(a.projection_class_embeddings_input_dim, b.projection_class_embeddings_input_dim);
+    assert_eq!(
+        a.projection_class_embeddings_input_dim,
+        b.projection_class_embeddings_input_dim
+    );
     assert_eq!(a.use_linear_projection, b.use_linear_projection);
     assert_eq!(a.time_embed_dim(), b.time_embed_dim());
 }
@@ -201,7 +235,10 @@ fn batches_keep_each_requests_control_image() {
     let mut d = a.clone();
     d.params.controlnets[0].end = 0.5;
     let requests = [a.clone(), b.clone(), c, d];
-    assert_eq!(plan_batches(&requests, 8), vec![vec![0, 1], vec![2], vec![3]]);
+    assert_eq!(
+        plan_batches(&requests, 8),
+        vec![vec![0, 1], vec![2], vec![3]]
+    );
 
     let mut session = Session::new(pipe);
     let cancel = hyperlora::CancelToken::new();

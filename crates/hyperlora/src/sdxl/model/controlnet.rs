@@ -127,8 +127,8 @@ impl Config {
             })
             .collect();
         obj.insert("up_block_types".into(), Value::Array(ups));
-        let unet = unet::Config::from_json_str(&value.to_string())
-            .map_err(|e| e.context("controlnet"))?;
+        let unet =
+            unet::Config::from_json_str(&value.to_string()).map_err(|e| e.context("controlnet"))?;
         let config = Self {
             unet,
             conditioning_channels,
@@ -216,8 +216,10 @@ impl Config {
             .collect();
         if let Some(i) = (0..n).find(|&i| c.down_block_types[i] == "CrossAttnDownBlock2D") {
             let p = attention(i);
-            c.cross_attention_dim =
-                vec![dim(&format!("{p}transformer_blocks.0.attn2.to_k.weight"), 1)?];
+            c.cross_attention_dim = vec![dim(
+                &format!("{p}transformer_blocks.0.attn2.to_k.weight"),
+                1,
+            )?];
             c.use_linear_projection = shape(&format!("{p}proj_in.weight"))?.len() == 2;
         }
         c.time_embedding_dim = Some(dim("time_embedding.linear_1.weight", 0)?);
@@ -340,14 +342,10 @@ impl ControlNetModel {
     pub fn new(vb: VarBuilder, config: &Config) -> Result<Self> {
         config.validate()?;
         let c = &config.unet;
-        let conv_in = conv2d_same(
-            c.in_channels,
-            c.block_out_channels[0],
-            3,
-            vb.pp("conv_in"),
-        )?;
+        let conv_in = conv2d_same(c.in_channels, c.block_out_channels[0], 3, vb.pp("conv_in"))?;
         let (time_embedding, add_embedding) = time_embeddings(&vb, c)?;
-        let cond_embedding = ConditioningEmbedding::new(vb.pp("controlnet_cond_embedding"), config)?;
+        let cond_embedding =
+            ConditioningEmbedding::new(vb.pp("controlnet_cond_embedding"), config)?;
         let down_blocks = down_blocks(&vb, c)?;
         let mid_block = mid_block(&vb, c)?
             .ok_or_else(|| Error::bad_weights("controlnet config: no mid block"))?;
@@ -442,9 +440,7 @@ impl ControlNetModel {
             image.clone()
         };
         let x = self.conv_in.forward(&sample.to_dtype(self.dtype)?)?;
-        let mut x = (x + self
-            .cond_embedding
-            .forward(&image.to_dtype(self.dtype)?)?)?;
+        let mut x = (x + self.cond_embedding.forward(&image.to_dtype(self.dtype)?)?)?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(&x, &temb, &cond.context, None, &mut skips)?;
