@@ -19,6 +19,20 @@ export declare class CancelHandle {
   get cancelled(): boolean
 }
 
+/**
+ * A loaded SDXL ControlNet (e.g. OpenPose). Weights stay resident until `dispose()` or garbage
+ * collection; requests that use it hold it while they run.
+ */
+export declare class ControlNet {
+  /** The file or folder name it was loaded from. */
+  get name(): string
+  /**
+   * Frees the weights once no running request uses them; later requests that name it fail
+   * with `INVALID_ARGUMENT`.
+   */
+  dispose(): void
+}
+
 /** antelopev2's detector, landmark model and ArcFace, run in-process. */
 export declare class FaceAnalyzer {
   /** Frees the models; running calls finish first, later calls fail with `INVALID_ARGUMENT`. */
@@ -144,6 +158,39 @@ export interface BackendInfo {
   cpuThreads: number
 }
 
+/**
+ * A ControlNet in a request: its control image (any size: resized to the output size with
+ * Lanczos, as diffusers does), `strength` (default 1, diffusers' `controlnet_conditioning_scale`)
+ * and the fraction of the steps it acts on, `start` (default 0) to `end` (default 1).
+ */
+export interface ControlNetRequest {
+  model: ControlNet
+  image: RawImage
+  strength?: number
+  start?: number
+  end?: number
+  /**
+   * InstantID: the raw ArcFace embedding of the face whose keypoints `image` shows
+   * (`FaceAnalyzer.instantidFace`).
+   */
+  faceEmbedding?: Float32Array
+  /**
+   * `canny`: `image` becomes its Canny edges first (docs/instantid.md), with thresholds
+   * `low` (default 100) and `high` (default 200).
+   */
+  preprocess?: string
+  low?: number
+  high?: number
+}
+
+/** A ControlNet as a request was drawn with it. */
+export interface ControlNetSettings {
+  name: string
+  strength: number
+  start: number
+  end: number
+}
+
 /** A detected face, in image pixels. */
 export interface DetectedFace {
   /** `[x1, y1, x2, y2]`. */
@@ -215,6 +262,10 @@ export interface GenerateDefaults {
   /** With an init image. */
   strength: number
   identityWeight: number
+  /** A ControlNet's strength, start and end. */
+  controlnetStrength: number
+  controlnetStart: number
+  controlnetEnd: number
 }
 
 /**
@@ -237,6 +288,11 @@ export interface GenerateRequest {
   strength?: number
   identities?: Array<IdentityUse>
   loras?: Array<LoraFile>
+  /**
+   * ControlNets with their control images (several are summed, as diffusers'
+   * MultiControlNet).
+   */
+  controlnets?: Array<ControlNetRequest>
 }
 
 /** The settings a request was drawn with, every default filled in. */
@@ -260,6 +316,7 @@ export interface GenerateSettings {
    */
   identityWeights: Array<number>
   loras: Array<LoraFile>
+  controlnets: Array<ControlNetSettings>
 }
 
 /**
@@ -302,6 +359,13 @@ export interface KeypointFace {
    */
   keypointsImage: RawImage
 }
+
+/**
+ * Loads a ControlNet for `pipeline` (same device and precision): a diffusers folder or a
+ * single `.safetensors` file in diffusers naming (its config read off the tensor shapes and
+ * the pipeline's UNet when there is no `config.json` beside it).
+ */
+export declare function loadControlNet(pipeline: Pipeline, path: string): Promise<ControlNet>
 
 /**
  * Loads an insightface antelopev2 folder (`scrfd_10g_bnkps.onnx`, `2d106det.onnx`,

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.CancelHandle = nativeBinding.CancelHandle
+module.exports.ControlNet = nativeBinding.ControlNet
 module.exports.FaceAnalyzer = nativeBinding.FaceAnalyzer
 module.exports.Identity = nativeBinding.Identity
 module.exports.IdentityEncoder = nativeBinding.IdentityEncoder
@@ -846,6 +847,7 @@ module.exports.errorCodes = nativeBinding.errorCodes
 module.exports.generateDefaults = nativeBinding.generateDefaults
 module.exports.inspectWeights = nativeBinding.inspectWeights
 module.exports.interpolateIdentities = nativeBinding.interpolateIdentities
+module.exports.loadControlNet = nativeBinding.loadControlNet
 module.exports.loadFaceAnalyzer = nativeBinding.loadFaceAnalyzer
 module.exports.loadIdentity = nativeBinding.loadIdentity
 module.exports.loadIdentityEncoder = nativeBinding.loadIdentityEncoder
