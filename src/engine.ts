@@ -9,8 +9,8 @@ import { Identity, loadIdentity, loadIdentityEncoder, TINY_CLIP_VISION, TINY_HYP
 import { decodeRgb8, type ImageInput, type Rgb8 } from './images.js'
 import type { GenerateSettings, RefineSettings, Refined } from '../index.js'
 import type { ProgressEvent } from './native.js'
-import { finish, loadPipeline, prepare, TINY_SDXL, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision, type Prepared, type RefineFaceOptions } from './pipeline.js'
-import { DEFAULT_MODELS, resolveModel, type ModelEvent, type ModelRole, type ResolveOptions } from './models/index.js'
+import { finish, loadPipeline, prepare, TINY_SDXL, type ControlNet, type DeviceName, type GeneratedImage, type GenerateOptions, type Pipeline, type Precision, type Prepared, type RefineFaceOptions } from './pipeline.js'
+import { DEFAULT_MODELS, resolveModel, type LoadRole, type ModelEvent, type ResolveOptions } from './models/index.js'
 import { TaskQueue } from './queue.js'
 
 /** What every long call reports through `onProgress`: the native progress event (its `stage`
@@ -88,7 +88,7 @@ export interface EngineGenerateOptions extends Omit<GenerateOptions, 'onProgress
 /** What {@link HyperLoRA.refineFaces} takes: the prompt, identity and sampling of a generation
  * (size and batch come from the image) plus the refine pass's own settings. */
 export interface RefineFacesOptions
-  extends Omit<EngineGenerateOptions, 'width' | 'height' | 'batchSize' | 'initImage' | 'strength' | 'refineFace'>,
+  extends Omit<EngineGenerateOptions, 'width' | 'height' | 'batchSize' | 'initImage' | 'strength' | 'refineFace' | 'controlnets'>,
     Omit<RefineFaceOptions, 'prompt'> {}
 
 /** Maps the native reports of one call onto {@link EngineProgress}, with the elapsed time. */
@@ -111,10 +111,13 @@ export class HyperLoRA {
   readonly #faces: FaceAnalyzer
   readonly #generation = new TaskQueue()
   readonly #identities = new TaskQueue()
+  /** How ControlNets named by requests are looked up (the `models` option of {@link load}). */
+  readonly #modelOptions: Omit<ResolveOptions, 'signal' | 'onProgress'>
   /** The models this engine was loaded from. */
   readonly models: Readonly<ModelPaths>
 
-  private constructor(models: ModelPaths, pipeline: Pipeline, encoder: IdentityEncoder, faces: FaceAnalyzer) {
+  private constructor(models: ModelPaths, pipeline: Pipeline, encoder: IdentityEncoder, faces: FaceAnalyzer, modelOptions: Omit<ResolveOptions, 'signal' | 'onProgress'> = {}) {
+    this.#modelOptions = modelOptions
     this.models = Object.freeze({ ...models })
     this.#pipeline = pipeline
     this.#encoder = encoder
@@ -145,7 +148,7 @@ export class HyperLoRA {
       loadFaceAnalyzer(models.faceModels).then(done),
     ])
     options.signal?.throwIfAborted()
-    return new HyperLoRA(models, pipeline, encoder, faces)
+    return new HyperLoRA(models, pipeline, encoder, faces, options.models)
   }
 
   /** Loads an identity saved with `identity.saveLora(file)` (any kohya SDXL LoRA of HyperLoRA's layout). */
@@ -156,6 +159,16 @@ export class HyperLoRA {
   /** Where the models run: `cpu`, `cuda` or `metal`. */
   get device(): Exclude<DeviceName, 'auto'> {
     return this.#pipeline.device
+  }
+
+  /**
+   * A ControlNet for requests' `controlnets`, loaded once and held until {@link dispose}: a path,
+   * a manifest name (`controlnet-openpose-sdxl`) or a Hugging Face repo id, looked up (and
+   * downloaded unless `models.download` is false) as {@link load} looks up its models.
+   */
+  async loadControlNet(model: string, options: EngineCallOptions = {}): Promise<ControlNet> {
+    const file = await resolveModel('controlnet', model, { ...this.#modelOptions, ...(options.signal && { signal: options.signal }) })
+    return this.#pipeline.loadControlNet(file, options.signal ? { signal: options.signal } : {})
   }
 
   /**
@@ -223,15 +236,26 @@ export class HyperLoRA {
         width: rgb.width,
         height: rgb.height,
         batchSize: 1,
+        controlnets: [],
       }
       return (await finish({ images: [refined.image], settings, warnings: refined.warnings }, prepared, refineSettings(s)))[0]!
     })
   }
 
+  /** A request's generation part, for the engine (the caller's signal and progress are folded
+   * into the queue's, the refine pass runs after; ControlNets are looked up by name). */
+  #prepare({ refineFace: _, onProgress: __, signal: ___, ...request }: EngineGenerateOptions): Promise<Prepared> {
+    return prepare(
+      request,
+      (m) => this.loadControlNet(m),
+      (photo) => this.#faces.keypointFace(photo),
+    )
+  }
+
   /** Draws requests that share one batch (or one request alone), with the refine pass on the
    * pictures of those that ask for it; runs inside the generation queue. */
   async #draw(requests: readonly EngineGenerateOptions[], signal: AbortSignal, onProgress: (e: ProgressEvent) => void, ready?: readonly Prepared[]): Promise<GeneratedImage[][]> {
-    const prepared = ready ?? (await Promise.all(requests.map(prepareRequest)))
+    const prepared = ready ?? (await Promise.all(requests.map((r) => this.#prepare(r))))
     const drawn =
       prepared.length === 1
         ? [await this.#pipeline.generatePixels(prepared[0]!, { signal, onProgress })]
@@ -264,8 +288,8 @@ export class HyperLoRA {
   }
 
   /**
-   * Many requests, batched: requests that agree on size, steps, cfg, sampler, scheduler and LoRA
-   * files are drawn together in one UNet batch of up to `maxBatchSize` images, even when their
+   * Many requests, batched: requests that agree on size, steps, cfg, sampler, scheduler, LoRA
+   * files and ControlNets (model, strength, window; the control images may differ) are drawn together in one UNet batch of up to `maxBatchSize` images, even when their
    * identities differ (each sample gets its own identity's update). Yields each request's
    * images as its batch finishes, tagged with the request's position; each request's pictures
    * equal what {@link generate} draws for it alone (within float rounding). Other callers' calls
@@ -277,7 +301,7 @@ export class HyperLoRA {
     const started = performance.now()
     const report = reporter(options, started)
     const list = [...requests]
-    const prepared = await Promise.all(list.map(prepareRequest))
+    const prepared = await Promise.all(list.map((r) => this.#prepare(r)))
     for (const batch of this.#pipeline.planBatches(prepared, maxBatchSize)) {
       const images = await this.#generation.run(options.signal, (signal) =>
         this.#draw(
@@ -308,11 +332,6 @@ export class HyperLoRA {
   }
 }
 
-/** A request's generation part, for the engine (the caller's signal and progress are folded into
- * the queue's, the refine pass runs after). */
-function prepareRequest({ refineFace: _, onProgress: __, signal: ___, ...request }: EngineGenerateOptions): Promise<Prepared> {
-  return prepare(request)
-}
 
 /** `photo 1 (b.jpg) skipped: no face detected …`: the engine's reason already starts with the
  * photo's label, which is said once. */
@@ -347,7 +366,7 @@ function refineSettings(s: RefineSettings | undefined): string[] {
 }
 
 /** The environment variable each model falls back to (the CLI reads the same ones). */
-export const MODEL_ENV: Record<ModelRole, string> = {
+export const MODEL_ENV: Record<LoadRole, string> = {
   checkpoint: 'HYPERLORA_CHECKPOINT',
   hyperlora: 'HYPERLORA_MODEL',
   clipVision: 'HYPERLORA_CLIP_VISION',
@@ -368,7 +387,7 @@ async function resolveModels(options: HyperLoRALoadOptions, report: ReturnType<t
     }
     report('download', bytes, totalBytes)
   }
-  const resolve = (role: ModelRole): Promise<string> => {
+  const resolve = (role: LoadRole): Promise<string> => {
     const given = options[role] ?? env[MODEL_ENV[role]]
     const spec = typeof given === 'string' && given.length > 0 ? given : DEFAULT_MODELS[role]
     return resolveModel(role, spec, { ...options.models, onProgress, ...(options.signal && { signal: options.signal }) })

@@ -8,10 +8,12 @@ export { inspectWeights, type InspectWeightsOptions, type TensorEntry, type Weig
 export { info, type Backend, type RuntimeInfo } from './info.js'
 export type { CallOptions, ProgressEvent } from './native.js'
 export {
+  ControlNet,
   loadPipeline,
   Pipeline,
   TINY_SDXL,
   TRIGGER_WORDS,
+  type ControlNetOptions,
   type DeviceName,
   type GenerateOptions,
   type GeneratedImage,
@@ -70,6 +72,7 @@ export {
   type Manifest,
   type ManifestEntry,
   type ManifestFile,
+  type LoadRole,
   type ModelEvent,
   type ModelRole,
   type ModelSource,

@@ -3,6 +3,7 @@ import * as path from 'node:path'
 import type * as Binding from '../index.js'
 import './dispose.js'
 import { HyperLoraError } from './errors.js'
+import type { KeypointFace } from './face.js'
 import type { Identity } from './identity.js'
 import { decodeRgb8, encodeWithParameters, type ImageFormat, type ImageInput } from './images.js'
 import { a1111Parameters } from './metadata.js'
@@ -23,6 +24,9 @@ const packageRoot = path.resolve(__dirname, '..')
 
 /** The small random-weight SDXL bundled for the demo and tests (diffusers layout). */
 export const TINY_SDXL = path.join(packageRoot, 'models', 'tiny', 'sdxl')
+
+/** A small random-weight ControlNet for {@link TINY_SDXL} (tests; not in the published package). */
+export const TINY_CONTROLNET = path.join(packageRoot, 'models', 'tiny', 'controlnet')
 
 /** CLIP's BPE merges, for single-file checkpoints (they carry no tokenizer). */
 export const CLIP_MERGES = path.join(packageRoot, 'models', 'clip-tokenizer', 'merges.txt')
@@ -82,10 +86,70 @@ export interface GenerateOptions extends CallOptions {
   identities?: readonly IdentityWeight[]
   /** Other LoRA files (kohya with diffusers or SGM names, diffusers/PEFT), e.g. styles. */
   loras?: readonly { path: string; weight: number }[]
+  /** ControlNets with their control images (several are summed, as diffusers' MultiControlNet). */
+  controlnets?: readonly ControlNetOptions[]
   /** Prepended to the prompt when an identity is active, unless the prompt already starts with
    * them; `false` turns this off. Default `'fcsks fxhks fhyks, '` (HyperLoRA's trigger words). */
   triggerWords?: string | false
 }
+
+/** A ControlNet in a request (see docs/controlnet.md). The control image (a pose skeleton, a
+ * depth map, edges …) is supplied by the caller: no pose or depth estimator is run. */
+export interface ControlNetOptions {
+  /** A loaded ControlNet ({@link Pipeline.loadControlNet}) or a path: a diffusers folder or a
+   * `.safetensors` file in diffusers naming. With `HyperLoRA`, also a manifest name such as
+   * `controlnet-openpose-sdxl`. */
+  model: ControlNet | string
+  /** Any size: resized to width × height with Lanczos, as diffusers does. Required unless
+   * `keypointsFrom` gives InstantID's keypoint picture. */
+  image?: ImageInput
+  /** InstantID (an `InstantX/InstantID` folder): the photo whose largest face gives IdentityNet
+   * both its keypoint picture and its face embedding (docs/instantid.md); needs `HyperLoRA`
+   * (face analysis). A photo without a face is `NO_FACE`. */
+  keypointsFrom?: ImageInput
+  /** `canny`: `image` becomes its Canny edges first (cv2-exact, as diffusers' Canny examples
+   * call it), thresholds `low` (default 100) and `high` (default 200). */
+  preprocess?: 'canny'
+  low?: number
+  high?: number
+  /** diffusers' `controlnet_conditioning_scale`; default 1. 0 is the same as no ControlNet. */
+  strength?: number
+  /** Fraction of the steps where the ControlNet starts acting; default 0. */
+  start?: number
+  /** Fraction of the steps where it stops; default 1. */
+  end?: number
+}
+
+/** A loaded SDXL ControlNet, held until {@link dispose} (or its pipeline's). */
+export class ControlNet {
+  readonly #native: Binding.ControlNet
+
+  /** @internal */
+  constructor(nativeControlNet: Binding.ControlNet) {
+    this.#native = nativeControlNet
+  }
+
+  /** The file or folder name it was loaded from. */
+  get name(): string {
+    return this.#native.name
+  }
+
+  /** @internal */
+  get native(): Binding.ControlNet {
+    return this.#native
+  }
+
+  /** Frees the weights once no running request uses them. */
+  dispose(): void {
+    this.#native.dispose()
+  }
+}
+
+/** Turns a request's ControlNet `model` string into a loaded ControlNet. */
+export type ControlNetLoader = (model: string) => Promise<ControlNet>
+
+/** InstantID's face analysis of a keypoint photo ({@link FaceAnalyzer.keypointFace}). */
+export type KeypointFaceFinder = (photo: ImageInput) => Promise<KeypointFace>
 
 /** An identity in a request, with its weights (default 0.85; Base-LoRA default 0). */
 export interface IdentityWeight {
@@ -166,11 +230,15 @@ export interface GenerationSettings {
    * identity). */
   identityWeights: number[]
   loras: { path: string; weight: number }[]
+  /** The ControlNets used, with their strength and window (absent without one). */
+  controlnets?: { name: string; strength: number; start: number; end: number }[]
 }
 
 /** A loaded SDXL model. Create with {@link loadPipeline}. */
 export class Pipeline {
   readonly #native: Binding.Pipeline
+  /** ControlNets loaded by path, held for the pipeline's lifetime. */
+  readonly #controlnets = new Map<string, Promise<ControlNet>>()
 
   /** @internal */
   constructor(nativePipeline: Binding.Pipeline) {
@@ -184,7 +252,29 @@ export class Pipeline {
 
   /** Frees the native model; calls after this reject with `INVALID_ARGUMENT`. */
   dispose(): void {
+    for (const loaded of this.#controlnets.values()) void loaded.then((c) => c.dispose(), () => {})
+    this.#controlnets.clear()
     this.#native.dispose()
+  }
+
+  /**
+   * Loads a ControlNet for this pipeline (its device and precision), once per path: a diffusers
+   * folder (`config.json` + `diffusion_pytorch_model[.fp16].safetensors`) or a `.safetensors`
+   * file in diffusers naming (e.g. `controlnet-openpose-sdxl-1.0.safetensors`), whose config is
+   * read off its tensor shapes. Original-layout files and control-LoRAs reject with `BAD_WEIGHTS`.
+   */
+  loadControlNet(source: string, options: CallOptions = {}): Promise<ControlNet> {
+    if (typeof source !== 'string' || source.length === 0) {
+      return Promise.reject(new HyperLoraError('INVALID_ARGUMENT', 'loadControlNet: source must be a path'))
+    }
+    const key = path.resolve(source)
+    let loaded = this.#controlnets.get(key)
+    if (!loaded) {
+      loaded = callNative(options, () => native().loadControlNet(this.#native, key)).then((n) => new ControlNet(n))
+      this.#controlnets.set(key, loaded)
+      loaded.catch(() => this.#controlnets.delete(key))
+    }
+    return loaded
   }
 
   /** {@link dispose}, for `await using`. */
@@ -197,20 +287,21 @@ export class Pipeline {
    * `decode`; an aborted signal stops the run within one step.
    */
   async generate(options: GenerateOptions): Promise<GeneratedImage[]> {
-    const prepared = await prepare(options)
+    const prepared = await prepare(options, (m) => this.loadControlNet(m))
     return finish(await this.generatePixels(prepared, options), prepared)
   }
 
   /**
    * Draws several requests in one UNet batch, each with its own prompt, seed and identities:
    * identities are applied per sample, so requests for different people share every step.
-   * The requests must agree on size, steps, cfg, sampler, schedule and LoRA files, and have no
+   * The requests must agree on size, steps, cfg, sampler, schedule, LoRA files and ControlNets
+   * (the same models, strengths and windows; their images may differ), and have no
    * `initImage` ({@link planBatches} groups requests that do); each one's pictures equal what
    * {@link generate} draws for it (within float rounding). Resolves to one list of images per
    * request, in order.
    */
   async generateBatch(requests: readonly GenerateOptions[], options: CallOptions = {}): Promise<GeneratedImage[][]> {
-    const prepared = await Promise.all(requests.map((r) => prepare(r)))
+    const prepared = await Promise.all(requests.map((r) => prepare(r, (m) => this.loadControlNet(m))))
     const drawn = await this.generateManyPixels(prepared, options)
     return Promise.all(drawn.map((d, i) => finish(d, prepared[i]!)))
   }
@@ -337,7 +428,7 @@ function unusedOptions(options: GenerateOptions, hasIdentity: boolean): string[]
 
 /** @internal Validates a request and puts it in the engine's terms; the engine fills in what is
  * left unset and reports the settings it used. */
-export async function prepare(options: GenerateOptions): Promise<Prepared> {
+export async function prepare(options: GenerateOptions, loadControlNet?: ControlNetLoader, keypointFace?: KeypointFaceFinder): Promise<Prepared> {
   const format = options.format ?? 'png'
   if (!['png', 'jpeg', 'webp'].includes(format)) throw new HyperLoraError('INVALID_ARGUMENT', `unknown format ${format}`)
   if (typeof options.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'prompt must be a string')
@@ -366,11 +457,42 @@ export async function prepare(options: GenerateOptions): Promise<Prepared> {
     })),
     loras: (options.loras ?? []).map((l) => ({ path: path.resolve(l.path), weight: l.weight })),
   }
+  if (options.controlnets !== undefined && options.controlnets.length > 0) {
+    request.controlnets = await Promise.all(options.controlnets.map((c, i) => controlNetRequest(c, i, loadControlNet, keypointFace)))
+  }
   if (options.initImage !== undefined) {
     const defaults = native().generateDefaults()
     request.initImage = await decodeRgb8(options.initImage, { width: request.width ?? defaults.width, height: request.height ?? defaults.height })
   }
   return { request, format, warnings: unusedOptions(options, identities.length > 0) }
+}
+
+/** One ControlNet of a request in the engine's terms: the model loaded, the image decoded at
+ * its own size (the engine resizes it as diffusers does). */
+async function controlNetRequest(c: ControlNetOptions, i: number, load: ControlNetLoader | undefined, keypointFace?: KeypointFaceFinder): Promise<Binding.ControlNetRequest> {
+  if (!c || (typeof c.model !== 'string' && !(c.model instanceof ControlNet))) {
+    throw new HyperLoraError('INVALID_ARGUMENT', `controlnets[${i}].model must be a ControlNet or a path`)
+  }
+  if (typeof c.model === 'string' && !load) throw new HyperLoraError('INVALID_ARGUMENT', `controlnets[${i}].model: load it first (loadControlNet)`)
+  const model = typeof c.model === 'string' ? await load!(c.model) : c.model
+  let face: KeypointFace | undefined
+  if (c.keypointsFrom !== undefined) {
+    if (!keypointFace) throw new HyperLoraError('INVALID_ARGUMENT', `controlnets[${i}].keypointsFrom needs face analysis: use HyperLoRA.generate`)
+    face = await keypointFace(c.keypointsFrom)
+  } else if (c.image === undefined) {
+    throw new HyperLoraError('INVALID_ARGUMENT', `controlnets[${i}]: give image (or keypointsFrom for InstantID)`)
+  }
+  return {
+    model: model.native,
+    image: face ? face.keypointsImage : await decodeRgb8(c.image!),
+    ...(face && { faceEmbedding: face.embedding }),
+    ...(c.preprocess !== undefined && { preprocess: c.preprocess }),
+    ...(c.low !== undefined && { low: c.low }),
+    ...(c.high !== undefined && { high: c.high }),
+    ...(c.strength !== undefined && { strength: c.strength }),
+    ...(c.start !== undefined && { start: c.start }),
+    ...(c.end !== undefined && { end: c.end }),
+  }
 }
 
 /** The A1111 `parameters` text of image `k` of a request drawn with `s`. */
@@ -387,7 +509,7 @@ function parametersOf(s: Binding.GenerateSettings, k: number, extra: readonly st
     height: s.height,
     loras: [...s.identityWeights.map((w) => `identity: ${w}`), ...s.loras.map((l) => `${path.basename(l.path, '.safetensors')}: ${l.weight}`)],
     ...(s.strength != null && { strength: s.strength }),
-    extra,
+    extra: [...s.controlnets.map((c, i) => `ControlNet ${i}: "Model: ${c.name}, Weight: ${c.strength}, Guidance Start: ${c.start}, Guidance End: ${c.end}"`), ...extra],
   })
 }
 
@@ -419,6 +541,7 @@ export async function finish(drawn: Binding.Generated, p: Prepared, extra: reado
           ...(s.strength != null && { strength: s.strength }),
           identityWeights: [...s.identityWeights],
           loras: s.loras.map((l) => ({ path: l.path, weight: l.weight ?? 1 })),
+          ...(s.controlnets.length > 0 && { controlnets: s.controlnets.map((c) => ({ ...c })) }),
         },
         info,
         warnings: [...p.warnings, ...drawn.warnings],

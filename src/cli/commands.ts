@@ -6,7 +6,7 @@ import { writeAtomic } from '../files.js'
 import { TINY_ANTELOPEV2 } from '../face.js'
 import { loadIdentity, TINY_CLIP_VISION, TINY_HYPERLORA, type Identity } from '../identity.js'
 import { HyperLoRA, MODEL_ENV, type EngineGenerateOptions } from '../engine.js'
-import { DEFAULT_MODELS, resolveModel, type ModelRole } from '../models/index.js'
+import { DEFAULT_MODELS, resolveModel, type LoadRole } from '../models/index.js'
 import { loadPipeline, TINY_SDXL, type GeneratedImage, type Sampler, type SigmaSchedule } from '../pipeline.js'
 import type { StageEvent } from './progress-bar.js'
 import { checkedInputFile, checkedOutputFile, numberFlag, seedFlag, usageError } from './flags.js'
@@ -47,7 +47,7 @@ async function model(values: CommandValues, role: keyof typeof MODELS): Promise<
  * Every model of `roles`, or one error listing each that is missing (not just the first), with
  * how to get them and how to try the CLI without them.
  */
-async function models<R extends ModelRole>(values: CommandValues, roles: readonly R[]): Promise<Record<R, string>> {
+async function models<R extends LoadRole>(values: CommandValues, roles: readonly R[]): Promise<Record<R, string>> {
   const settled = await Promise.allSettled(roles.map((role) => model(values, role)))
   const failures = settled.filter((s): s is PromiseRejectedResult => s.status === 'rejected').map((s) => s.reason as unknown)
   const other = failures.find((e) => !(e instanceof HyperLoraError && e.code === 'MODEL_NOT_FOUND'))
@@ -116,6 +116,12 @@ function generateOptions(values: CommandValues, prompt: string): Omit<EngineGene
     const weighted = /^(.*):(-?\d*\.?\d+)$/.exec(spec)
     return { path: checkedInputFile('lora', weighted ? weighted[1]! : spec), weight: weighted ? Number(weighted[2]) : 1 }
   })
+  const controlnets = strings(values, 'controlnet').map((spec) => {
+    // `model:image[:strength]`: a model path or manifest name, the control image, a weight.
+    const parts = /^([^:]+):(.+?)(?::(\d*\.?\d+))?$/.exec(spec)
+    if (!parts) throw usageError(`--controlnet takes model:image[:strength], got ${spec}`)
+    return { model: parts[1]!, image: checkedInputFile('controlnet', parts[2]!), ...(parts[3] !== undefined && { strength: Number(parts[3]) }) }
+  })
   const size = values['tiny'] ? TINY_IMAGE_SIZE : undefined
   const numbers = {
     identityWeight: numberFlag(values, 'identity-weight'),
@@ -129,6 +135,7 @@ function generateOptions(values: CommandValues, prompt: string): Omit<EngineGene
     out,
     prompt,
     loras,
+    ...(controlnets.length > 0 && { controlnets }),
     format,
     ...Object.fromEntries(Object.entries(numbers).filter(([, v]) => v !== undefined)),
     ...(seed !== undefined && { seed }),
@@ -146,7 +153,16 @@ export async function generateCommand(values: CommandValues, onProgress: OnProgr
   const savedIdentity = typeof values['identity'] === 'string' ? checkedInputFile('identity', values['identity']) : undefined
   const faces = strings(values, 'face').length > 0 ? facePhotos(values) : []
   if (savedIdentity !== undefined && faces.length > 0) throw usageError('give --face photos or --identity, not both')
-  const { out, refineFace, ...options } = generateOptions(values, prompt)
+  const { out, refineFace, controlnets, ...rest } = generateOptions(values, prompt)
+  // ControlNets by manifest name or path, never downloaded (as the other models here).
+  const comfyui = values['comfyui']
+  const resolved = await Promise.all(
+    (controlnets ?? []).map(async (c) => ({
+      ...c,
+      model: await resolveModel('controlnet', c.model as string, { download: false, ...(typeof comfyui === 'string' && { comfyuiModels: comfyui }) }),
+    })),
+  )
+  const options = { ...rest, ...(resolved.length > 0 && { controlnets: resolved }) }
   // Photos and the face refine pass need all four models; otherwise SDXL alone does.
   const engine = faces.length > 0 || refineFace ? await loadEngine(values, onProgress) : undefined
   const pipeline = engine ? undefined : await loadPipeline((await models(values, ['checkpoint'])).checkpoint)

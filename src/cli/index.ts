@@ -80,6 +80,9 @@ the person's identity LoRA is merged in and HyperLoRA's trigger words are prepen
                         (--scheduler is the old name, still accepted)
   --identity-weight x   default 0.85
   --lora path[:weight]  another LoRA (repeatable)
+  --controlnet model:image[:strength]
+                        a ControlNet (path or manifest name, e.g. controlnet-openpose-sdxl)
+                        with its control image, e.g. a pose skeleton you supply (repeatable)
   --keep-background     skip the face background removal
   --refine-face         re-draw the faces at 1024² with the identity and blend them back
 Models: a path, a model name ('hyperlora models') or a Hugging Face repo id, from the flag, else
@@ -230,6 +233,7 @@ const OPTIONS = {
   schedule: { type: 'string' },
   scheduler: { type: 'string' },
   lora: { type: 'string', multiple: true },
+  controlnet: { type: 'string', multiple: true },
   'keep-background': { type: 'boolean' },
   'refine-face': { type: 'boolean' },
   real: { type: 'boolean' },

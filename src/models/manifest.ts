@@ -10,9 +10,13 @@ import { isRepoPath } from './hub.js'
 import { HyperLoraError } from '../errors.js'
 
 /** What a model is for in the pipeline. */
-export type ModelRole = 'checkpoint' | 'hyperlora' | 'clipVision' | 'faceModels'
+export type ModelRole = LoadRole | 'controlnet'
 
-const MODEL_ROLES: readonly ModelRole[] = ['checkpoint', 'hyperlora', 'clipVision', 'faceModels']
+/** The roles `HyperLoRA.load` needs, each with a default model (a ControlNet is optional and per request). */
+export type LoadRole = 'checkpoint' | 'hyperlora' | 'clipVision' | 'faceModels'
+
+const LOAD_ROLES: readonly LoadRole[] = ['checkpoint', 'hyperlora', 'clipVision', 'faceModels']
+const MODEL_ROLES: readonly ModelRole[] = [...LOAD_ROLES, 'controlnet']
 
 /** One file of a model, by its path in the hub repository. */
 export interface ManifestFile {
@@ -47,7 +51,7 @@ export interface Manifest {
   version: 1
   models: Record<string, ManifestEntry>
   /** The model of each role used when none is named. */
-  defaults: Record<ModelRole, string>
+  defaults: Record<LoadRole, string>
 }
 
 const packageRoot = path.resolve(__dirname, '..', '..')
@@ -85,7 +89,7 @@ export function validateManifest(value: unknown, source: string): Manifest {
       }
     }
   }
-  for (const role of MODEL_ROLES) {
+  for (const role of LOAD_ROLES) {
     const name = m.defaults?.[role]
     if (name === undefined || m.models[name]?.role !== role) throw invalid(source, `defaults.${role} must name a ${role} model`)
   }
@@ -128,7 +132,7 @@ export function activeManifest(given: Manifest | string | undefined, env: NodeJS
 }
 
 /** The manifest names used when `HyperLoRA.load` is given no model of a role. */
-export const DEFAULT_MODELS: Readonly<Record<ModelRole, string>> = Object.freeze({ ...bundledManifest().defaults })
+export const DEFAULT_MODELS: Readonly<Record<LoadRole, string>> = Object.freeze({ ...bundledManifest().defaults })
 
 /**
  * The folder that holds what the engine loads: the model path itself for a folder model, its

@@ -13,6 +13,7 @@ const REQUIRED: Record<Exclude<ModelRole, 'checkpoint'>, readonly string[]> = {
   hyperlora: ['hyper_lora_modules.json', 'hyper_lora_modules.safetensors', 'id_projector.safetensors', 'resampler.safetensors'],
   clipVision: ['config.json', 'model.safetensors'],
   faceModels: ['scrfd_10g_bnkps.onnx', '2d106det.onnx', 'glintr100.onnx'],
+  controlnet: ['config.json', 'diffusion_pytorch_model.safetensors'],
 }
 
 /** Optional files of a HyperLoRA folder the engine reads when present. */
@@ -29,6 +30,7 @@ export function missingForRole(role: ModelRole, target: string): string[] | null
     if (stat.isFile()) return target.endsWith('.safetensors') ? null : [target]
     return DIFFUSERS_MARKERS.every((m) => fs.existsSync(path.join(target, m))) ? null : DIFFUSERS_MARKERS.filter((m) => !fs.existsSync(path.join(target, m)))
   }
+  if (role === 'controlnet' && stat.isFile()) return target.endsWith('.safetensors') ? null : [target]
   if (!stat.isDirectory()) return [target]
   const missing = REQUIRED[role].filter((f) => !fs.existsSync(path.join(target, f)))
   return missing.length === 0 ? null : missing
