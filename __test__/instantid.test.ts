@@ -52,6 +52,10 @@ describe('InstantID from TypeScript', () => {
     expect((await raw(guided!)).equals(await raw(plain!))).toBe(false)
     expect((await raw(zero!)).equals(await raw(plain!))).toBe(true)
     expect(guided!.settings.controlnets).toEqual([{ name: 'instantid', strength: 0.6, start: 0, end: 1 }])
+    // IdentityNet's default strength is the reference workflow's 0.6.
+    const [byDefault] = await engine.generate({ ...base, controlnets: [{ model: TINY_INSTANTID, keypointsFrom: astronaut }] })
+    expect(byDefault!.settings.controlnets?.[0]?.strength).toBe(0.6)
+    expect((await raw(byDefault!)).equals(await raw(guided!))).toBe(true)
   })
 
   it('rejects NO_FACE for a keypoint photo without a face, and InstantID without one', async () => {

@@ -93,7 +93,12 @@ pub(crate) fn control_uses(
         let use_ = ControlNetUse {
             image,
             face: r.face_embedding.as_ref().map(|e| e.to_vec()),
-            scale: r.strength.unwrap_or(ControlNetUse::DEFAULT_SCALE),
+            // InstantID's IdentityNet defaults to the reference workflow's 0.6.
+            scale: r.strength.unwrap_or(if net.image_proj().is_some() {
+                hyperlora::instantid::DEFAULT_STRENGTH
+            } else {
+                ControlNetUse::DEFAULT_SCALE
+            }),
             start: r.start.unwrap_or(ControlNetUse::DEFAULT_START),
             end: r.end.unwrap_or(ControlNetUse::DEFAULT_END),
             net,
