@@ -79,7 +79,7 @@ impl Config {
             .count();
         let dim_head = 64;
         let dim = latents[2];
-        if to_q[0] % dim_head != 0 || ff[0] % dim != 0 {
+        if !to_q[0].is_multiple_of(dim_head) || !ff[0].is_multiple_of(dim) {
             return Err(Error::bad_weights(format!(
                 "{prefix}layers.0: attention width {} is not a multiple of 64, or feed-forward \
                  width {} not a multiple of {dim}",
