@@ -44,6 +44,11 @@ export declare class FaceAnalyzer {
    * face are skipped when others have one, else the call fails with `NO_FACE` naming the photo.
    */
   analyze(photos: Array<RawImage>, names: Array<string | undefined | null>, options?: AnalyzeFacesOptions | undefined | null, cancel?: CancelHandle | undefined | null, onProgress?: ((event: ProgressEvent | null) => void) | undefined | null): Promise<FaceAnalysisResult>
+  /**
+   * InstantID's face analysis of one photo: the largest face's keypoints, raw ArcFace
+   * embedding and keypoint picture. `NO_FACE` (naming `label`) when it has none.
+   */
+  instantidFace(image: RawImage, label: string, cancel?: CancelHandle | undefined | null): Promise<KeypointFace>
 }
 
 /**
@@ -184,6 +189,18 @@ export interface ControlNetRequest {
   strength?: number
   start?: number
   end?: number
+  /**
+   * InstantID: the raw ArcFace embedding of the face whose keypoints `image` shows
+   * (`FaceAnalyzer.instantidFace`).
+   */
+  faceEmbedding?: Float32Array
+  /**
+   * `canny`: `image` becomes its Canny edges first (docs/instantid.md), with thresholds
+   * `low` (default 100) and `high` (default 200).
+   */
+  preprocess?: string
+  low?: number
+  high?: number
 }
 
 /** A ControlNet as a request was drawn with it. */
@@ -360,6 +377,22 @@ export interface InspectWeightsOptions {
  * Base-LoRAs blend the same way when both identities have one.
  */
 export declare function interpolateIdentities(a: Identity, b: Identity, t: number): Promise<Identity>
+
+/** What InstantID takes from a photo (docs/instantid.md): its largest face. */
+export interface KeypointFace {
+  /** `[x1, y1, x2, y2]`. */
+  bbox: Array<number>
+  score: number
+  /** Left eye, right eye, nose, left and right mouth corners: `[[x, y], …]`. */
+  keypoints: Array<Array<number>>
+  /** insightface's raw ArcFace `embedding` (not normalised): IdentityNet's face condition. */
+  embedding: Float32Array
+  /**
+   * The keypoints drawn as InstantID's `draw_kps` draws them, at the photo's size:
+   * IdentityNet's control image.
+   */
+  keypointsImage: RawImage
+}
 
 /**
  * Loads a ControlNet for `pipeline` (same device and precision): a diffusers folder or a

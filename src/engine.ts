@@ -298,7 +298,11 @@ export class HyperLoRA {
   /** A request's generation part, for the engine (the caller's signal and progress are folded
    * into the queue's, the refine pass runs after; ControlNets are looked up by name). */
   #prepare({ refineFace: _, onProgress: __, signal: ___, bestOf: _b, rank: _r, ...request }: EngineGenerateOptions): Promise<Prepared> {
-    return prepare(request, (m) => this.loadControlNet(m))
+    return prepare(
+      request,
+      (m) => this.loadControlNet(m),
+      (photo) => this.#faces.keypointFace(photo),
+    )
   }
 
   /** Draws requests that share one batch (or one request alone), with the refine pass on the

@@ -47,6 +47,19 @@ export interface FaceAnalysis {
   skipped: { index: number; name?: string; message: string }[]
 }
 
+/** What InstantID takes from a photo (docs/instantid.md): its largest face. */
+export interface KeypointFace {
+  /** `[x1, y1, x2, y2]`. */
+  bbox: number[]
+  score: number
+  /** Left eye, right eye, nose, left and right mouth corners. */
+  keypoints: number[][]
+  /** insightface's raw ArcFace `embedding` (not normalised): IdentityNet's face condition. */
+  embedding: Float32Array
+  /** The keypoints drawn as InstantID's `draw_kps` draws them, at the photo's size. */
+  keypointsImage: Rgb8
+}
+
 function toRgb8(image: Binding.RawImage): Rgb8 {
   return { width: image.width, height: image.height, data: image.data }
 }
@@ -79,6 +92,18 @@ export class FaceAnalyzer {
   async detectFaces(image: ImageInput, options: CallOptions = {}): Promise<DetectedFace[]> {
     const rgb = await decodeRgb8(image)
     return callNative({ signal: options.signal }, (cancel) => this.#native.detect(rgb, cancel))
+  }
+
+  /**
+   * InstantID's face analysis: the photo's largest face, its keypoints and raw ArcFace
+   * embedding, and the keypoint picture IdentityNet is given. Rejects with `NO_FACE` when the
+   * photo has no face. EXIF orientation is applied first.
+   */
+  async keypointFace(image: ImageInput, options: CallOptions = {}): Promise<KeypointFace> {
+    const rgb = await decodeRgb8(image)
+    const label = typeof image === 'string' ? `keypoints photo ${path.basename(image)}` : 'keypoints photo'
+    const f = await callNative({ signal: options.signal }, (cancel) => this.#native.instantidFace(rgb, label, cancel))
+    return { bbox: f.bbox, score: f.score, keypoints: f.keypoints, embedding: f.embedding, keypointsImage: toRgb8(f.keypointsImage) }
   }
 
   /** {@link analyzeFaces} for one photo: rejects with `NO_FACE` when it has no usable face. */

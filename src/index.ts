@@ -47,6 +47,7 @@ export {
   type AnalyzedFace,
   type DetectedFace,
   type FaceAnalysis,
+  type KeypointFace,
 } from './face.js'
 export type { Rgb8 } from './images.js'
 export {

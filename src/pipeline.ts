@@ -3,6 +3,7 @@ import * as path from 'node:path'
 import type * as Binding from '../index.js'
 import './dispose.js'
 import { HyperLoraError } from './errors.js'
+import type { KeypointFace } from './face.js'
 import type { Identity } from './identity.js'
 import { decodeRgb8, encodeWithParameters, type ImageFormat, type ImageInput } from './images.js'
 import { a1111Parameters } from './metadata.js'
@@ -99,8 +100,18 @@ export interface ControlNetOptions {
    * `.safetensors` file in diffusers naming. With `HyperLoRA`, also a manifest name such as
    * `controlnet-openpose-sdxl`. */
   model: ControlNet | string
-  /** Any size: resized to width × height with Lanczos, as diffusers does. */
-  image: ImageInput
+  /** Any size: resized to width × height with Lanczos, as diffusers does. Required unless
+   * `keypointsFrom` gives InstantID's keypoint picture. */
+  image?: ImageInput
+  /** InstantID (an `InstantX/InstantID` folder): the photo whose largest face gives IdentityNet
+   * both its keypoint picture and its face embedding (docs/instantid.md); needs `HyperLoRA`
+   * (face analysis). A photo without a face is `NO_FACE`. */
+  keypointsFrom?: ImageInput
+  /** `canny`: `image` becomes its Canny edges first (cv2-exact, as diffusers' Canny examples
+   * call it), thresholds `low` (default 100) and `high` (default 200). */
+  preprocess?: 'canny'
+  low?: number
+  high?: number
   /** diffusers' `controlnet_conditioning_scale`; default 1. 0 is the same as no ControlNet. */
   strength?: number
   /** Fraction of the steps where the ControlNet starts acting; default 0. */
@@ -136,6 +147,9 @@ export class ControlNet {
 
 /** Turns a request's ControlNet `model` string into a loaded ControlNet. */
 export type ControlNetLoader = (model: string) => Promise<ControlNet>
+
+/** InstantID's face analysis of a keypoint photo ({@link FaceAnalyzer.keypointFace}). */
+export type KeypointFaceFinder = (photo: ImageInput) => Promise<KeypointFace>
 
 /** An identity in a request, with its weights (default 0.85; Base-LoRA default 0). */
 export interface IdentityWeight {
@@ -414,7 +428,7 @@ function unusedOptions(options: GenerateOptions, hasIdentity: boolean): string[]
 
 /** @internal Validates a request and puts it in the engine's terms; the engine fills in what is
  * left unset and reports the settings it used. */
-export async function prepare(options: GenerateOptions, loadControlNet?: ControlNetLoader): Promise<Prepared> {
+export async function prepare(options: GenerateOptions, loadControlNet?: ControlNetLoader, keypointFace?: KeypointFaceFinder): Promise<Prepared> {
   const format = options.format ?? 'png'
   if (!['png', 'jpeg', 'webp'].includes(format)) throw new HyperLoraError('INVALID_ARGUMENT', `unknown format ${format}`)
   if (typeof options.prompt !== 'string') throw new HyperLoraError('INVALID_ARGUMENT', 'prompt must be a string')
@@ -444,7 +458,7 @@ export async function prepare(options: GenerateOptions, loadControlNet?: Control
     loras: (options.loras ?? []).map((l) => ({ path: path.resolve(l.path), weight: l.weight })),
   }
   if (options.controlnets !== undefined && options.controlnets.length > 0) {
-    request.controlnets = await Promise.all(options.controlnets.map((c, i) => controlNetRequest(c, i, loadControlNet)))
+    request.controlnets = await Promise.all(options.controlnets.map((c, i) => controlNetRequest(c, i, loadControlNet, keypointFace)))
   }
   if (options.initImage !== undefined) {
     const defaults = native().generateDefaults()
@@ -455,15 +469,26 @@ export async function prepare(options: GenerateOptions, loadControlNet?: Control
 
 /** One ControlNet of a request in the engine's terms: the model loaded, the image decoded at
  * its own size (the engine resizes it as diffusers does). */
-async function controlNetRequest(c: ControlNetOptions, i: number, load: ControlNetLoader | undefined): Promise<Binding.ControlNetRequest> {
+async function controlNetRequest(c: ControlNetOptions, i: number, load: ControlNetLoader | undefined, keypointFace?: KeypointFaceFinder): Promise<Binding.ControlNetRequest> {
   if (!c || (typeof c.model !== 'string' && !(c.model instanceof ControlNet))) {
     throw new HyperLoraError('INVALID_ARGUMENT', `controlnets[${i}].model must be a ControlNet or a path`)
   }
   if (typeof c.model === 'string' && !load) throw new HyperLoraError('INVALID_ARGUMENT', `controlnets[${i}].model: load it first (loadControlNet)`)
   const model = typeof c.model === 'string' ? await load!(c.model) : c.model
+  let face: KeypointFace | undefined
+  if (c.keypointsFrom !== undefined) {
+    if (!keypointFace) throw new HyperLoraError('INVALID_ARGUMENT', `controlnets[${i}].keypointsFrom needs face analysis: use HyperLoRA.generate`)
+    face = await keypointFace(c.keypointsFrom)
+  } else if (c.image === undefined) {
+    throw new HyperLoraError('INVALID_ARGUMENT', `controlnets[${i}]: give image (or keypointsFrom for InstantID)`)
+  }
   return {
     model: model.native,
-    image: await decodeRgb8(c.image),
+    image: face ? face.keypointsImage : await decodeRgb8(c.image!),
+    ...(face && { faceEmbedding: face.embedding }),
+    ...(c.preprocess !== undefined && { preprocess: c.preprocess }),
+    ...(c.low !== undefined && { low: c.low }),
+    ...(c.high !== undefined && { high: c.high }),
     ...(c.strength !== undefined && { strength: c.strength }),
     ...(c.start !== undefined && { start: c.start }),
     ...(c.end !== undefined && { end: c.end }),

@@ -121,10 +121,16 @@ function generateOptions(values: CommandValues, prompt: string): Omit<EngineGene
     return { path: checkedInputFile('lora', weighted ? weighted[1]! : spec), weight: weighted ? Number(weighted[2]) : 1 }
   })
   const controlnets = strings(values, 'controlnet').map((spec) => {
-    // `model:image[:strength]`: a model path or manifest name, the control image, a weight.
-    const parts = /^([^:]+):(.+?)(?::(\d*\.?\d+))?$/.exec(spec)
-    if (!parts) throw usageError(`--controlnet takes model:image[:strength], got ${spec}`)
-    return { model: parts[1]!, image: checkedInputFile('controlnet', parts[2]!), ...(parts[3] !== undefined && { strength: Number(parts[3]) }) }
+    // `model:image[:strength][:canny]`, or InstantID's `model:keypoints=photo[:strength]`.
+    const parts = /^([^:]+):(.+?)(?::(\d*\.?\d+))?(:canny)?$/.exec(spec)
+    if (!parts) throw usageError(`--controlnet takes model:image[:strength][:canny] or instantid:keypoints=photo[:strength], got ${spec}`)
+    const keypoints = /^keypoints=(.+)$/.exec(parts[2]!)
+    return {
+      model: parts[1]!,
+      ...(keypoints ? { keypointsFrom: checkedInputFile('controlnet keypoints', keypoints[1]!) } : { image: checkedInputFile('controlnet', parts[2]!) }),
+      ...(parts[3] !== undefined && { strength: Number(parts[3]) }),
+      ...(parts[4] !== undefined && { preprocess: 'canny' as const }),
+    }
   })
   const size = values['tiny'] ? TINY_IMAGE_SIZE : undefined
   const numbers = {
@@ -169,13 +175,15 @@ export async function generateCommand(values: CommandValues, onProgress: OnProgr
     })),
   )
   const options = { ...rest, ...(resolved.length > 0 && { controlnets: resolved }) }
-  // Photos, the face refine pass and best-of-N need all four models; otherwise SDXL alone does.
-  const engine = faces.length > 0 || refineFace || bestOf !== undefined ? await loadEngine(values, onProgress) : undefined
+  // Photos, InstantID's keypoint photos, the face refine pass and best-of-N need all four models;
+  // otherwise SDXL alone does.
+  const keypoints = resolved.some((c) => 'keypointsFrom' in c)
+  const engine = faces.length > 0 || refineFace || keypoints || bestOf !== undefined ? await loadEngine(values, onProgress) : undefined
   const pipeline = engine ? undefined : await loadPipeline((await models(values, ['checkpoint'])).checkpoint)
   let image: GeneratedImage | undefined
   let candidates: { seed: number | string; scores: ImageScore | undefined }[] | undefined
   try {
-    const identity = savedIdentity ? await loadIdentity(savedIdentity) : engine ? await identityFromFaces(engine, faces, values, onProgress, warn) : undefined
+    const identity = savedIdentity ? await loadIdentity(savedIdentity) : engine && faces.length > 0 ? await identityFromFaces(engine, faces, values, onProgress, warn) : undefined
     const request = { ...options, ...(identity && { identity }), ...(onProgress && { onProgress }) }
     const images = engine ? await engine.generate({ ...request, ...(refineFace && { refineFace }), ...(bestOf !== undefined && { bestOf }) }) : await pipeline!.generate(request)
     image = images[0]

@@ -83,9 +83,12 @@ the person's identity LoRA is merged in and HyperLoRA's trigger words are prepen
                         (--scheduler is the old name, still accepted)
   --identity-weight x   default 0.85
   --lora path[:weight]  another LoRA (repeatable)
-  --controlnet model:image[:strength]
+  --controlnet model:image[:strength][:canny]
                         a ControlNet (path or manifest name, e.g. controlnet-openpose-sdxl)
-                        with its control image, e.g. a pose skeleton you supply (repeatable)
+                        with its control image, e.g. a pose skeleton you supply (repeatable);
+                        ':canny' turns the image into its Canny edges first
+  --controlnet instantid:keypoints=photo[:strength]
+                        InstantID's IdentityNet on the face keypoints of photo
   --keep-background     skip the face background removal
   --refine-face         re-draw the faces at 1024² with the identity and blend them back
   --best-of n           draw n candidates in one batch (seeds seed…seed+n-1), keep the best:

@@ -16,6 +16,9 @@ const REQUIRED: Record<Exclude<ModelRole, 'checkpoint'>, readonly string[]> = {
   controlnet: ['config.json', 'diffusion_pytorch_model.safetensors'],
 }
 
+/** An InstantID folder (docs/instantid.md): IdentityNet and the face projection. */
+const INSTANTID = ['ControlNetModel/config.json', 'ControlNetModel/diffusion_pytorch_model.safetensors', 'ip-adapter.bin']
+
 /** Optional files of a HyperLoRA folder the engine reads when present. */
 const HYPERLORA_OPTIONAL = ['base_resampler.safetensors', 'hyper_lora_config.json']
 
@@ -32,7 +35,8 @@ export function missingForRole(role: ModelRole, target: string): string[] | null
   }
   if (role === 'controlnet' && stat.isFile()) return target.endsWith('.safetensors') ? null : [target]
   if (!stat.isDirectory()) return [target]
-  const missing = REQUIRED[role].filter((f) => !fs.existsSync(path.join(target, f)))
+  const required = role === 'controlnet' && fs.existsSync(path.join(target, 'ip-adapter.bin')) ? INSTANTID : REQUIRED[role]
+  const missing = required.filter((f) => !fs.existsSync(path.join(target, f)))
   return missing.length === 0 ? null : missing
 }
 

@@ -22,6 +22,7 @@ use hyperlora::clip::vision::ClipVisionModel;
 use hyperlora::face::{ArcFaceModel, Detection, Detector, LandmarkModel};
 use hyperlora::hypernet::HyperLora;
 use hyperlora::image::RgbImage;
+use hyperlora::instantid;
 use hyperlora::lora::{read_lora_file, KohyaLora, LoraLayer};
 use hyperlora::sdxl::model::{unet, vae};
 use hyperlora::sdxl::pipeline::{GenerateParams, LoadOptions, SdxlPipeline};
@@ -30,6 +31,7 @@ use hyperlora::sdxl::text::prompt::{tokenize_sdxl, PromptOptions, SdxlPromptChun
 use hyperlora::sdxl::text::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
 use hyperlora::task::CancelToken;
 use hyperlora::weights::inspect::{inspect_safetensors, InspectOptions};
+use hyperlora::weights::{pickle, torch_checkpoint};
 use hyperlora::weights::{Component, ComponentFiles, ModelSource, SingleFileCheckpoint};
 use hyperlora::{Error, ErrorCode, Result};
 
@@ -50,16 +52,22 @@ pub enum Target {
     Hyperlora,
     /// Prompt strings (bytes decoded lossily as UTF-8): A1111 parsing + both CLIP tokenizers.
     Prompts,
+    /// PyTorch checkpoints (`torch.save` zips, e.g. InstantID's `ip-adapter.bin`): the whole
+    /// file through `weights::torch_checkpoint` and InstantID's image projection (variant 0),
+    /// or a `data.pkl` alone through the refusing pickle VM (variant 1; the zip's CRC would
+    /// stop most mutations of a pickle inside a zip).
+    Torch,
 }
 
 impl Target {
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::Safetensors,
         Target::Configs,
         Target::Onnx,
         Target::Lora,
         Target::Hyperlora,
         Target::Prompts,
+        Target::Torch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +78,7 @@ impl Target {
             Target::Lora => "lora",
             Target::Hyperlora => "hyperlora",
             Target::Prompts => "prompts",
+            Target::Torch => "torch",
         }
     }
 
@@ -83,6 +92,7 @@ impl Target {
             Target::Configs => &CONFIG_FILES,
             Target::Onnx => &ONNX_FILES,
             Target::Hyperlora => &HYPERLORA_FILES,
+            Target::Torch => &TORCH_FILES,
             Target::Safetensors | Target::Lora | Target::Prompts => &[],
         }
     }
@@ -136,6 +146,15 @@ impl Target {
             Target::Hyperlora => indexed(tiny.join("hyperlora"), &HYPERLORA_FILES),
             // Prompt seeds are strings; the fuzzer has its own list.
             Target::Prompts => Vec::new(),
+            Target::Torch => {
+                let f = fixtures.join("instantid");
+                vec![
+                    (0, tiny.join("instantid/ip-adapter.bin")),
+                    (0, f.join("views.bin")),
+                    (1, f.join("ip-adapter.pkl")),
+                    (1, f.join("views.pkl")),
+                ]
+            }
         }
     }
 }
@@ -154,6 +173,8 @@ const CONFIG_FILES: [&str; 9] = [
 ];
 
 const ONNX_FILES: [&str; 3] = ["scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx"];
+
+const TORCH_FILES: [&str; 2] = ["checkpoint.bin", "data.pkl"];
 
 const HYPERLORA_FILES: [&str; 6] = [
     "hyper_lora_config.json",
@@ -271,7 +292,7 @@ impl Harness {
             Target::Lora | Target::Hyperlora | Target::Configs => {
                 self.pipeline();
             }
-            Target::Safetensors | Target::Onnx => {}
+            Target::Safetensors | Target::Onnx | Target::Torch => {}
         }
     }
 
@@ -325,7 +346,29 @@ impl Harness {
             Target::Lora => self.lora(bytes),
             Target::Hyperlora => self.hyperlora(variant, bytes),
             Target::Prompts => self.prompt(&String::from_utf8_lossy(bytes)),
+            Target::Torch => self.torch(variant, bytes),
         }
+    }
+
+    fn torch(&self, variant: usize, bytes: &[u8]) -> Result<()> {
+        if variant == 1 {
+            return pickle::load(bytes).map(drop);
+        }
+        let dir = self.dir("torch")?;
+        let file = dir.join(TORCH_FILES[0]);
+        replace_file(&file, bytes)?;
+        let tensors = torch_checkpoint::load(&file, &Device::Cpu)?;
+        let proj = instantid::Resampler::from_checkpoint(&tensors, DType::F32, &Device::Cpu)?;
+        let c = *proj.config();
+        // One projection when the sizes are small enough to run quickly.
+        if c.dim * c.depth * c.ff_mult <= 1 << 12 && c.num_queries <= 64 && c.heads <= 64 {
+            let emb = vec![0.5f32; c.embedding_dim];
+            let (neg, pos) = instantid::face_tokens(&proj, &emb)?;
+            if neg.dims() != [1, c.num_queries, c.output_dim] || neg.dims() != pos.dims() {
+                return Err(broken(format!("face tokens of shape {:?}", pos.dims())));
+            }
+        }
+        Ok(())
     }
 
     fn safetensors(&self, bytes: &[u8]) -> Result<()> {

@@ -1155,6 +1155,8 @@ enum Format {
     Json,
     Protobuf,
     Prompt,
+    /// Blind byte mutations only (torch.save zips and their pickles).
+    Bytes,
 }
 
 fn format_of(target: Target, variant: usize) -> Format {
@@ -1163,6 +1165,7 @@ fn format_of(target: Target, variant: usize) -> Format {
         Target::Configs => Format::Json,
         Target::Onnx => Format::Protobuf,
         Target::Prompts => Format::Prompt,
+        Target::Torch => Format::Bytes,
         Target::Hyperlora => {
             if target.variants()[variant].ends_with(".json") {
                 Format::Json
@@ -1230,6 +1233,7 @@ impl Pool {
                     Format::Safetensors => mutate_safetensors(rng, &data),
                     Format::Json => mutate_json(rng, &data),
                     Format::Protobuf => mutate_protobuf(rng, &data),
+                    Format::Bytes => None,
                 }))
                 .unwrap_or_else(|_| {
                     PANIC_MESSAGE
@@ -1418,7 +1422,7 @@ fn minimise(harness: &Harness, target: Target, input: &[u8], budget: Duration) -
                 }
             }
         }
-        Format::Json | Format::Prompt => {}
+        Format::Json | Format::Prompt | Format::Bytes => {}
     }
     let mut chunk = best.len() / 2;
     while chunk > 0 && Instant::now() < deadline {

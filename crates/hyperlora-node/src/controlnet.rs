@@ -4,11 +4,14 @@
 
 use std::path::PathBuf;
 
+use hyperlora::image::{canny, RgbImage};
 use hyperlora::sdxl::control::{self, ControlNetUse};
-use napi::bindgen_prelude::{AsyncTask, ClassInstance};
+use hyperlora::Error;
+use napi::bindgen_prelude::{AsyncTask, ClassInstance, Float32Array};
 use napi_derive::napi;
 
 use crate::call::{call, Call, CallContext};
+use crate::errors::to_napi;
 use crate::pipeline::{lock, Pipeline, RawImage};
 use crate::resident::Resident;
 
@@ -46,6 +49,14 @@ pub struct ControlNetRequest<'a> {
     pub strength: Option<f64>,
     pub start: Option<f64>,
     pub end: Option<f64>,
+    /// InstantID: the raw ArcFace embedding of the face whose keypoints `image` shows
+    /// (`FaceAnalyzer.instantidFace`).
+    pub face_embedding: Option<Float32Array>,
+    /// `canny`: `image` becomes its Canny edges first (docs/instantid.md), with thresholds
+    /// `low` (default 100) and `high` (default 200).
+    pub preprocess: Option<String>,
+    pub low: Option<f64>,
+    pub high: Option<f64>,
 }
 
 /// A ControlNet as a request was drawn with it.
@@ -65,9 +76,29 @@ pub(crate) fn control_uses(
     let mut settings = Vec::with_capacity(requests.len());
     for r in requests {
         let net = (*r.model.inner.get()?).clone();
+        let image: RgbImage = (&r.image).into();
+        let image = match r.preprocess.as_deref() {
+            None => image,
+            Some("canny") => canny::canny(
+                &image,
+                r.low.unwrap_or(canny::DEFAULT_LOW),
+                r.high.unwrap_or(canny::DEFAULT_HIGH),
+            ),
+            Some(other) => {
+                return Err(to_napi(Error::invalid_argument(format!(
+                    "controlnet preprocess must be 'canny', got {other:?}"
+                ))))
+            }
+        };
         let use_ = ControlNetUse {
-            image: (&r.image).into(),
-            scale: r.strength.unwrap_or(ControlNetUse::DEFAULT_SCALE),
+            image,
+            face: r.face_embedding.as_ref().map(|e| e.to_vec()),
+            // InstantID's IdentityNet defaults to the reference workflow's 0.6.
+            scale: r.strength.unwrap_or(if net.image_proj().is_some() {
+                hyperlora::instantid::DEFAULT_STRENGTH
+            } else {
+                ControlNetUse::DEFAULT_SCALE
+            }),
             start: r.start.unwrap_or(ControlNetUse::DEFAULT_START),
             end: r.end.unwrap_or(ControlNetUse::DEFAULT_END),
             net,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use hyperlora::face::{
     AnalyzeOptions, AnalyzedPhotos, FaceAnalyzer as Analyzer, FaceChoice, FaceInfo,
+    KeypointFace as EngineKeypointFace,
 };
 use hyperlora::image::RgbImage;
 use hyperlora::Error;
@@ -162,6 +163,56 @@ impl FaceAnalyzer {
             },
         ))
     }
+
+    /// InstantID's face analysis of one photo: the largest face's keypoints, raw ArcFace
+    /// embedding and keypoint picture. `NO_FACE` (naming `label`) when it has none.
+    #[napi(ts_return_type = "Promise<KeypointFace>")]
+    pub fn instantid_face(
+        &self,
+        image: RawImage,
+        label: String,
+        cancel: Option<ClassInstance<CancelHandle>>,
+    ) -> napi::Result<AsyncTask<Call<(EngineKeypointFace, RgbImage), KeypointFace>>> {
+        let analyzer = self.inner.get()?;
+        let image = RgbImage::from(&image);
+        Ok(call(
+            CallContext::new(cancel, None),
+            keypoint_face,
+            move |cancel, _| {
+                cancel.check()?;
+                let face = analyzer.keypoint_face(&image, &label)?;
+                let picture =
+                    hyperlora::instantid::keypoint_image(&face, image.width, image.height);
+                Ok((face, picture))
+            },
+        ))
+    }
+}
+
+/// What InstantID takes from a photo (docs/instantid.md): its largest face.
+#[napi(object)]
+pub struct KeypointFace {
+    /// `[x1, y1, x2, y2]`.
+    pub bbox: Vec<f64>,
+    pub score: f64,
+    /// Left eye, right eye, nose, left and right mouth corners: `[[x, y], …]`.
+    pub keypoints: Vec<Vec<f64>>,
+    /// insightface's raw ArcFace `embedding` (not normalised): IdentityNet's face condition.
+    pub embedding: Float32Array,
+    /// The keypoints drawn as InstantID's `draw_kps` draws them, at the photo's size:
+    /// IdentityNet's control image.
+    pub keypoints_image: RawImage,
+}
+
+fn keypoint_face((face, image): (EngineKeypointFace, RgbImage)) -> napi::Result<KeypointFace> {
+    let d = &face.detection;
+    Ok(KeypointFace {
+        bbox: d.bbox.iter().map(|v| *v as f64).collect(),
+        score: d.score as f64,
+        keypoints: points(&d.kps),
+        embedding: Float32Array::new(face.embedding),
+        keypoints_image: RawImage::from(image),
+    })
 }
 
 fn analysis_result(result: AnalyzedPhotos) -> napi::Result<FaceAnalysisResult> {

@@ -11,6 +11,7 @@ pub mod face;
 pub mod hypernet;
 pub mod identity;
 pub mod image;
+pub mod instantid;
 pub mod lora;
 pub mod memory;
 pub mod score;

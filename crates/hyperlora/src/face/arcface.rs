@@ -51,17 +51,25 @@ impl ArcFaceModel {
         })
     }
 
-    /// The L2-normalised embedding of an aligned 112x112 crop.
-    pub fn embed_aligned(&self, aligned: &RgbImage) -> Result<Vec<f32>> {
+    /// The model's output for an aligned 112x112 crop, not normalised: insightface's
+    /// `face.embedding` (InstantID's face condition), where `face.normed_embedding` is
+    /// [`Self::embed_aligned`].
+    pub fn raw_embedding_aligned(&self, aligned: &RgbImage) -> Result<Vec<f32>> {
         let outs = self
             .model
             .run(&blob(aligned, self.mean, self.std), self.size, self.size)?;
-        let mut e = outs[0].1.clone();
+        let e = outs[0].1.clone();
         if e.len() != self.dim {
             return Err(self
                 .model
                 .signature_error(format!("embedding has {} values", e.len())));
         }
+        Ok(e)
+    }
+
+    /// The L2-normalised embedding of an aligned 112x112 crop.
+    pub fn embed_aligned(&self, aligned: &RgbImage) -> Result<Vec<f32>> {
+        let mut e = self.raw_embedding_aligned(aligned)?;
         let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
         if !(n > 0.0 && n.is_finite()) {
             // Pixels are bounded, so only broken weights make this.
@@ -72,6 +80,11 @@ impl ArcFaceModel {
         }
         e.iter_mut().for_each(|v| *v /= n);
         Ok(e)
+    }
+
+    /// Aligns the face by its 5 keypoints; the raw (not normalised) embedding.
+    pub fn raw_embedding(&self, img: &RgbImage, face: &Detection) -> Result<Vec<f32>> {
+        self.raw_embedding_aligned(&norm_crop(img, &face.kps, self.size))
     }
 
     /// Aligns the face by its 5 keypoints and embeds it.

@@ -294,6 +294,43 @@ impl FaceAnalyzer {
     }
 }
 
+/// What InstantID takes from a photo: the largest face's 5 keypoints and raw ArcFace embedding.
+#[derive(Clone, Debug)]
+pub struct KeypointFace {
+    pub detection: Detection,
+    /// insightface's `face.embedding`: not normalised.
+    pub embedding: Vec<f32>,
+}
+
+/// Detector sizes ComfyUI_InstantID tries in turn (`range(640, 256, -64)`).
+pub const INSTANTID_DETECT_SIZES: [usize; 6] = [640, 576, 512, 448, 384, 320];
+
+impl FaceAnalyzer {
+    /// InstantID's face analysis: insightface's `FaceAnalysis.get` on the whole photo, the
+    /// face of largest box (the last of equal ones), its keypoints and its raw embedding of
+    /// the 5-point-aligned crop. `NO_FACE` when no size finds one.
+    pub fn keypoint_face(&self, img: &RgbImage, what: &str) -> Result<KeypointFace> {
+        check_image(img)?;
+        let (dets, _) = self
+            .detector
+            .detect_with_retries(img, &INSTANTID_DETECT_SIZES)?;
+        let Some(face) = dets
+            .into_iter()
+            .max_by(|a, b| a.area().total_cmp(&b.area()))
+        else {
+            return Err(Error::new(
+                ErrorCode::NoFace,
+                format!("{what}: no face detected (tried sizes 640 to 320)"),
+            ));
+        };
+        let embedding = self.arcface.raw_embedding(img, &face)?;
+        Ok(KeypointFace {
+            detection: face,
+            embedding,
+        })
+    }
+}
+
 fn check_image(img: &RgbImage) -> Result<()> {
     if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
         return Err(Error::invalid_argument(format!(

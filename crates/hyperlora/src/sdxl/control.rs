@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::image::{pil_resize_lanczos, RgbImage};
+use crate::instantid::{self, Resampler};
 use crate::sdxl::model::controlnet::{Config, ControlNetModel};
 use crate::sdxl::model::unet::{self, ControlResiduals, UNetConditioning};
 use crate::weights::inspect::check_tensors;
@@ -28,6 +29,8 @@ pub struct ControlNet {
     id: u64,
     name: String,
     model: Arc<ControlNetModel>,
+    /// InstantID's face projection: IdentityNet reads face tokens, not the prompt.
+    image_proj: Option<Arc<Resampler>>,
 }
 
 impl ControlNet {
@@ -38,6 +41,7 @@ impl ControlNet {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.into(),
             model: Arc::new(model),
+            image_proj: None,
         }
     }
 
@@ -47,7 +51,21 @@ impl ControlNet {
     /// file such as `controlnet-openpose-sdxl-1.0.safetensors`, whose config is read off its
     /// tensor shapes and `unet`, the UNet it will drive). Original-layout (`control_model.*`)
     /// files and control-LoRAs are refused (`BAD_WEIGHTS`, saying which was found).
+    ///
+    /// An InstantID folder (`ControlNetModel/` and `ip-adapter.bin`, docs/instantid.md) loads
+    /// IdentityNet with its face projection.
     pub fn load(path: &Path, unet: &unet::Config, device: &Device, dtype: DType) -> Result<Self> {
+        let (identitynet, proj) = (path.join("ControlNetModel"), path.join("ip-adapter.bin"));
+        if identitynet.is_dir() && proj.is_file() {
+            let image_proj = instantid::load_image_proj(&proj, dtype, device)?;
+            let mut net = Self::load(&identitynet, unet, device, dtype)?;
+            net.name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            net.image_proj = Some(Arc::new(image_proj));
+            return Ok(net);
+        }
         let context = || format!("controlnet {}", path.display());
         let files = if path.is_dir() {
             ComponentFiles::locate(path, Component::Unet, None).map_err(|e| e.context(context()))?
@@ -93,6 +111,11 @@ impl ControlNet {
 
     pub fn model(&self) -> &ControlNetModel {
         &self.model
+    }
+
+    /// InstantID's face projection, for IdentityNet.
+    pub fn image_proj(&self) -> Option<&Resampler> {
+        self.image_proj.as_deref()
     }
 
     /// `INVALID_ARGUMENT` unless its residuals fit `unet`'s skip connections.
@@ -174,6 +197,9 @@ pub struct ControlNetUse {
     /// `i / n < start` or `(i + 1) / n > end`.
     pub start: f64,
     pub end: f64,
+    /// IdentityNet's face: the raw ArcFace embedding of the face whose keypoints `image`
+    /// shows (`FaceAnalyzer::keypoint_face`); required exactly for InstantID.
+    pub face: Option<Vec<f32>>,
 }
 
 impl ControlNetUse {
@@ -189,6 +215,7 @@ impl ControlNetUse {
             scale: Self::DEFAULT_SCALE,
             start: Self::DEFAULT_START,
             end: Self::DEFAULT_END,
+            face: None,
         }
     }
 
@@ -237,6 +264,19 @@ impl ControlNetUse {
                 img.width,
                 img.height
             )));
+        }
+        match (self.net.image_proj(), &self.face) {
+            (Some(_), None) => {
+                return Err(Error::invalid_argument(format!(
+                    "controlnet {name}: InstantID needs a face (keypointsFrom)"
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid_argument(format!(
+                    "controlnet {name}: a face is given but it is not InstantID"
+                )))
+            }
+            _ => {}
         }
         self.net.check_fits(unet)?;
         let config = self.net.model().config();
@@ -315,10 +355,30 @@ impl<'a> ControlBatch<'a> {
                 let image = prepare_image(&image.image, width, height, device)?;
                 rows.push(image.repeat((copies * b, 1, 1, 1))?);
             }
+            // IdentityNet attends to each request's face tokens instead of the prompt, with the
+            // projection of a zero embedding on the unconditional rows (InstantID's
+            // `_encode_prompt_image_emb`).
+            let context = match use_.net.image_proj() {
+                Some(proj) => {
+                    let mut rows = Vec::new();
+                    for (uses, b) in requests {
+                        let face = uses[k].face.as_deref().ok_or_else(|| {
+                            Error::invalid_argument("InstantID needs a face (keypointsFrom)")
+                        })?;
+                        let (neg, pos) = instantid::face_tokens(proj, face)?;
+                        if guidance {
+                            rows.push(neg.repeat((*b, 1, 1))?);
+                        }
+                        rows.push(pos.repeat((*b, 1, 1))?);
+                    }
+                    Tensor::cat(&rows, 0)?
+                }
+                None => context.clone(),
+            };
             nets.push(Prepared {
                 use_,
                 images: Tensor::cat(&rows, 0)?,
-                cond: use_.net.model().condition(context, pooled, time_ids)?,
+                cond: use_.net.model().condition(&context, pooled, time_ids)?,
             });
         }
         // diffusers: guess_mode = guess_mode or the (first) ControlNet's global_pool_conditions.

@@ -2,6 +2,10 @@
 
 pub mod inspect;
 
+// PyTorch zip checkpoints (`.bin`), read without running code.
+pub mod pickle;
+pub mod torch_checkpoint;
+
 // Real checkpoint layouts (diffusers folders, single-file SGM checkpoints) and their name table.
 pub mod diffusers;
 pub mod sgm_names;

@@ -46,6 +46,7 @@ fn case_params(pipe: &SdxlPipeline, case: &str) -> (GenerateParams, Tensor, Vec<
             scale: c["scale"].as_f64().unwrap(),
             start: c["start"].as_f64().unwrap(),
             end: c["end"].as_f64().unwrap(),
+            face: None,
         })
         .collect();
     let params = GenerateParams {

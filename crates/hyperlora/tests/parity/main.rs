@@ -11,6 +11,7 @@ mod clip_vision;
 mod controlnet;
 mod face;
 mod hyperlora;
+mod instantid;
 mod lora_apply;
 mod noise;
 mod sdxl_pipeline;

@@ -9,6 +9,12 @@
 //!   pass, u8 in between).
 //! - [`pil_gaussian_blur`]: `ImageFilter.GaussianBlur` = three box blurs per axis (Pillow's
 //!   BoxBlur.c), [`pil_paste_masked`], [`pil_crop`], [`pil_grayscale`], [`fill_polygon`].
+//!
+//! Control images: [`draw`] (OpenCV's polygon and circle rasterisers, InstantID's keypoint
+//! picture) and [`canny`] (`cv2.Canny`).
+
+pub mod canny;
+pub mod draw;
 
 /// An 8-bit RGB picture, rows top to bottom, 3 bytes per pixel.
 #[derive(Clone, Debug, PartialEq, Eq)]
