@@ -77,7 +77,7 @@ function strings(values: CommandValues, key: string): string[] {
 type OnProgress = ((e: StageEvent) => void) | undefined
 
 /** The four models of the engine, from flags, environment, --tiny or the defaults. */
-export function engineModels(values: CommandValues): Promise<Record<ModelRole, string>> {
+export function engineModels(values: CommandValues): Promise<Record<LoadRole, string>> {
   return models(values, ['checkpoint', 'hyperlora', 'clipVision', 'faceModels'])
 }
 
