@@ -351,7 +351,7 @@ impl IdentityEncoder {
             encoded_identity,
             move |_, _| {
                 let c = IdentityCoefficients::from_bytes(&bytes)?;
-                let out = encoder.hypernet().expand(c)?;
+                let out = encoder.expand(c)?;
                 // Merged from another thread's stream, as after `create`.
                 encoder.hypernet().device().synchronize()?;
                 Ok(out)

@@ -12,7 +12,7 @@ use crate::clip::vision::ClipVisionModel;
 use crate::error::{Error, Result};
 use crate::face::likeness::{encode_embedding, mean_embedding, ARCFACE_METADATA_KEY};
 use crate::face::FaceConditions;
-use crate::hypernet::{HyperLora, HyperLoraOutput};
+use crate::hypernet::{HyperLora, HyperLoraOutput, IdentityCoefficients};
 use crate::image::RgbImage;
 use crate::task::{CancelToken, Progress, ProgressFn, Stage};
 
@@ -148,10 +148,8 @@ impl IdentityEncoder {
             base.as_ref(),
         )?;
         let arcface: Vec<Vec<f32>> = photos.iter().map(|p| p.arcface.clone()).collect();
-        out.id.metadata.insert(
-            ARCFACE_METADATA_KEY.to_string(),
-            encode_embedding(&mean_embedding(&arcface)?),
-        );
+        out.coefficients.arcface = Some(mean_embedding(&arcface)?);
+        keep_arcface(&mut out);
         // The LoRA may be merged from another thread's stream (see `SdxlPipeline::load`).
         self.device.synchronize()?;
         progress(Progress {
@@ -161,13 +159,30 @@ impl IdentityEncoder {
         });
         Ok(out)
     }
+
+    /// The identity of stored coefficients ([`IdentityCoefficients`]), with the ArcFace
+    /// embedding they carry in its metadata as [`IdentityEncoder::create`] writes it.
+    pub fn expand(&self, coefficients: IdentityCoefficients) -> Result<HyperLoraOutput> {
+        let mut out = self.hyper.expand(coefficients)?;
+        keep_arcface(&mut out);
+        Ok(out)
+    }
+}
+
+/// Writes the coefficients' ArcFace embedding into the ID-LoRA's metadata, where saved and
+/// loaded identities keep it for likeness scores.
+fn keep_arcface(out: &mut HyperLoraOutput) {
+    if let Some(e) = &out.coefficients.arcface {
+        out.id
+            .metadata
+            .insert(ARCFACE_METADATA_KEY.to_string(), encode_embedding(e));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
-    use crate::hypernet::IdentityCoefficients;
     use crate::testing::tiny_model;
 
     fn encoder() -> IdentityEncoder {
@@ -276,7 +291,7 @@ mod tests {
             .unwrap();
         let bytes = made.coefficients.to_bytes();
         let parsed = IdentityCoefficients::from_bytes(&bytes).unwrap();
-        let back = enc.hypernet().expand(parsed.clone()).unwrap();
+        let back = enc.expand(parsed.clone()).unwrap();
         let bits = |t: &Tensor| -> Vec<u32> {
             let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             v.iter().map(|x| x.to_bits()).collect()
@@ -304,7 +319,7 @@ mod tests {
 
         let mut other = parsed;
         other.model_id[0] ^= 1;
-        let err = enc.hypernet().expand(other).unwrap_err();
+        let err = enc.expand(other).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
         assert!(err.to_string().contains("made by HyperLoRA model"), "{err}");
     }

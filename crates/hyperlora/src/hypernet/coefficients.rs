@@ -11,7 +11,11 @@
 //! magic "HLCOEFS\0" | u32 version | [u8; 32] model id | u32 queries | u32 hyper_dim | u8 has_base
 //! u32 id photos    | f32 × queries·hyper_dim id tokens
 //! [u32 base photos | f32 × queries·hyper_dim base tokens]   (when has_base = 1)
+//! u32 embedding length | f32 × length                        (0: none; else 512)
 //! ```
+//!
+//! The embedding is the photos' mean ArcFace embedding, which identity creation keeps for
+//! likeness scores (docs/scores.md); the LoRA bank does not use it.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -24,6 +28,8 @@ use crate::{Error, Result};
 const MAGIC: &[u8; 8] = b"HLCOEFS\0";
 const VERSION: u32 = 1;
 const HEADER: usize = 8 + 4 + 32 + 4 + 4 + 1;
+/// ArcFace's embedding size (antelopev2's glintr100).
+const ARCFACE_DIM: usize = 512;
 
 /// One LoRA's tokens `[queries, hyper_dim]` (row-major f32) and the number of photos averaged.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,13 +61,16 @@ pub struct IdentityCoefficients {
     pub hyper_dim: u32,
     pub id: Tokens,
     pub base: Option<Tokens>,
+    /// The photos' mean ArcFace embedding, carried along for likeness scores.
+    pub arcface: Option<Vec<f32>>,
 }
 
 impl IdentityCoefficients {
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = self.queries as usize * self.hyper_dim as usize;
         let parts = 1 + usize::from(self.base.is_some());
-        let mut out = Vec::with_capacity(HEADER + parts * (4 + 4 * n));
+        let embedding = self.arcface.as_deref().unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER + parts * (4 + 4 * n) + 4 + 4 * embedding.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.model_id);
@@ -74,6 +83,10 @@ impl IdentityCoefficients {
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
         }
+        out.extend_from_slice(&(embedding.len() as u32).to_le_bytes());
+        embedding
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
         out
     }
 
@@ -103,24 +116,31 @@ impl IdentityCoefficients {
             .filter(|&n| n > 0)
             .ok_or_else(|| bad(format!("bad token shape [{queries}, {hyper_dim}]")))?;
         let part = 4 + 4 * n;
-        let expected = HEADER + part * (1 + usize::from(has_base));
-        if bytes.len() != expected {
+        let tokens_end = HEADER + part * (1 + usize::from(has_base));
+        let embedding_len = bytes
+            .get(tokens_end..tokens_end + 4)
+            .map(|_| u32_at(tokens_end) as usize);
+        let expected = tokens_end + 4 + 4 * embedding_len.unwrap_or(0);
+        if !matches!(embedding_len, Some(0 | ARCFACE_DIM)) || bytes.len() != expected {
             return Err(bad(format!(
-                "{} bytes, a [{queries}, {hyper_dim}] identity{} has {expected}",
+                "{} bytes, a [{queries}, {hyper_dim}] identity{} has {expected} (with an embedding of 0 or {ARCFACE_DIM} values)",
                 bytes.len(),
                 if has_base { " with a Base-LoRA" } else { "" }
             )));
         }
-        let tokens = |at: usize| -> Result<Tokens> {
-            let values: Vec<f32> = bytes[at + 4..at + part]
+        let floats = |range: std::ops::Range<usize>| -> Result<Vec<f32>> {
+            let values: Vec<f32> = bytes[range]
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect();
             if values.iter().any(|v| !v.is_finite()) {
-                return Err(bad("a token value is not finite".into()));
+                return Err(bad("a value is not finite".into()));
             }
+            Ok(values)
+        };
+        let tokens = |at: usize| -> Result<Tokens> {
             Ok(Tokens {
-                values,
+                values: floats(at + 4..at + part)?,
                 num_photos: u32_at(at),
             })
         };
@@ -130,6 +150,9 @@ impl IdentityCoefficients {
             hyper_dim,
             id: tokens(HEADER)?,
             base: has_base.then(|| tokens(HEADER + part)).transpose()?,
+            arcface: (embedding_len != Some(0))
+                .then(|| floats(tokens_end + 4..expected))
+                .transpose()?,
         })
     }
 }
@@ -196,6 +219,7 @@ mod tests {
             hyper_dim: 3,
             id: tokens(0.5),
             base: base.then(|| tokens(-0.25)),
+            arcface: base.then(|| vec![0.125; ARCFACE_DIM]),
         }
     }
 

@@ -248,6 +248,7 @@ impl HyperLora {
             hyper_dim: self.config.hyper_dim as u32,
             id: Tokens::from_tensor(&id, photos)?,
             base,
+            arcface: None,
         };
         self.expand(coefficients)
     }
