@@ -332,24 +332,15 @@ fn pil_resize_planes(p: &Planes, w: usize, h: usize, filter: Filter) -> Vec<u8> 
 
 /// `PIL.Image.resize((w, h), Image.BICUBIC)` for RGB.
 pub fn pil_resize_bicubic(img: &RgbImage, w: usize, h: usize) -> RgbImage {
-    if img.width == w && img.height == h {
-        return img.clone();
-    }
-    let p = Planes {
-        w: img.width,
-        h: img.height,
-        c: 3,
-        data: &img.data,
-    };
-    RgbImage {
-        width: w,
-        height: h,
-        data: pil_resize_planes(&p, w, h, BICUBIC),
-    }
+    pil_resize_rgb(img, w, h, BICUBIC)
 }
 
 /// `PIL.Image.resize((w, h), Image.LANCZOS)` for RGB (diffusers' image processors' default).
 pub fn pil_resize_lanczos(img: &RgbImage, w: usize, h: usize) -> RgbImage {
+    pil_resize_rgb(img, w, h, LANCZOS)
+}
+
+fn pil_resize_rgb(img: &RgbImage, w: usize, h: usize, filter: Filter) -> RgbImage {
     if img.width == w && img.height == h {
         return img.clone();
     }
@@ -362,7 +353,7 @@ pub fn pil_resize_lanczos(img: &RgbImage, w: usize, h: usize) -> RgbImage {
     RgbImage {
         width: w,
         height: h,
-        data: pil_resize_planes(&p, w, h, LANCZOS),
+        data: pil_resize_planes(&p, w, h, filter),
     }
 }
 

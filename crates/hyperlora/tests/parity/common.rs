@@ -129,10 +129,14 @@ pub const PIPELINE_CASES: [&str; 5] = [
 
 /// A whole-pipeline fixture case's parameters, as the generator script recorded them.
 pub fn pipeline_case_params(case: &str) -> hyperlora::sdxl::pipeline::GenerateParams {
-    use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
     let text = std::fs::read_to_string(fixture(PIPELINE_STAGE, &format!("{case}.json"))).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let p = &json["params"];
+    generate_params(&json["params"])
+}
+
+/// The request of a generator script's `params` record (no init image, no ControlNets).
+pub fn generate_params(p: &serde_json::Value) -> hyperlora::sdxl::pipeline::GenerateParams {
+    use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
     let s = |k: &str| p[k].as_str().unwrap().to_string();
     let n = |k: &str| p[k].as_u64().unwrap() as usize;
     hyperlora::sdxl::pipeline::GenerateParams {

@@ -7,12 +7,11 @@ use candle_core::{DType, Device, Tensor};
 use hyperlora::image::pil_resize_lanczos;
 use hyperlora::sdxl::control::{ControlNet, ControlNetUse};
 use hyperlora::sdxl::pipeline::{GenerateParams, SdxlPipeline};
-use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
 use hyperlora::ErrorCode;
 
 use crate::common::{
-    assert_close, fixture, load_fixture, rgb_image as rgb, run_pipeline as run, tiny_model,
-    tiny_sdxl,
+    assert_close, fixture, generate_params, load_fixture, rgb_image as rgb, run_pipeline as run,
+    tiny_model, tiny_sdxl,
 };
 
 const STAGE: &str = "controlnet";
@@ -32,8 +31,6 @@ fn case_params(pipe: &SdxlPipeline, case: &str) -> (GenerateParams, Tensor, Vec<
     let text = std::fs::read_to_string(fixture(STAGE, &format!("{case}.json"))).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let p = &json["params"];
-    let s = |k: &str| p[k].as_str().unwrap().to_string();
-    let n = |k: &str| p[k].as_u64().unwrap() as usize;
     let expected = load_fixture(STAGE, &format!("{case}.safetensors"));
     let controlnets = p["controlnets"]
         .as_array()
@@ -50,18 +47,8 @@ fn case_params(pipe: &SdxlPipeline, case: &str) -> (GenerateParams, Tensor, Vec<
         })
         .collect();
     let params = GenerateParams {
-        prompt: s("prompt"),
-        negative_prompt: s("negative_prompt"),
-        width: n("width"),
-        height: n("height"),
-        steps: n("steps"),
-        guidance_scale: p["cfg"].as_f64().unwrap(),
-        sampler: Sampler::parse(&s("sampler")).unwrap(),
-        schedule: SigmaSchedule::parse(&s("schedule")).unwrap(),
-        seed: p["seed"].as_u64().unwrap(),
-        batch_size: n("batch"),
-        init_image: None,
         controlnets,
+        ..generate_params(p)
     };
     let image = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
     (params, expected["latents"].clone(), image)

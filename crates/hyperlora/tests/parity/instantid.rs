@@ -10,7 +10,6 @@ use hyperlora::image::{canny::canny, draw::draw_kps, RgbImage};
 use hyperlora::instantid::{face_tokens, keypoint_image, load_image_proj};
 use hyperlora::sdxl::control::{ControlNet, ControlNetUse};
 use hyperlora::sdxl::pipeline::GenerateParams;
-use hyperlora::sdxl::sampling::sampler::{Sampler, SigmaSchedule};
 use hyperlora::weights::torch_checkpoint;
 
 const STAGE: &str = "instantid";
@@ -209,26 +208,14 @@ fn instantid_generations_match_the_reference_pipeline() {
         let text = std::fs::read_to_string(fixture(STAGE, &format!("{case}.json"))).unwrap();
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         let p = &json["params"];
-        let s = |k: &str| p[k].as_str().unwrap().to_string();
-        let n = |k: &str| p[k].as_u64().unwrap() as usize;
         let use_ = ControlNetUse {
             scale: p["strength"].as_f64().unwrap(),
             face: Some(face.embedding.clone()),
             ..ControlNetUse::new(net.clone(), keypoints.clone())
         };
         let params = GenerateParams {
-            prompt: s("prompt"),
-            negative_prompt: s("negative_prompt"),
-            width: n("width"),
-            height: n("height"),
-            steps: n("steps"),
-            guidance_scale: p["cfg"].as_f64().unwrap(),
-            sampler: Sampler::parse(&s("sampler")).unwrap(),
-            schedule: SigmaSchedule::parse(&s("schedule")).unwrap(),
-            seed: p["seed"].as_u64().unwrap(),
-            batch_size: n("batch"),
-            init_image: None,
             controlnets: vec![use_],
+            ..generate_params(p)
         };
         let expected = load_fixture(STAGE, &format!("{case}.safetensors"));
         let (latents, images) = run_pipeline(&pipe, &params);
