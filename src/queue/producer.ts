@@ -8,7 +8,7 @@ import { Redis } from 'ioredis'
 
 import { HyperLoraError } from '../errors.js'
 import type { ImageFormat } from '../images.js'
-import type { GenerationSettings, Sampler, SigmaSchedule } from '../pipeline.js'
+import type { GenerationSettings } from '../pipeline.js'
 import {
   DEFAULT_QUEUE_NAME,
   failureError,
@@ -38,25 +38,11 @@ export interface PortraitQueueOptions {
   jobOptions?: Omit<JobsOptions, 'jobId'>
 }
 
-/** What {@link PortraitQueue.generate} takes: the generate options a job can carry. */
-export interface QueuedGenerateOptions {
-  prompt: string
-  negativePrompt?: string
-  width?: number
-  height?: number
-  steps?: number
-  cfg?: number
-  sampler?: Sampler
-  schedule?: SigmaSchedule
+/** What {@link PortraitQueue.generate} takes: the generate options a job can carry, with the
+ * seed as a number. */
+export interface QueuedGenerateOptions extends Omit<GenerateJobData, 'seed'> {
   /** Default: random, chosen now, so a job re-run after a worker died draws the same images. */
   seed?: number | bigint
-  batchSize?: number
-  format?: ImageFormat
-  /** An identity id from {@link PortraitQueue.createIdentity} or {@link PortraitQueue.putIdentity}. */
-  identity?: string
-  identityWeight?: number
-  baseWeight?: number
-  triggerWords?: string | false
 }
 
 /** A finished job's picture. */

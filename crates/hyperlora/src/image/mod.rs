@@ -122,20 +122,7 @@ fn cv_resize_planes(p: &Planes, w: usize, h: usize) -> Vec<u8> {
 
 /// `cv2.resize(img, (w, h))` with the default INTER_LINEAR.
 pub fn cv_resize_linear(img: &RgbImage, w: usize, h: usize) -> RgbImage {
-    if img.width == w && img.height == h {
-        return img.clone();
-    }
-    let p = Planes {
-        w: img.width,
-        h: img.height,
-        c: 3,
-        data: &img.data,
-    };
-    RgbImage {
-        width: w,
-        height: h,
-        data: cv_resize_planes(&p, w, h),
-    }
+    resize_rgb(img, w, h, |p| cv_resize_planes(p, w, h))
 }
 
 /// Inverse of a 2x3 affine matrix (as `cv2.invertAffineTransform`).
@@ -341,6 +328,16 @@ pub fn pil_resize_lanczos(img: &RgbImage, w: usize, h: usize) -> RgbImage {
 }
 
 fn pil_resize_rgb(img: &RgbImage, w: usize, h: usize, filter: Filter) -> RgbImage {
+    resize_rgb(img, w, h, |p| pil_resize_planes(p, w, h, filter))
+}
+
+/// `img` resized to `w × h` by `resize` (a copy when the size is already right).
+fn resize_rgb(
+    img: &RgbImage,
+    w: usize,
+    h: usize,
+    resize: impl FnOnce(&Planes) -> Vec<u8>,
+) -> RgbImage {
     if img.width == w && img.height == h {
         return img.clone();
     }
@@ -353,7 +350,7 @@ fn pil_resize_rgb(img: &RgbImage, w: usize, h: usize, filter: Filter) -> RgbImag
     RgbImage {
         width: w,
         height: h,
-        data: pil_resize_planes(&p, w, h, filter),
+        data: resize(&p),
     }
 }
 
