@@ -5,7 +5,7 @@
     python3 bench/controlnet_cpu.py --config mid --latent 32 --threads 2
 
 For each side, random weights of the same configuration (`tiny`: models/tiny/sdxl/unet; `mid`:
-bench/unet_cpu.py's SDXL structure at widths 128/256/512), batch 2 (one CFG step), 77 tokens, f32:
+bench/cpu.py's SDXL structure at widths 128/256/512), batch 2 (one CFG step), 77 tokens, f32:
 1. diffusers: UNet2DConditionModel forward alone, then ControlNetModel.from_unet's forward plus
    the UNet with its residuals (torch.no_grad, torch.set_num_threads(T), warm-up then median);
 2. ours: crates/hyperlora/examples/bench_controlnet.rs (cargo's dev profile) with
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from unet_cpu import mid_config  # noqa: E402
+from cpu import mid_config  # noqa: E402
 
 
 def config(name: str, latent: int) -> dict:

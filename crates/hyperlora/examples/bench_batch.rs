@@ -11,7 +11,7 @@
 //! time (this process's user + system time, Linux only): on a machine shared with other work
 //! the CPU time is the steadier measure of the work each way does.
 //! The models have RANDOM weights (no files needed): by default a mid-size UNet with SDXL's
-//! structure (bench/unet_cpu.py's: blocks of 128/256/512 channels, transformer depths 1/2/2,
+//! structure (bench/cpu.py's: blocks of 128/256/512 channels, transformer depths 1/2/2,
 //! 2/4/8 heads of 64, cross-attention to 2048-d text, `text_time`), SDXL's text-encoder widths
 //! (768 and 1280, 2 layers each) and the tiny model's VAE; `--full-unet` takes SDXL base's UNet.
 //! Identities are rank-`rank` LoRAs (alpha rank/2, as HyperLoRA's) on every attention
@@ -74,7 +74,7 @@ fn parse_args() -> Args {
     a
 }
 
-/// bench/unet_cpu.py's mid-size UNet: SDXL's structure at a third of its widths.
+/// bench/cpu.py's mid-size UNet: SDXL's structure at a third of its widths.
 fn mid_unet_config() -> unet::Config {
     unet::Config {
         block_out_channels: vec![128, 256, 512],

@@ -7,7 +7,7 @@
 //!     [--iters 3] [--device cpu] [--dtype f32]
 //! ```
 //! `tiny` is `models/tiny/sdxl/unet`, `mid` SDXL's structure at widths 128/256/512 (as
-//! `bench/unet_cpu.py`), `sdxl` SDXL base. Prints one JSON line:
+//! `bench/cpu.py`), `sdxl` SDXL base. Prints one JSON line:
 //! `{"plain_median_s": .., "controlnet_median_s": .., "ratio": ..}`.
 
 use std::path::Path;
@@ -56,7 +56,7 @@ fn parse_args() -> Args {
     args
 }
 
-/// SDXL's structure at reduced widths, as `bench/unet_cpu.py`'s `mid_config`.
+/// SDXL's structure at reduced widths, as `bench/cpu.py`'s `mid_config`.
 fn mid_config() -> Config {
     Config {
         block_out_channels: vec![128, 256, 512],

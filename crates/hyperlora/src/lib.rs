@@ -3,6 +3,7 @@
 //! No Node.js in here: `crates/hyperlora-node` wraps this crate for JavaScript.
 
 pub mod clip;
+pub mod cpu;
 pub mod cuda;
 pub mod detailer;
 pub mod device;

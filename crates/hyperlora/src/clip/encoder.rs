@@ -162,6 +162,10 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::cpu::applies(x) && x.is_contiguous() {
+            // One fused pass (the same statistics in f32).
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -171,6 +175,14 @@ impl LayerNorm {
         let w = self.weight.to_dtype(DType::F32)?;
         let b = self.bias.to_dtype(DType::F32)?;
         normed.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(dtype)
+    }
+}
+
+/// `l.forward(x)`, through the CPU fast path where it applies.
+fn linear(l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    match crate::cpu::linear(l, x, None)? {
+        Some(y) => Ok(y),
+        None => l.forward(x),
     }
 }
 
@@ -205,7 +217,7 @@ impl ClipAttention {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let heads = |p: &Linear| -> candle_core::Result<Tensor> {
-            p.forward(x)?
+            linear(p, x)?
                 .reshape((b, t, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
@@ -220,7 +232,7 @@ impl ClipAttention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        self.out_proj.forward(&out)
+        linear(&self.out_proj, &out)
     }
 
     /// `{prefix}.q_proj|k_proj|v_proj|out_proj`.
@@ -250,7 +262,7 @@ impl ClipMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+        linear(&self.fc2, &self.act.forward(&linear(&self.fc1, x)?)?)
     }
 
     /// `{prefix}.fc1|fc2`.

@@ -214,7 +214,10 @@ pub fn forward_linear(
 ) -> Result<Tensor> {
     match adapters {
         Some(a) => a.forward(linear, x),
-        None => Ok(crate::cuda::linear(linear, x)?),
+        None => match crate::cpu::linear(linear, x, None)? {
+            Some(y) => Ok(y),
+            None => Ok(crate::cuda::linear(linear, x)?),
+        },
     }
 }
 
@@ -227,7 +230,10 @@ pub fn forward_linear_residual(
 ) -> Result<Tensor> {
     match adapters {
         Some(a) => Ok((a.forward(linear, x)? + residual)?),
-        None => Ok(crate::cuda::linear_residual(linear, x, residual)?),
+        None => match crate::cpu::linear(linear, x, Some(residual))? {
+            Some(y) => Ok(y),
+            None => Ok(crate::cuda::linear_residual(linear, x, residual)?),
+        },
     }
 }
 

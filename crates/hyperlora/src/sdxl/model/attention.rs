@@ -32,6 +32,9 @@ pub fn scaled_dot_product_attention(
     scale: f64,
     upcast: bool,
 ) -> Result<Tensor> {
+    if let Some(out) = crate::cpu::attention(q, k, v, 1, scale)? {
+        return Ok(out);
+    }
     attend_in_chunks(q, k, v, scale, upcast, MAX_SCORE_ELEMENTS)
 }
 
@@ -150,6 +153,8 @@ impl Attention {
         let out =
             if let Some(out) = crate::cuda::flash_attention(&q, &k, &v, self.heads, self.scale)? {
                 out
+            } else if let Some(out) = crate::cpu::attention(&q, &k, &v, self.heads, self.scale)? {
+                out
             } else if self.heads == 1 {
                 scaled_dot_product_attention(&q, &k, &v, self.scale, self.upcast)?
             } else {
@@ -204,7 +209,10 @@ impl FeedForward {
     ) -> Result<Tensor> {
         // Without per-sample adapters the projection's bias is added inside the GEGLU pass.
         let fused = match adapters {
-            None => crate::cuda::linear_geglu(&self.proj, x)?,
+            None => match crate::cuda::linear_geglu(&self.proj, x)? {
+                Some(y) => Some(y),
+                None => crate::cpu::linear_geglu(&self.proj, x)?,
+            },
             Some(_) => None,
         };
         let gated = match fused {
@@ -471,6 +479,10 @@ impl Transformer2DModel {
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
         };
         let mut tokens = match &self.proj_in {
+            Projection::Linear(l) if adapters.is_none() => match crate::cpu::linear_from_map(l, &normed)? {
+                Some(t) => t,
+                None => forward_linear(l, &to_tokens(&normed)?, None)?,
+            },
             Projection::Linear(l) => forward_linear(l, &to_tokens(&normed)?, adapters)?,
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
         };
@@ -481,6 +493,11 @@ impl Transformer2DModel {
             let c = t.dim(2)?;
             Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?)
         };
+        if let (Projection::Linear(l), None) = (&self.proj_out, adapters) {
+            if let Some(out) = crate::cpu::linear_to_map(l, &tokens, x)? {
+                return Ok(out);
+            }
+        }
         let out = match &self.proj_out {
             Projection::Linear(l) => to_map(&forward_linear(l, &tokens, adapters)?)?,
             Projection::Conv(conv) => conv.forward(&to_map(&tokens)?.contiguous()?)?,

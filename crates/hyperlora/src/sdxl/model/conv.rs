@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, W
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
 use crate::Result;
 
 /// Patch matrices above this many elements are built and multiplied in bands of output rows
@@ -59,6 +60,103 @@ impl Conv2d {
             && c.dilation == 1
             && matches!(x.dtype(), DType::F32 | DType::F16 | DType::F64)
             && x.dtype() == self.weight().dtype()
+    }
+
+    /// `self.forward(x)` + `per_image_bias` [B, Cout] broadcast over the pixels (a resnet's time
+    /// embedding) + `residual` (the output's shape): on the CPU inside the product's epilogue.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        per_image_bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if crate::cpu::applies(x) && self.fast_path(x) {
+            return self.forward_f32(x, per_image_bias, residual);
+        }
+        let mut y = self.forward(x)?;
+        if let Some(bias) = per_image_bias {
+            y = crate::cuda::add_per_channel(&y, bias)?;
+        }
+        match residual {
+            Some(r) => r + y,
+            None => Ok(y),
+        }
+    }
+
+    /// The f32 CPU path: per image one [`sgemm`] `W[Cout, K] · cols[K, pixels]` written into the
+    /// NCHW output with the biases (and the residual) in its epilogue.
+    fn forward_f32(
+        &self,
+        x: &Tensor,
+        per_image_bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let c = self.config();
+        let (b, cin, h, w) = x.dims4()?;
+        let (cout, wcin, kh, kw) = self.weight().dims4()?;
+        if wcin != cin {
+            candle_core::bail!("conv2d: input has {cin} channels, the weight expects {wcin}");
+        }
+        let (s, p) = (c.stride, c.padding);
+        if h + 2 * p < kh || w + 2 * p < kw {
+            candle_core::bail!("conv2d: input {h}x{w} smaller than the kernel {kh}x{kw}");
+        }
+        let (ho, wo) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        let k = cin * kh * kw;
+        let pixels = ho * wo;
+        let mut out = match residual {
+            Some(r) if r.dims() == [b, cout, ho, wo] => r.flatten_all()?.to_vec1::<f32>()?,
+            Some(r) => candle_core::bail!("conv2d: residual {:?} does not match the output", r.shape()),
+            None => vec![0f32; b * cout * pixels],
+        };
+        let bias = match self.bias() {
+            Some(bias) => bias.to_vec1::<f32>()?,
+            None => vec![0.0; cout],
+        };
+        let extra = match per_image_bias {
+            Some(e) => Some(e.to_dtype(DType::F32)?.reshape((b, cout))?.to_vec2::<f32>()?),
+            None => None,
+        };
+        let threads = rayon::current_num_threads();
+        let image_len = cin * h * w;
+        crate::cpu::with_f32(self.weight(), |weight| {
+            crate::cpu::with_f32(x, |x| {
+                let weight = MatRef::rows(weight, cout, k);
+                for (i, out) in out.chunks_mut(cout * pixels).enumerate() {
+                    let row_bias: Vec<f32> = match &extra {
+                        Some(e) => bias.iter().zip(&e[i]).map(|(a, b)| a + b).collect(),
+                        None => bias.clone(),
+                    };
+                    let epi = Epilogue {
+                        accumulate: residual.is_some(),
+                        row_bias: Some(&row_bias),
+                        col_bias: None,
+                    };
+                    let image = &x[i * image_len..(i + 1) * image_len];
+                    if kh == 1 && kw == 1 && s == 1 && p == 0 {
+                        let cols = MatRef::rows(image, k, pixels);
+                        sgemm(threads, cout, pixels, k, weight, cols, out, pixels, epi);
+                        continue;
+                    }
+                    let rows = (MAX_COLS_ELEMENTS / (k * wo).max(1)).clamp(1, ho);
+                    for start in (0..ho).step_by(rows) {
+                        let op = Im2Col {
+                            kh,
+                            kw,
+                            stride: s,
+                            padding: p,
+                            out_rows: start..(start + rows).min(ho),
+                            wo,
+                        };
+                        let n = op.out_rows.len() * wo;
+                        let cols = op.fill(image, 1, cin, h, w);
+                        let cols = MatRef::rows(&cols, k, n);
+                        sgemm(threads, cout, n, k, weight, cols, &mut out[start * wo..], pixels, epi);
+                    }
+                }
+            })
+        })??;
+        crate::cpu::tensor(out, (b, cout, ho, wo))
     }
 
     fn forward_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -113,7 +211,9 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.fast_path(x) {
+        if crate::cpu::applies(x) && self.fast_path(x) {
+            self.forward_f32(x, None, None)
+        } else if self.fast_path(x) {
             self.forward_cpu(x)
         } else if let Some(y) = crate::cuda::conv2d(x, self.weight(), self.bias(), self.config())? {
             Ok(y)
@@ -305,6 +405,14 @@ mod tests {
                 .broadcast_add(&ours.bias().unwrap().reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
             assert_close(&format!("case {i} banded"), &banded, &expected, 1e-5);
+            // The fused epilogue: a bias per image and a residual.
+            let extra = Tensor::randn(0f32, 1.0, (b, cout), &dev).unwrap();
+            let residual = Tensor::randn(0f32, 1.0, expected.shape(), &dev).unwrap();
+            let fused = ours.forward_fused(&x, Some(&extra), Some(&residual)).unwrap();
+            let want = (expected.broadcast_add(&extra.reshape((b, cout, 1, 1)).unwrap()).unwrap()
+                + &residual)
+                .unwrap();
+            assert_close(&format!("case {i} fused"), &fused, &want, 1e-5);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! GroupNorm as the UNet and VAE use it (PyTorch `nn.GroupNorm`, affine), optionally followed by
-//! SiLU, which most uses apply next: one fused kernel on CUDA, candle's ops elsewhere.
+//! SiLU, which most uses apply next: one fused kernel on CUDA and for f32 on the CPU, candle's
+//! ops elsewhere.
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -42,6 +43,11 @@ impl GroupNorm {
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if let Some(y) =
             crate::cuda::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)?
+        {
+            return Ok(y);
+        }
+        if let Some(y) =
+            crate::cpu::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)?
         {
             return Ok(y);
         }

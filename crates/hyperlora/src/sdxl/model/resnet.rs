@@ -114,23 +114,21 @@ impl ResnetBlock2D {
     /// Returns [B, Cout, H, W].
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.norm1.forward_silu(x)?;
-        let mut h = self.conv1.forward(&h)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            // [B, T] -> [B, Cout], broadcast over the pixels.
-            let temb = proj.forward(&temb.silu()?)?;
-            h = crate::cuda::add_per_channel(&h, &temb)?;
-        }
+        // [B, T] -> [B, Cout], broadcast over the pixels.
+        let temb = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&temb.silu()?)?),
+            _ => None,
+        };
+        let h = self.conv1.forward_fused(&h, temb.as_ref(), None)?;
         let h = self.norm2.forward_silu(&h)?;
-        let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
         if self.output_scale_factor == 1.0 {
-            Ok(out)
+            Ok(self.conv2.forward_fused(&h, None, Some(&shortcut))?)
         } else {
-            Ok((out / self.output_scale_factor)?)
+            Ok(((shortcut + self.conv2.forward(&h)?)? / self.output_scale_factor)?)
         }
     }
 }

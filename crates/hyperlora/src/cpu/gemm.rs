@@ -1,0 +1,192 @@
+//! Single-precision matrix product `C = A·B (+ C) (+ bias)` for the CPU fast paths.
+//!
+//! The product itself is the `gemm` crate's, candle's own CPU matrix product, which measured
+//! within a few percent of the machine's FMA peak on our shapes (docs/cpu.md). This wrapper adds
+//! what candle's `matmul` does not offer: operands with any strides, so attention multiplies
+//! heads in place inside `[B, S, H·D]` tensors and a Linear reads its `[out, in]` weight as its
+//! transpose; and an epilogue — the bias per row (convolutions) or per column (Linears) and an
+//! accumulated `C` (residuals) — so no separate broadcast pass follows the product.
+
+/// A read-only strided matrix: element `(i, j)` at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// `rows`×`cols` view of `data`; panics when an element would fall outside it.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * rs + (cols - 1) * cs;
+            assert!(last < data.len(), "matrix view out of bounds");
+        }
+        Self { data, rs, cs }
+    }
+
+    /// A contiguous row-major `rows`×`cols` matrix.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols, 1)
+    }
+}
+
+/// What the product's tile is combined with before it is stored.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// `C += A·B` instead of `C = A·B`.
+    pub accumulate: bool,
+    /// Added to every element of row `i` (a convolution's bias, `[m]`).
+    pub row_bias: Option<&'a [f32]>,
+    /// Added to every element of column `j` (a Linear's bias, `[n]`).
+    pub col_bias: Option<&'a [f32]>,
+}
+
+/// `C[m×n] = A[m×k]·B[k×n]` combined as `epi` says, `C` row-major with row stride `c_rs`, on up
+/// to `threads` threads of rayon's pool (1: on the calling thread).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    c_rs: usize,
+    epi: Epilogue,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c_rs >= n && (m - 1) * c_rs + n <= c.len(), "output view out of bounds");
+    assert!(epi.row_bias.is_none_or(|b| b.len() >= m), "row bias too short");
+    assert!(epi.col_bias.is_none_or(|b| b.len() >= n), "column bias too short");
+    if k > 0 {
+        MatRef::new(a.data, m, k, a.rs, a.cs);
+        MatRef::new(b.data, k, n, b.rs, b.cs);
+    }
+    // The biases go in first; the product then adds itself to C.
+    let biased = epi.row_bias.is_some() || epi.col_bias.is_some();
+    if biased {
+        for (i, row) in c.chunks_mut(c_rs).take(m).enumerate() {
+            let row = &mut row[..n];
+            let rb = epi.row_bias.map_or(0.0, |b| b[i]);
+            match (epi.col_bias, epi.accumulate) {
+                (Some(cb), true) => row.iter_mut().zip(cb).for_each(|(c, b)| *c += b + rb),
+                (Some(cb), false) => row.iter_mut().zip(cb).for_each(|(c, b)| *c = b + rb),
+                (None, true) => row.iter_mut().for_each(|c| *c += rb),
+                (None, false) => row.fill(rb),
+            }
+        }
+    }
+    let parallelism = if threads > 1 {
+        ::gemm::Parallelism::Rayon(threads)
+    } else {
+        ::gemm::Parallelism::None
+    };
+    // SAFETY: every element the product reads or writes lies inside `a`, `b` and `c` (checked
+    // above), and `c` is borrowed exclusively.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            biased || epi.accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: usize, b: &[f32], brs: usize, bcs: usize) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    c[i * n + j] += a[i * ars + p * acs] as f64 * b[p * brs + j * bcs] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Edges in every dimension, K across several slices, transposed and strided operands,
+    /// both epilogues and accumulation, on one and two threads.
+    #[test]
+    fn matches_a_plain_triple_loop() {
+        for &(m, n, k) in &[(1, 1, 1), (7, 17, 5), (13, 33, 300), (120, 16, 256), (61, 70, 513), (6, 3100, 9), (0, 4, 4), (5, 5, 0)] {
+            for &(transpose_a, transpose_b) in &[(false, false), (true, false), (false, true), (true, true)] {
+                let a = values(m * k + 3, 1);
+                let b = values(k * n + 3, 2);
+                let (ars, acs) = if transpose_a { (1, m) } else { (k, 1) };
+                let (brs, bcs) = if transpose_b { (1, k) } else { (n, 1) };
+                let expected = reference(m, n, k, &a, ars, acs, &b, brs, bcs);
+                let rb = values(m, 3);
+                let cb = values(n, 4);
+                for threads in [1, 2] {
+                    let c_rs = n + 2;
+                    let old = values(m.max(1) * c_rs, 5);
+                    let mut c = old.clone();
+                    sgemm(
+                        threads,
+                        m,
+                        n,
+                        k,
+                        MatRef::new(&a, m, k, ars, acs),
+                        MatRef::new(&b, k, n, brs, bcs),
+                        &mut c,
+                        c_rs,
+                        Epilogue { accumulate: true, row_bias: Some(&rb), col_bias: Some(&cb) },
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want = expected[i * n + j] + old[i * c_rs + j] as f64 + rb[i] as f64 + cb[j] as f64;
+                            let got = c[i * c_rs + j] as f64;
+                            assert!((got - want).abs() < 1e-4 * (1.0 + k as f64).sqrt(), "{m}x{n}x{k} ({i},{j}): {got} vs {want}");
+                        }
+                        // The gap between rows is left alone.
+                        for j in n..c_rs {
+                            assert_eq!(c[i * c_rs + j], old[i * c_rs + j]);
+                        }
+                    }
+                    let mut c = vec![7.0; m.max(1) * n];
+                    sgemm(threads, m, n, k, MatRef::new(&a, m, k, ars, acs), MatRef::new(&b, k, n, brs, bcs), &mut c, n, Epilogue::default());
+                    for i in 0..m * n {
+                        assert!((c[i] as f64 - expected[i]).abs() < 1e-4 * (1.0 + k as f64).sqrt());
+                    }
+                }
+            }
+        }
+    }
+}
