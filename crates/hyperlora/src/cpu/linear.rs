@@ -3,10 +3,7 @@
 
 use candle_core::Tensor;
 use candle_nn::Linear;
-use rayon::prelude::*;
-
-use super::gemm::{sgemm, Epilogue, MatRef};
-use super::math::{for_cpu, gelu};
+use hyperlora_cpu::gemm::{sgemm, Epilogue, MatRef};
 
 /// `linear.forward(x)` (+ `residual`, of the output's shape); `x` [..., in].
 pub fn linear(
@@ -93,23 +90,8 @@ pub fn linear_geglu(linear: &Linear, x: &Tensor) -> candle_core::Result<Option<T
         None => vec![0.0; n],
     };
     let mut out = vec![0f32; m * inner];
-    out.par_chunks_mut(inner)
-        .zip(h.par_chunks(n))
-        .for_each(|(out, h)| geglu_row(h, &bias, out));
+    hyperlora_cpu::geglu(&h, &bias, &mut out);
     Ok(Some(super::tensor(out, shape)?))
-}
-
-for_cpu! {
-    fn geglu_row(h: &[f32], bias: &[f32], out: &mut [f32]) {
-        let inner = out.len();
-        let (value, gate) = h.split_at(inner);
-        let (bv, bg) = bias.split_at(inner);
-        let values = value.iter().zip(bv).map(|(v, b)| v + b);
-        let gates = gate.iter().zip(bg).map(|(g, b)| g + b);
-        for ((o, v), g) in out.iter_mut().zip(values).zip(gates) {
-            *o = v * gelu(g);
-        }
-    }
 }
 
 /// `linear` applied to the pixels of a feature map as tokens: `x` [B, C, H, W] →

@@ -104,3 +104,10 @@ fn only_f32_cpu_tensors_take_the_fast_paths() {
     let w = Tensor::ones(4, candle_core::DType::F16, &Device::Cpu).unwrap();
     assert!(super::group_norm(&x, &w, &w, 2, 1e-5, false).unwrap().is_none());
 }
+
+#[test]
+fn upsampling_matches_candle() {
+    let x = randn(&[2, 3, 4, 5]);
+    let ours = super::upsample_nearest2x(&x).unwrap().unwrap();
+    assert_close("upsample", &ours, &x.upsample_nearest2d(8, 10).unwrap(), 0.0);
+}

@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, W
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
+use hyperlora_cpu::gemm::{sgemm, Epilogue, MatRef};
 use crate::Result;
 
 /// Patch matrices above this many elements are built and multiplied in bands of output rows

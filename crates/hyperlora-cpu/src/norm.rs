@@ -1,44 +1,41 @@
 //! GroupNorm (PyTorch `nn.GroupNorm`, affine), optionally followed by SiLU, in two passes over
 //! each group: statistics, then normalise-scale-shift(-SiLU) straight into the output.
 
-use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::math::{for_cpu, silu};
+use crate::math::{for_cpu, silu};
 
-/// `x` [B, C, ...] normalised over groups of `C / groups` channels; `weight`, `bias` [C].
+/// `x` [B, C, pixels] (contiguous) normalised over groups of `C / groups` channels into `out`
+/// (same shape); `weight`, `bias` [C].
+#[allow(clippy::too_many_arguments)]
 pub fn group_norm(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+    x: &[f32],
+    out: &mut [f32],
+    channels: usize,
+    pixels: usize,
     groups: usize,
+    weight: &[f32],
+    bias: &[f32],
     eps: f64,
     silu: bool,
-) -> candle_core::Result<Option<Tensor>> {
-    if !super::applies(x) || x.rank() < 3 || weight.dtype() != x.dtype() {
-        return Ok(None);
+) {
+    assert!(groups > 0 && channels % groups == 0, "channels must split into groups");
+    assert!(weight.len() == channels && bias.len() == channels, "one weight and bias per channel");
+    assert_eq!(x.len(), out.len());
+    let cg = channels / groups;
+    let group_len = cg * pixels;
+    if group_len == 0 {
+        return;
     }
-    let (b, c) = (x.dim(0)?, x.dim(1)?);
-    if groups == 0 || c % groups != 0 || x.elem_count() == 0 {
-        return Ok(None);
-    }
-    let hw = x.elem_count() / (b * c);
-    let cg = c / groups;
-    let weight = weight.to_vec1::<f32>()?;
-    let bias = bias.to_vec1::<f32>()?;
-    let out = super::with_f32(x, |src| {
-        let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(cg * hw)
-            .zip(src.par_chunks(cg * hw))
-            .enumerate()
-            .for_each(|(i, (dst, src))| {
-                let g = i % groups;
-                let channels = g * cg..(g + 1) * cg;
-                normalize(src, dst, &weight[channels.clone()], &bias[channels], hw, eps, silu);
-            });
-        out
-    })?;
-    Ok(Some(super::tensor(out, x.shape())?))
+    assert_eq!(x.len() % (channels * pixels), 0, "x is not [B, C, pixels]");
+    out.par_chunks_mut(group_len)
+        .zip(x.par_chunks(group_len))
+        .enumerate()
+        .for_each(|(i, (dst, src))| {
+            let g = i % groups;
+            let range = g * cg..(g + 1) * cg;
+            normalize(src, dst, &weight[range.clone()], &bias[range], pixels, eps, silu);
+        });
 }
 
 /// Lanes summed separately, so that the sums vectorise (and round less than one running sum).

@@ -60,7 +60,7 @@ macro_rules! for_cpu {
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn fast($($arg: $ty),*) $body
-                if $crate::cpu::has_avx2_fma() {
+                if $crate::has_avx2_fma() {
                     // SAFETY: the CPU has AVX2 and FMA.
                     return unsafe { fast($($arg),*) };
                 }

@@ -1,0 +1,28 @@
+//! CPU kernels of the hyperlora engine, on plain f32 slices: a strided matrix product with
+//! bias/residual epilogues ([`gemm`]), GroupNorm(+SiLU) ([`group_norm`]), GEGLU ([`geglu`])
+//! attention with the heads left interleaved ([`attention`]) and 2× nearest upsampling. The engine's `cpu` module
+//! applies them to candle tensors; see the repository's docs/cpu.md.
+//!
+//! A crate of its own so that it is compiled optimised in every profile (the workspace's
+//! `Cargo.toml` says so): at opt-level 1 these loops would not vectorise.
+
+mod attention;
+mod geglu;
+pub mod gemm;
+mod math;
+mod norm;
+mod upsample;
+
+pub use attention::attention;
+pub use geglu::geglu;
+pub use norm::group_norm;
+pub use upsample::upsample_nearest2x;
+
+/// Whether this CPU has AVX2 and FMA (x86-64 only), for the kernels compiled for them.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *YES.get_or_init(|| {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    })
+}
