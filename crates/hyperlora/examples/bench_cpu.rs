@@ -98,8 +98,8 @@ fn stage(args: &Args, dtype: DType, device: &Device) -> hyperlora::Result<Stage>
             Box::new(move |x| vae.decode(&x["latents"]))
         }
         "text" => {
-            let load = |component| -> hyperlora::Result<_> {
-                let files = ComponentFiles::locate(&args.model, component, None)?;
+            let load = |component: Component| -> hyperlora::Result<_> {
+                let files = ComponentFiles::locate(args.model.join(component.subfolder()), component, None)?;
                 let config = ClipTextConfig::from_json_file(&files.config)?;
                 Ok((files.var_builder(dtype, device)?, config))
             };

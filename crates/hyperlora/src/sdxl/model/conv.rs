@@ -149,9 +149,16 @@ impl Conv2d {
                             wo,
                         };
                         let n = op.out_rows.len() * wo;
-                        let cols = op.fill(image, 1, cin, h, w);
-                        let cols = MatRef::rows(&cols, k, n);
-                        sgemm(threads, cout, n, k, weight, cols, &mut out[start * wo..], pixels, epi);
+                        COLS.with_borrow_mut(|cols| {
+                            if cols.len() < k * n {
+                                cols.resize(k * n, 0.0);
+                            }
+                            let cols = &mut cols[..k * n];
+                            op.fill_into(image, h, w, cols);
+                            let cols = MatRef::rows(cols, k, n);
+                            let band = &mut out[start * wo..];
+                            sgemm(threads, cout, n, k, weight, cols, band, pixels, epi);
+                        });
                     }
                 }
             })
@@ -254,15 +261,23 @@ struct Im2Col {
 
 impl Im2Col {
     fn fill<T: WithDType>(&self, src: &[T], b: usize, c: usize, h: usize, w: usize) -> Vec<T> {
+        let n = self.out_rows.len() * self.wo;
+        let mut dst = vec![T::from_f64(0.0); b * c * self.kh * self.kw * n];
+        self.fill_into(src, h, w, &mut dst);
+        dst
+    }
+
+    /// Writes every element of `dst` (`[B, C·kh·kw, rows·Wo]`), so it may hold anything before.
+    fn fill_into<T: WithDType>(&self, src: &[T], h: usize, w: usize, dst: &mut [T]) {
         let (kh, kw, s, p, wo) = (self.kh, self.kw, self.stride, self.padding, self.wo);
         let n = self.out_rows.len() * wo;
-        let mut dst = vec![T::from_f64(0.0); b * c * kh * kw * n];
+        let zero = T::from_f64(0.0);
         dst.par_chunks_mut(n).enumerate().for_each(|(row, out)| {
             let plane = row / (kh * kw);
             let (i, j) = ((row % (kh * kw)) / kw, row % kw);
             let plane = &src[plane * h * w..(plane + 1) * h * w];
             // Output columns whose input column x·s + j - p lies inside [0, w).
-            let x_lo = p.saturating_sub(j).div_ceil(s);
+            let x_lo = p.saturating_sub(j).div_ceil(s).min(wo);
             let x_hi = if w + p > j {
                 ((w + p - j - 1) / s + 1).min(wo)
             } else {
@@ -270,11 +285,14 @@ impl Im2Col {
             };
             for (r, y) in self.out_rows.clone().enumerate() {
                 let iy = y * s + i;
+                let out_row = &mut out[r * wo..(r + 1) * wo];
                 if iy < p || iy - p >= h || x_lo >= x_hi {
+                    out_row.fill(zero);
                     continue;
                 }
+                out_row[..x_lo].fill(zero);
+                out_row[x_hi..].fill(zero);
                 let in_row = &plane[(iy - p) * w..(iy - p + 1) * w];
-                let out_row = &mut out[r * wo..(r + 1) * wo];
                 if s == 1 {
                     let first = x_lo + j - p;
                     out_row[x_lo..x_hi].copy_from_slice(&in_row[first..first + (x_hi - x_lo)]);
@@ -285,8 +303,13 @@ impl Im2Col {
                 }
             }
         });
-        dst
     }
+}
+
+thread_local! {
+    /// The f32 path's patch matrix, kept between convolutions: a fresh buffer of up to
+    /// `MAX_COLS_ELEMENTS` per call cost more in page faults than the copies themselves.
+    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl CustomOp1 for Im2Col {
