@@ -69,16 +69,33 @@ pub fn attention(
     });
 }
 
+/// Lanes reduced separately, so that the max and the sum vectorise.
+const LANES: usize = 16;
+
 for_cpu! {
     /// softmax(row · scale) in place.
     fn softmax(row: &mut [f32], scale: f32) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0f32;
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for chunk in chunks {
+            for (m, &x) in lanes.iter_mut().zip(chunk) {
+                *m = m.max(x);
+            }
+        }
+        let max = lanes.iter().fold(tail, |m, &x| m.max(x));
         for x in row.iter_mut() {
             *x = exp((*x - max) * scale);
-            sum += *x;
         }
-        let inv = 1.0 / sum;
+        let mut lanes = [0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for chunk in chunks {
+            for (s, &x) in lanes.iter_mut().zip(chunk) {
+                *s += x;
+            }
+        }
+        let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
         for x in row.iter_mut() {
             *x *= inv;
         }
