@@ -1,9 +1,9 @@
-//! diffusers' GEGLU after a Linear without bias: value · GELU(gate) (exact GELU), the bias
-//! added on the way.
+//! GELU-family activations: diffusers' GEGLU after a Linear without bias (value · GELU(gate),
+//! exact GELU, the bias added on the way), and GELU / CLIP's quick GELU in place.
 
 use rayon::prelude::*;
 
-use crate::math::{for_cpu, gelu};
+use crate::math::{exp, for_cpu, gelu};
 
 /// `h` [M, 2·I] = [value | gate] rows, `bias` [2·I] → `out` [M, I].
 pub fn geglu(h: &[f32], bias: &[f32], out: &mut [f32]) {
@@ -25,6 +25,35 @@ for_cpu! {
         let gates = gate.iter().zip(bg).map(|(g, b)| g + b);
         for ((o, v), g) in out.iter_mut().zip(values).zip(gates) {
             *o = v * gelu(g);
+        }
+    }
+}
+
+/// GELU (exact) of every element of `x`, in place.
+pub fn gelu_in_place(x: &mut [f32]) {
+    x.par_chunks_mut(ACTIVATION_CHUNK).for_each(gelu_chunk);
+}
+
+/// CLIP's `quick_gelu`, `x · sigmoid(1.702 x)`, of every element of `x`, in place.
+pub fn quick_gelu_in_place(x: &mut [f32]) {
+    x.par_chunks_mut(ACTIVATION_CHUNK).for_each(quick_gelu_chunk);
+}
+
+/// Elements per task of the in-place activations.
+const ACTIVATION_CHUNK: usize = 1 << 14;
+
+for_cpu! {
+    fn gelu_chunk(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = gelu(*v);
+        }
+    }
+}
+
+for_cpu! {
+    fn quick_gelu_chunk(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v /= 1.0 + exp(-1.702 * *v);
         }
     }
 }

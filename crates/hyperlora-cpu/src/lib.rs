@@ -14,7 +14,7 @@ mod norm;
 mod upsample;
 
 pub use attention::attention;
-pub use geglu::geglu;
+pub use geglu::{geglu, gelu_in_place, quick_gelu_in_place};
 pub use norm::group_norm;
 pub use upsample::upsample_nearest2x;
 

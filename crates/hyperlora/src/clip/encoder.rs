@@ -35,6 +35,14 @@ impl ClipActivation {
     }
 
     pub fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let fused = match self {
+            Self::QuickGelu => crate::cpu::gelu(x, true)?,
+            Self::Gelu => crate::cpu::gelu(x, false)?,
+            Self::GeluTanh => None,
+        };
+        if let Some(y) = fused {
+            return Ok(y);
+        }
         match self {
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Self::Gelu => x.gelu_erf(),
@@ -178,11 +186,12 @@ impl LayerNorm {
     }
 }
 
-/// `l.forward(x)`, through the CPU fast path where it applies.
-fn linear(l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    match crate::cpu::linear(l, x, None)? {
-        Some(y) => Ok(y),
-        None => l.forward(x),
+/// `l.forward(x)` (+ `residual`), through the CPU fast path where it applies.
+fn linear(l: &Linear, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match (crate::cpu::linear(l, x, residual)?, residual) {
+        (Some(y), _) => Ok(y),
+        (None, Some(r)) => r + l.forward(x)?,
+        (None, None) => l.forward(x),
     }
 }
 
@@ -215,9 +224,19 @@ impl ClipAttention {
     /// `x`: `[B, T, C]`; `mask`: additive f32, broadcastable to `[B, heads, T, T]`.
     /// Softmax runs in f32 whatever the model dtype (as transformers does).
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        self.forward_residual(x, mask, None)
+    }
+
+    /// [`forward`](Self::forward) + `residual` (its output's shape), added inside `out_proj`.
+    fn forward_residual(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let heads = |p: &Linear| -> candle_core::Result<Tensor> {
-            linear(p, x)?
+            linear(p, x, None)?
                 .reshape((b, t, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
@@ -232,7 +251,7 @@ impl ClipAttention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        linear(&self.out_proj, &out)
+        linear(&self.out_proj, &out, residual)
     }
 
     /// `{prefix}.q_proj|k_proj|v_proj|out_proj`.
@@ -261,8 +280,10 @@ impl ClipMlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear(&self.fc2, &self.act.forward(&linear(&self.fc1, x)?)?)
+    /// `fc2(act(fc1(x)))` + `residual`, added inside `fc2`.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.act.forward(&linear(&self.fc1, x, None)?)?;
+        linear(&self.fc2, &h, Some(residual))
     }
 
     /// `{prefix}.fc1|fc2`.
@@ -304,10 +325,10 @@ impl ClipEncoderLayer {
     }
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let h = (x + self
+        let h = self
             .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?)?;
-        &h + self.mlp.forward(&self.layer_norm2.forward(&h)?)?
+            .forward_residual(&self.layer_norm1.forward(x)?, mask, Some(x))?;
+        self.mlp.forward_residual(&self.layer_norm2.forward(&h)?, &h)
     }
 }
 

@@ -111,3 +111,17 @@ pub fn upsample_nearest2x(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     with_f32(x, |x| hyperlora_cpu::upsample_nearest2x(x, &mut out, h, w))?;
     Ok(Some(tensor(out, (b, c, 2 * h, 2 * w))?))
 }
+
+/// GELU (exact; `quick`: CLIP's `x · sigmoid(1.702 x)`) of every element of `x`.
+pub fn gelu(x: &Tensor, quick: bool) -> candle_core::Result<Option<Tensor>> {
+    if !applies(x) {
+        return Ok(None);
+    }
+    let mut out = with_f32(x, <[f32]>::to_vec)?;
+    if quick {
+        hyperlora_cpu::quick_gelu_in_place(&mut out);
+    } else {
+        hyperlora_cpu::gelu_in_place(&mut out);
+    }
+    Ok(Some(tensor(out, x.shape())?))
+}

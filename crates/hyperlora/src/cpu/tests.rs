@@ -111,3 +111,13 @@ fn upsampling_matches_candle() {
     let ours = super::upsample_nearest2x(&x).unwrap().unwrap();
     assert_close("upsample", &ours, &x.upsample_nearest2d(8, 10).unwrap(), 0.0);
 }
+
+#[test]
+fn activations_match_candle() {
+    let x = randn(&[3, 50]).affine(4.0, 0.0).unwrap();
+    let gelu = super::gelu(&x, false).unwrap().unwrap();
+    assert_close("gelu", &gelu, &x.gelu_erf().unwrap(), 1e-5);
+    let quick = super::gelu(&x, true).unwrap().unwrap();
+    let expected = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap()).unwrap();
+    assert_close("quick gelu", &quick, &expected, 1e-5);
+}
