@@ -35,38 +35,58 @@ pub fn attention(
         return;
     }
     let b = q.len() / (sq * hd);
-    assert!(q.len() == b * sq * hd && out.len() == q.len(), "q and out are [B, Sq, H·D]");
-    assert!(k.len() == b * sk * hd && v.len() == k.len(), "k and v are [B, Sk, H·D]");
+    assert!(
+        q.len() == b * sq * hd && out.len() == q.len(),
+        "q and out are [B, Sq, H·D]"
+    );
+    assert!(
+        k.len() == b * sk * hd && v.len() == k.len(),
+        "k and v are [B, Sk, H·D]"
+    );
     assert!(sk > 0, "attention needs at least one key");
     // Enough tasks to keep every thread busy, each with a bounded score block.
     let rows = (SCORE_BLOCK / sk)
         .min((b * sq).div_ceil(4 * rayon::current_num_threads()))
         .clamp(1, sq);
-    out.par_chunks_mut(sq * hd).enumerate().for_each(|(bi, out)| {
-        let (k, v) = (&k[bi * sk * hd..], &v[bi * sk * hd..]);
-        out.par_chunks_mut(rows * hd).enumerate().for_each(|(ci, out)| {
-            let q0 = bi * sq + ci * rows;
-            let r = out.len() / hd;
-            let q = &q[q0 * hd..(q0 + r) * hd];
-            SCORES.with_borrow_mut(|scores| {
-                scores.resize(r * sk, 0.0);
-                for h in 0..heads {
-                    let plain = Epilogue::default();
-                    let (qh, kh, vh) = (&q[h * d..], &k[h * d..], &v[h * d..]);
-                    // scores [r, Sk] = q_h [r, D] · k_hᵀ [D, Sk]
-                    let kt = MatRef::new(kh, d, sk, 1, hd);
-                    sgemm(1, r, sk, d, MatRef::new(qh, r, d, hd, 1), kt, scores, sk, plain);
-                    for row in scores.chunks_exact_mut(sk) {
-                        softmax(row, scale);
-                    }
-                    // out_h [r, D] = P [r, Sk] · v_h [Sk, D], into the head's columns.
-                    let p = MatRef::rows(scores, r, sk);
-                    let vm = MatRef::new(vh, sk, d, hd, 1);
-                    sgemm(1, r, d, sk, p, vm, &mut out[h * d..], hd, plain);
-                }
-            });
+    out.par_chunks_mut(sq * hd)
+        .enumerate()
+        .for_each(|(bi, out)| {
+            let (k, v) = (&k[bi * sk * hd..], &v[bi * sk * hd..]);
+            out.par_chunks_mut(rows * hd)
+                .enumerate()
+                .for_each(|(ci, out)| {
+                    let q0 = bi * sq + ci * rows;
+                    let r = out.len() / hd;
+                    let q = &q[q0 * hd..(q0 + r) * hd];
+                    SCORES.with_borrow_mut(|scores| {
+                        scores.resize(r * sk, 0.0);
+                        for h in 0..heads {
+                            let plain = Epilogue::default();
+                            let (qh, kh, vh) = (&q[h * d..], &k[h * d..], &v[h * d..]);
+                            // scores [r, Sk] = q_h [r, D] · k_hᵀ [D, Sk]
+                            let kt = MatRef::new(kh, d, sk, 1, hd);
+                            sgemm(
+                                1,
+                                r,
+                                sk,
+                                d,
+                                MatRef::new(qh, r, d, hd, 1),
+                                kt,
+                                scores,
+                                sk,
+                                plain,
+                            );
+                            for row in scores.chunks_exact_mut(sk) {
+                                softmax(row, scale);
+                            }
+                            // out_h [r, D] = P [r, Sk] · v_h [Sk, D], into the head's columns.
+                            let p = MatRef::rows(scores, r, sk);
+                            let vm = MatRef::new(vh, sk, d, hd, 1);
+                            sgemm(1, r, d, sk, p, vm, &mut out[h * d..], hd, plain);
+                        }
+                    });
+                });
         });
-    });
 }
 
 /// Lanes reduced separately, so that the max and the sum vectorise.

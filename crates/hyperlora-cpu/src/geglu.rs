@@ -9,8 +9,14 @@ use crate::math::{exp, for_cpu, gelu};
 pub fn geglu(h: &[f32], bias: &[f32], out: &mut [f32]) {
     let n = bias.len();
     let inner = n / 2;
-    assert!(n % 2 == 0 && inner > 0, "GEGLU needs an even, non-empty width");
-    assert!(h.len() % n == 0 && out.len() * 2 == h.len(), "h is [M, 2I] and out [M, I]");
+    assert!(
+        n.is_multiple_of(2) && inner > 0,
+        "GEGLU needs an even, non-empty width"
+    );
+    assert!(
+        h.len().is_multiple_of(n) && out.len() * 2 == h.len(),
+        "h is [M, 2I] and out [M, I]"
+    );
     out.par_chunks_mut(inner)
         .zip(h.par_chunks(n))
         .for_each(|(out, h)| geglu_row(h, bias, out));
@@ -36,7 +42,8 @@ pub fn gelu_in_place(x: &mut [f32]) {
 
 /// CLIP's `quick_gelu`, `x · sigmoid(1.702 x)`, of every element of `x`, in place.
 pub fn quick_gelu_in_place(x: &mut [f32]) {
-    x.par_chunks_mut(ACTIVATION_CHUNK).for_each(quick_gelu_chunk);
+    x.par_chunks_mut(ACTIVATION_CHUNK)
+        .for_each(quick_gelu_chunk);
 }
 
 /// Elements per task of the in-place activations.

@@ -59,9 +59,18 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c_rs >= n && (m - 1) * c_rs + n <= c.len(), "output view out of bounds");
-    assert!(epi.row_bias.is_none_or(|b| b.len() >= m), "row bias too short");
-    assert!(epi.col_bias.is_none_or(|b| b.len() >= n), "column bias too short");
+    assert!(
+        c_rs >= n && (m - 1) * c_rs + n <= c.len(),
+        "output view out of bounds"
+    );
+    assert!(
+        epi.row_bias.is_none_or(|b| b.len() >= m),
+        "row bias too short"
+    );
+    assert!(
+        epi.col_bias.is_none_or(|b| b.len() >= n),
+        "column bias too short"
+    );
     if k > 0 {
         MatRef::new(a.data, m, k, a.rs, a.cs);
         MatRef::new(b.data, k, n, b.rs, b.cs);
@@ -112,17 +121,18 @@ pub fn sgemm(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn reference(m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: usize, b: &[f32], brs: usize, bcs: usize) -> Vec<f64> {
+    /// A·B by the definition, in f64.
+    fn reference(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f64> {
         let mut c = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
                 for p in 0..k {
-                    c[i * n + j] += a[i * ars + p * acs] as f64 * b[p * brs + j * bcs] as f64;
+                    let x = a.data[i * a.rs + p * a.cs] as f64;
+                    c[i * n + j] += x * b.data[p * b.rs + j * b.cs] as f64;
                 }
             }
         }
@@ -145,13 +155,30 @@ mod tests {
     /// both epilogues and accumulation, on one and two threads.
     #[test]
     fn matches_a_plain_triple_loop() {
-        for &(m, n, k) in &[(1, 1, 1), (7, 17, 5), (13, 33, 300), (120, 16, 256), (61, 70, 513), (6, 3100, 9), (0, 4, 4), (5, 5, 0)] {
-            for &(transpose_a, transpose_b) in &[(false, false), (true, false), (false, true), (true, true)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 17, 5),
+            (13, 33, 300),
+            (120, 16, 256),
+            (61, 70, 513),
+            (6, 3100, 9),
+            (0, 4, 4),
+            (5, 5, 0),
+        ] {
+            for &(transpose_a, transpose_b) in
+                &[(false, false), (true, false), (false, true), (true, true)]
+            {
                 let a = values(m * k + 3, 1);
                 let b = values(k * n + 3, 2);
                 let (ars, acs) = if transpose_a { (1, m) } else { (k, 1) };
                 let (brs, bcs) = if transpose_b { (1, k) } else { (n, 1) };
-                let expected = reference(m, n, k, &a, ars, acs, &b, brs, bcs);
+                let expected = reference(
+                    m,
+                    n,
+                    k,
+                    MatRef::new(&a, m, k, ars, acs),
+                    MatRef::new(&b, k, n, brs, bcs),
+                );
                 let rb = values(m, 3);
                 let cb = values(n, 4);
                 for threads in [1, 2] {
@@ -167,13 +194,23 @@ mod tests {
                         MatRef::new(&b, k, n, brs, bcs),
                         &mut c,
                         c_rs,
-                        Epilogue { accumulate: true, row_bias: Some(&rb), col_bias: Some(&cb) },
+                        Epilogue {
+                            accumulate: true,
+                            row_bias: Some(&rb),
+                            col_bias: Some(&cb),
+                        },
                     );
                     for i in 0..m {
                         for j in 0..n {
-                            let want = expected[i * n + j] + old[i * c_rs + j] as f64 + rb[i] as f64 + cb[j] as f64;
+                            let want = expected[i * n + j]
+                                + old[i * c_rs + j] as f64
+                                + rb[i] as f64
+                                + cb[j] as f64;
                             let got = c[i * c_rs + j] as f64;
-                            assert!((got - want).abs() < 1e-4 * (1.0 + k as f64).sqrt(), "{m}x{n}x{k} ({i},{j}): {got} vs {want}");
+                            assert!(
+                                (got - want).abs() < 1e-4 * (1.0 + k as f64).sqrt(),
+                                "{m}x{n}x{k} ({i},{j}): {got} vs {want}"
+                            );
                         }
                         // The gap between rows is left alone.
                         for j in n..c_rs {
@@ -181,7 +218,17 @@ mod tests {
                         }
                     }
                     let mut c = vec![7.0; m.max(1) * n];
-                    sgemm(threads, m, n, k, MatRef::new(&a, m, k, ars, acs), MatRef::new(&b, k, n, brs, bcs), &mut c, n, Epilogue::default());
+                    sgemm(
+                        threads,
+                        m,
+                        n,
+                        k,
+                        MatRef::new(&a, m, k, ars, acs),
+                        MatRef::new(&b, k, n, brs, bcs),
+                        &mut c,
+                        n,
+                        Epilogue::default(),
+                    );
                     for i in 0..m * n {
                         assert!((c[i] as f64 - expected[i]).abs() < 1e-4 * (1.0 + k as f64).sqrt());
                     }

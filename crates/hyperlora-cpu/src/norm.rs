@@ -19,8 +19,14 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) {
-    assert!(groups > 0 && channels % groups == 0, "channels must split into groups");
-    assert!(weight.len() == channels && bias.len() == channels, "one weight and bias per channel");
+    assert!(
+        groups > 0 && channels.is_multiple_of(groups),
+        "channels must split into groups"
+    );
+    assert!(
+        weight.len() == channels && bias.len() == channels,
+        "one weight and bias per channel"
+    );
     assert_eq!(x.len(), out.len());
     let cg = channels / groups;
     let group_len = cg * pixels;
@@ -34,7 +40,15 @@ pub fn group_norm(
         .for_each(|(i, (dst, src))| {
             let g = i % groups;
             let range = g * cg..(g + 1) * cg;
-            normalize(src, dst, &weight[range.clone()], &bias[range], pixels, eps, silu);
+            normalize(
+                src,
+                dst,
+                &weight[range.clone()],
+                &bias[range],
+                pixels,
+                eps,
+                silu,
+            );
         });
 }
 

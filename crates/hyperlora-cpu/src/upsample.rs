@@ -7,7 +7,10 @@ pub fn upsample_nearest2x(x: &[f32], out: &mut [f32], h: usize, w: usize) {
     if h == 0 || w == 0 {
         return;
     }
-    assert!(x.len() % (h * w) == 0 && out.len() == 4 * x.len(), "x is [planes, h, w], out 4x that");
+    assert!(
+        x.len().is_multiple_of(h * w) && out.len() == 4 * x.len(),
+        "x is [planes, h, w], out 4x that"
+    );
     out.par_chunks_mut(4 * h * w)
         .zip(x.par_chunks(h * w))
         .for_each(|(out, x)| {
@@ -26,10 +29,18 @@ pub fn upsample_nearest2x(x: &[f32], out: &mut [f32], h: usize, w: usize) {
 mod tests {
     #[test]
     fn repeats_each_pixel_in_a_block() {
-        let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+        let x = [
+            1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0,
+        ];
         let mut out = [0.0; 48];
         super::upsample_nearest2x(&x, &mut out, 2, 3);
-        assert_eq!(&out[..12], &[1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
-        assert_eq!(&out[36..], &[10.0, 10.0, 11.0, 11.0, 12.0, 12.0, 10.0, 10.0, 11.0, 11.0, 12.0, 12.0]);
+        assert_eq!(
+            &out[..12],
+            &[1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+        );
+        assert_eq!(
+            &out[36..],
+            &[10.0, 10.0, 11.0, 11.0, 12.0, 12.0, 10.0, 10.0, 11.0, 11.0, 12.0, 12.0]
+        );
     }
 }

@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use hyperlora::device::select_dtype;
 use hyperlora::clip::text::ClipTextConfig;
+use hyperlora::device::select_dtype;
 use hyperlora::sdxl::model::unet::{self, UNet2DConditionModel};
 use hyperlora::sdxl::model::vae::{self, AutoencoderKL};
 use hyperlora::sdxl::text::encoders::SdxlTextEncoders;
@@ -99,7 +99,11 @@ fn stage(args: &Args, dtype: DType, device: &Device) -> hyperlora::Result<Stage>
         }
         "text" => {
             let load = |component: Component| -> hyperlora::Result<_> {
-                let files = ComponentFiles::locate(args.model.join(component.subfolder()), component, None)?;
+                let files = ComponentFiles::locate(
+                    args.model.join(component.subfolder()),
+                    component,
+                    None,
+                )?;
                 let config = ClipTextConfig::from_json_file(&files.config)?;
                 Ok((files.var_builder(dtype, device)?, config))
             };
@@ -112,7 +116,10 @@ fn stage(args: &Args, dtype: DType, device: &Device) -> hyperlora::Result<Stage>
                 let g = encoders.clip_g.forward(ids)?;
                 let hidden = Tensor::cat(&[l.penultimate(), g.penultimate()], 2)?;
                 let pooled = g.text_embeds.expect("projection model sets text_embeds");
-                Ok(Tensor::cat(&[hidden.flatten_all()?, pooled.flatten_all()?], 0)?)
+                Ok(Tensor::cat(
+                    &[hidden.flatten_all()?, pooled.flatten_all()?],
+                    0,
+                )?)
             })
         }
         other => panic!("unknown stage {other} (unet, vae, text)"),

@@ -328,7 +328,8 @@ impl ClipEncoderLayer {
         let h = self
             .self_attn
             .forward_residual(&self.layer_norm1.forward(x)?, mask, Some(x))?;
-        self.mlp.forward_residual(&self.layer_norm2.forward(&h)?, &h)
+        self.mlp
+            .forward_residual(&self.layer_norm2.forward(&h)?, &h)
     }
 }
 

@@ -115,7 +115,10 @@ pub fn linear_from_map(linear: &Linear, x: &Tensor) -> candle_core::Result<Optio
     let mut out = vec![0f32; b * pixels * n];
     super::with_f32(x, |x| {
         super::with_f32(w, |w| {
-            for (image, out) in x.chunks_exact(c * pixels).zip(out.chunks_exact_mut(pixels * n)) {
+            for (image, out) in x
+                .chunks_exact(c * pixels)
+                .zip(out.chunks_exact_mut(pixels * n))
+            {
                 let epi = Epilogue {
                     col_bias: bias.as_deref(),
                     ..Default::default()
@@ -154,7 +157,10 @@ pub fn linear_to_map(
     let mut out = super::with_f32(residual, <[f32]>::to_vec)?;
     super::with_f32(x, |x| {
         super::with_f32(w, |w| {
-            for (tokens, out) in x.chunks_exact(pixels * k).zip(out.chunks_exact_mut(n * pixels)) {
+            for (tokens, out) in x
+                .chunks_exact(pixels * k)
+                .zip(out.chunks_exact_mut(n * pixels))
+            {
                 let epi = Epilogue {
                     accumulate: true,
                     row_bias: Some(&bias),
@@ -162,7 +168,17 @@ pub fn linear_to_map(
                 };
                 // out [out, pixels] += W [out, in] · tokensᵀ [in, pixels]
                 let tt = MatRef::new(tokens, k, pixels, 1, k);
-                sgemm(super::threads(), n, pixels, k, MatRef::rows(w, n, k), tt, out, pixels, epi);
+                sgemm(
+                    super::threads(),
+                    n,
+                    pixels,
+                    k,
+                    MatRef::rows(w, n, k),
+                    tt,
+                    out,
+                    pixels,
+                    epi,
+                );
             }
         })
     })??;

@@ -12,7 +12,11 @@ fn randn(shape: &[usize]) -> Tensor {
 
 #[test]
 fn group_norm_matches_candle() {
-    for (shape, groups) in [(vec![2, 6, 5, 7], 3), (vec![1, 32, 4, 4], 32), (vec![2, 4, 3], 1)] {
+    for (shape, groups) in [
+        (vec![2, 6, 5, 7], 3),
+        (vec![1, 32, 4, 4], 32),
+        (vec![2, 4, 3], 1),
+    ] {
         let c = shape[1];
         let (w, b) = (randn(&[c]), randn(&[c]));
         let x = randn(&shape).affine(3.0, 1.5).unwrap();
@@ -20,9 +24,13 @@ fn group_norm_matches_candle() {
             .unwrap()
             .forward(&x)
             .unwrap();
-        let ours = super::group_norm(&x, &w, &b, groups, 1e-5, false).unwrap().unwrap();
+        let ours = super::group_norm(&x, &w, &b, groups, 1e-5, false)
+            .unwrap()
+            .unwrap();
         assert_close("group norm", &ours, &expected, 1e-5);
-        let ours = super::group_norm(&x, &w, &b, groups, 1e-5, true).unwrap().unwrap();
+        let ours = super::group_norm(&x, &w, &b, groups, 1e-5, true)
+            .unwrap()
+            .unwrap();
         assert_close("group norm + silu", &ours, &expected.silu().unwrap(), 1e-5);
     }
 }
@@ -35,10 +43,23 @@ fn linears_match_candle() {
     let ours = super::linear(&linear, &x, None).unwrap().unwrap();
     assert_close("linear", &ours, &expected, 1e-5);
     let residual = randn(&[2, 13, 70]);
-    let ours = super::linear(&linear, &x, Some(&residual)).unwrap().unwrap();
-    assert_close("linear + residual", &ours, &(&expected + &residual).unwrap(), 1e-5);
+    let ours = super::linear(&linear, &x, Some(&residual))
+        .unwrap()
+        .unwrap();
+    assert_close(
+        "linear + residual",
+        &ours,
+        &(&expected + &residual).unwrap(),
+        1e-5,
+    );
     // A strided input is made contiguous first.
-    let xt = x.transpose(0, 1).unwrap().contiguous().unwrap().transpose(0, 1).unwrap();
+    let xt = x
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap();
     let ours = super::linear(&linear, &xt, None).unwrap().unwrap();
     assert_close("linear, strided input", &ours, &expected, 1e-5);
 
@@ -55,7 +76,11 @@ fn projections_between_maps_and_tokens_match_candle() {
     let (b, c, h, w, n) = (2, 12, 3, 5, 20);
     let x = randn(&[b, c, h, w]);
     let proj_in = Linear::new(randn(&[n, c]), Some(randn(&[n])));
-    let tokens = x.permute((0, 2, 3, 1)).unwrap().reshape((b, h * w, c)).unwrap();
+    let tokens = x
+        .permute((0, 2, 3, 1))
+        .unwrap()
+        .reshape((b, h * w, c))
+        .unwrap();
     let expected = proj_in.forward(&tokens).unwrap();
     let ours = super::linear_from_map(&proj_in, &x).unwrap().unwrap();
     assert_close("proj_in", &ours, &expected, 1e-5);
@@ -68,7 +93,9 @@ fn projections_between_maps_and_tokens_match_candle() {
         .unwrap()
         .permute((0, 3, 1, 2))
         .unwrap();
-    let ours = super::linear_to_map(&proj_out, &expected, &x).unwrap().unwrap();
+    let ours = super::linear_to_map(&proj_out, &expected, &x)
+        .unwrap()
+        .unwrap();
     // Outputs reach ~100 here: 1e-4 is float rounding.
     assert_close("proj_out + residual", &ours, &(map + &x).unwrap(), 1e-4);
 }
@@ -82,7 +109,12 @@ fn attention_matches_the_definition() {
         let v = randn(&[b, sk, heads * d]);
         let split = |t: &Tensor| {
             let s = t.dim(1).unwrap();
-            t.reshape((b, s, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+            t.reshape((b, s, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
         };
         let scores = (split(&q).matmul(&split(&k).t().unwrap()).unwrap() * 0.3).unwrap();
         let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
@@ -100,16 +132,25 @@ fn attention_matches_the_definition() {
 
 #[test]
 fn only_f32_cpu_tensors_take_the_fast_paths() {
-    let x = randn(&[1, 4, 2, 2]).to_dtype(candle_core::DType::F16).unwrap();
+    let x = randn(&[1, 4, 2, 2])
+        .to_dtype(candle_core::DType::F16)
+        .unwrap();
     let w = Tensor::ones(4, candle_core::DType::F16, &Device::Cpu).unwrap();
-    assert!(super::group_norm(&x, &w, &w, 2, 1e-5, false).unwrap().is_none());
+    assert!(super::group_norm(&x, &w, &w, 2, 1e-5, false)
+        .unwrap()
+        .is_none());
 }
 
 #[test]
 fn upsampling_matches_candle() {
     let x = randn(&[2, 3, 4, 5]);
     let ours = super::upsample_nearest2x(&x).unwrap().unwrap();
-    assert_close("upsample", &ours, &x.upsample_nearest2d(8, 10).unwrap(), 0.0);
+    assert_close(
+        "upsample",
+        &ours,
+        &x.upsample_nearest2d(8, 10).unwrap(),
+        0.0,
+    );
 }
 
 #[test]

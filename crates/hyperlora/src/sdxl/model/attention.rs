@@ -479,10 +479,12 @@ impl Transformer2DModel {
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
         };
         let mut tokens = match &self.proj_in {
-            Projection::Linear(l) if adapters.is_none() => match crate::cpu::linear_from_map(l, &normed)? {
-                Some(t) => t,
-                None => forward_linear(l, &to_tokens(&normed)?, None)?,
-            },
+            Projection::Linear(l) if adapters.is_none() => {
+                match crate::cpu::linear_from_map(l, &normed)? {
+                    Some(t) => t,
+                    None => forward_linear(l, &to_tokens(&normed)?, None)?,
+                }
+            }
             Projection::Linear(l) => forward_linear(l, &to_tokens(&normed)?, adapters)?,
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
         };

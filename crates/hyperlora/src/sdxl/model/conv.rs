@@ -17,8 +17,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, W
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use hyperlora_cpu::gemm::{sgemm, Epilogue, MatRef};
 use crate::Result;
+use hyperlora_cpu::gemm::{sgemm, Epilogue, MatRef};
 
 /// Patch matrices above this many elements are built and multiplied in bands of output rows
 /// (f32: 128 MiB).
@@ -106,7 +106,9 @@ impl Conv2d {
         let pixels = ho * wo;
         let mut out = match residual {
             Some(r) if r.dims() == [b, cout, ho, wo] => r.flatten_all()?.to_vec1::<f32>()?,
-            Some(r) => candle_core::bail!("conv2d: residual {:?} does not match the output", r.shape()),
+            Some(r) => {
+                candle_core::bail!("conv2d: residual {:?} does not match the output", r.shape())
+            }
             None => vec![0f32; b * cout * pixels],
         };
         let bias = match self.bias() {
@@ -114,7 +116,11 @@ impl Conv2d {
             None => vec![0.0; cout],
         };
         let extra = match per_image_bias {
-            Some(e) => Some(e.to_dtype(DType::F32)?.reshape((b, cout))?.to_vec2::<f32>()?),
+            Some(e) => Some(
+                e.to_dtype(DType::F32)?
+                    .reshape((b, cout))?
+                    .to_vec2::<f32>()?,
+            ),
             None => None,
         };
         let threads = rayon::current_num_threads();
@@ -431,8 +437,12 @@ mod tests {
             // The fused epilogue: a bias per image and a residual.
             let extra = Tensor::randn(0f32, 1.0, (b, cout), &dev).unwrap();
             let residual = Tensor::randn(0f32, 1.0, expected.shape(), &dev).unwrap();
-            let fused = ours.forward_fused(&x, Some(&extra), Some(&residual)).unwrap();
-            let want = (expected.broadcast_add(&extra.reshape((b, cout, 1, 1)).unwrap()).unwrap()
+            let fused = ours
+                .forward_fused(&x, Some(&extra), Some(&residual))
+                .unwrap();
+            let want = (expected
+                .broadcast_add(&extra.reshape((b, cout, 1, 1)).unwrap())
+                .unwrap()
                 + &residual)
                 .unwrap();
             assert_close(&format!("case {i} fused"), &fused, &want, 1e-5);
