@@ -62,6 +62,33 @@ impl Conv2d {
             && x.dtype() == self.weight().dtype()
     }
 
+    /// The shapes of convolving `x` [B, Cin, H, W], checked against the weight.
+    fn geometry(&self, x: &Tensor) -> candle_core::Result<Geometry> {
+        let c = self.config();
+        let (b, cin, h, w) = x.dims4()?;
+        let (cout, wcin, kh, kw) = self.weight().dims4()?;
+        if wcin != cin {
+            candle_core::bail!("conv2d: input has {cin} channels, the weight expects {wcin}");
+        }
+        let (stride, padding) = (c.stride, c.padding);
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("conv2d: input {h}x{w} smaller than the kernel {kh}x{kw}");
+        }
+        Ok(Geometry {
+            b,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            stride,
+            padding,
+            ho: (h + 2 * padding - kh) / stride + 1,
+            wo: (w + 2 * padding - kw) / stride + 1,
+        })
+    }
+
     /// `self.forward(x)` + `per_image_bias` [B, Cout] broadcast over the pixels (a resnet's time
     /// embedding) + `residual` (the output's shape): on the CPU inside the product's epilogue.
     pub fn forward_fused(
@@ -91,17 +118,19 @@ impl Conv2d {
         per_image_bias: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let c = self.config();
-        let (b, cin, h, w) = x.dims4()?;
-        let (cout, wcin, kh, kw) = self.weight().dims4()?;
-        if wcin != cin {
-            candle_core::bail!("conv2d: input has {cin} channels, the weight expects {wcin}");
-        }
-        let (s, p) = (c.stride, c.padding);
-        if h + 2 * p < kh || w + 2 * p < kw {
-            candle_core::bail!("conv2d: input {h}x{w} smaller than the kernel {kh}x{kw}");
-        }
-        let (ho, wo) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        let Geometry {
+            b,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            stride: s,
+            padding: p,
+            ho,
+            wo,
+        } = self.geometry(x)?;
         let k = cin * kh * kw;
         let pixels = ho * wo;
         let mut out = match residual {
@@ -173,18 +202,19 @@ impl Conv2d {
     }
 
     fn forward_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let c = self.config();
-        let (b, cin, h, w) = x.dims4()?;
-        let (cout, wcin, kh, kw) = self.weight().dims4()?;
-        if wcin != cin {
-            candle_core::bail!("conv2d: input has {cin} channels, the weight expects {wcin}");
-        }
-        let (s, p) = (c.stride, c.padding);
-        if h + 2 * p < kh || w + 2 * p < kw {
-            candle_core::bail!("conv2d: input {h}x{w} smaller than the kernel {kh}x{kw}");
-        }
-        let ho = (h + 2 * p - kh) / s + 1;
-        let wo = (w + 2 * p - kw) / s + 1;
+        let Geometry {
+            b,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            stride: s,
+            padding: p,
+            ho,
+            wo,
+        } = self.geometry(x)?;
         let k = cin * kh * kw;
         let weight = self
             .weight()
@@ -234,6 +264,21 @@ impl Module for Conv2d {
             self.inner.forward(x)
         }
     }
+}
+
+/// Input, kernel and output sizes of one convolution call.
+struct Geometry {
+    b: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    ho: usize,
+    wo: usize,
 }
 
 /// `candle_nn::conv2d`: weight and bias under `vb`, as diffusers names them.
