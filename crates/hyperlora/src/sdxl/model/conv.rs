@@ -118,20 +118,8 @@ impl Conv2d {
         per_image_bias: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let Geometry {
-            b,
-            cin,
-            h,
-            w,
-            cout,
-            kh,
-            kw,
-            stride: s,
-            padding: p,
-            ho,
-            wo,
-        } = self.geometry(x)?;
-        let k = cin * kh * kw;
+        let g = self.geometry(x)?;
+        let (b, cout, ho, wo, k) = (g.b, g.cout, g.ho, g.wo, g.k());
         let pixels = ho * wo;
         let mut out = match residual {
             Some(r) if r.dims() == [b, cout, ho, wo] => r.flatten_all()?.to_vec1::<f32>()?,
@@ -152,8 +140,8 @@ impl Conv2d {
             ),
             None => None,
         };
-        let threads = rayon::current_num_threads();
-        let image_len = cin * h * w;
+        let threads = crate::cpu::threads();
+        let image_len = g.cin * g.h * g.w;
         crate::cpu::with_f32(self.weight(), |weight| {
             crate::cpu::with_f32(x, |x| {
                 let weight = MatRef::rows(weight, cout, k);
@@ -168,28 +156,19 @@ impl Conv2d {
                         col_bias: None,
                     };
                     let image = &x[i * image_len..(i + 1) * image_len];
-                    if kh == 1 && kw == 1 && s == 1 && p == 0 {
+                    if g.pointwise() {
                         let cols = MatRef::rows(image, k, pixels);
                         sgemm(threads, cout, pixels, k, weight, cols, out, pixels, epi);
                         continue;
                     }
-                    let rows = (MAX_COLS_ELEMENTS / (k * wo).max(1)).clamp(1, ho);
-                    for start in (0..ho).step_by(rows) {
-                        let op = Im2Col {
-                            kh,
-                            kw,
-                            stride: s,
-                            padding: p,
-                            out_rows: start..(start + rows).min(ho),
-                            wo,
-                        };
-                        let n = op.out_rows.len() * wo;
+                    for op in g.bands(1) {
+                        let (start, n) = (op.out_rows.start, op.out_rows.len() * wo);
                         COLS.with_borrow_mut(|cols| {
                             if cols.len() < k * n {
                                 cols.resize(k * n, 0.0);
                             }
                             let cols = &mut cols[..k * n];
-                            op.fill_into(image, h, w, cols);
+                            op.fill_into(image, g.h, g.w, cols);
                             let cols = MatRef::rows(cols, k, n);
                             let band = &mut out[start * wo..];
                             sgemm(threads, cout, n, k, weight, cols, band, pixels, epi);
@@ -202,39 +181,18 @@ impl Conv2d {
     }
 
     fn forward_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let Geometry {
-            b,
-            cin,
-            h,
-            w,
-            cout,
-            kh,
-            kw,
-            stride: s,
-            padding: p,
-            ho,
-            wo,
-        } = self.geometry(x)?;
-        let k = cin * kh * kw;
+        let g = self.geometry(x)?;
+        let (b, cout, k) = (g.b, g.cout, g.k());
         let weight = self
             .weight()
             .reshape((1, cout, k))?
             .broadcast_as((b, cout, k))?;
         let x = x.contiguous()?;
-        let out = if kh == 1 && kw == 1 && s == 1 && p == 0 {
-            weight.matmul(&x.reshape((b, cin, h * w))?)?
+        let out = if g.pointwise() {
+            weight.matmul(&x.reshape((b, g.cin, g.h * g.w))?)?
         } else {
-            let rows = (MAX_COLS_ELEMENTS / (b * k * wo).max(1)).clamp(1, ho);
-            let mut bands = Vec::with_capacity(ho.div_ceil(rows));
-            for start in (0..ho).step_by(rows) {
-                let op = Im2Col {
-                    kh,
-                    kw,
-                    stride: s,
-                    padding: p,
-                    out_rows: start..(start + rows).min(ho),
-                    wo,
-                };
+            let mut bands = Vec::new();
+            for op in g.bands(b) {
                 let cols = x.apply_op1_no_bwd(&op)?;
                 bands.push(weight.matmul(&cols)?);
             }
@@ -244,7 +202,7 @@ impl Conv2d {
                 Tensor::cat(&bands, 2)?
             }
         };
-        let out = out.reshape((b, cout, ho, wo))?;
+        let out = out.reshape((b, cout, g.ho, g.wo))?;
         match self.bias() {
             Some(bias) => out.broadcast_add(&bias.reshape((1, cout, 1, 1))?),
             None => Ok(out),
@@ -279,6 +237,32 @@ struct Geometry {
     padding: usize,
     ho: usize,
     wo: usize,
+}
+
+impl Geometry {
+    /// Rows of the patch matrix: `Cin·kh·kw`.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    /// A 1x1 stride-1 unpadded convolution: the input already is its patch matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// The patch matrices of `images` images in bands of output rows, each at most
+    /// `MAX_COLS_ELEMENTS` elements (at least one row).
+    fn bands(&self, images: usize) -> impl Iterator<Item = Im2Col> + '_ {
+        let rows = (MAX_COLS_ELEMENTS / (images * self.k() * self.wo).max(1)).clamp(1, self.ho);
+        (0..self.ho).step_by(rows).map(move |start| Im2Col {
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.stride,
+            padding: self.padding,
+            out_rows: start..(start + rows).min(self.ho),
+            wo: self.wo,
+        })
+    }
 }
 
 /// `candle_nn::conv2d`: weight and bias under `vb`, as diffusers names them.
