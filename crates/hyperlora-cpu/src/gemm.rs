@@ -89,22 +89,89 @@ pub fn sgemm(
             }
         }
     }
-    let parallelism = if threads > 1 {
-        ::gemm::Parallelism::Rayon(threads)
+    let read_c = biased || epi.accumulate;
+    if threads > 1 && m * n * k >= SPLIT_MIN_WORK {
+        split(threads, m, n, k, a, b, c, c_rs, read_c);
     } else {
-        ::gemm::Parallelism::None
-    };
-    // SAFETY: every element the product reads or writes lies inside `a`, `b` and `c` (checked
-    // above), and `c` is borrowed exclusively.
+        // SAFETY: every element the product reads or writes lies inside `a`, `b` and `c`
+        // (checked above), and `c` is borrowed exclusively.
+        unsafe { product(m, n, k, a, b, c.as_mut_ptr(), c_rs, read_c) };
+    }
+}
+
+/// Below this many multiply-adds (≈20 µs of work) a product runs on one thread.
+const SPLIT_MIN_WORK: usize = 1 << 21;
+
+/// Parallel product in one piece per thread, each a one-thread product of its own rows or
+/// columns of `C`. The `gemm` crate's own threading has every thread pack the whole of its
+/// left operand (in its orientation: a Linear's weight) and joins the threads once per slice of
+/// K; the pieces pack disjoint parts and meet once. The operand that is not split is packed by
+/// every piece, so the split goes along the dimension that leaves the smaller one to repeat.
+#[allow(clippy::too_many_arguments)]
+fn split(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    c_rs: usize,
+    read_c: bool,
+) {
+    use rayon::prelude::*;
+    let by_cols = m <= n;
+    let len = if by_cols { n } else { m };
+    let step = len.div_ceil(threads).next_multiple_of(16);
+    let pieces = len.div_ceil(step);
+    let cptr = crate::SendPtr(c.as_mut_ptr());
+    (0..pieces).into_par_iter().for_each(|p| {
+        let start = p * step;
+        let size = step.min(len - start);
+        // SAFETY: piece `p` reads inside `a` and `b` and writes only its own rows or columns
+        // of `c`, all inside the views checked by `sgemm`.
+        unsafe {
+            if by_cols {
+                let b = MatRef {
+                    data: &b.data[start * b.cs..],
+                    ..b
+                };
+                product(m, size, k, a, b, cptr.get().add(start), c_rs, read_c);
+            } else {
+                let a = MatRef {
+                    data: &a.data[start * a.rs..],
+                    ..a
+                };
+                product(size, n, k, a, b, cptr.get().add(start * c_rs), c_rs, read_c);
+            }
+        }
+    });
+}
+
+/// The `gemm` crate's `C (+)= A·B` on the calling thread.
+///
+/// # Safety
+/// Every element read or written must lie inside `a`, `b` and the `m`×`n` view of `c`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: *mut f32,
+    c_rs: usize,
+    read_c: bool,
+) {
     unsafe {
         ::gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             c_rs as isize,
-            biased || epi.accumulate,
+            read_c,
             a.data.as_ptr(),
             a.cs as isize,
             a.rs as isize,
@@ -116,7 +183,7 @@ pub fn sgemm(
             false,
             false,
             false,
-            parallelism,
+            ::gemm::Parallelism::None,
         )
     }
 }
@@ -152,7 +219,7 @@ mod tests {
     }
 
     /// Edges in every dimension, K across several slices, transposed and strided operands,
-    /// both epilogues and accumulation, on one and two threads.
+    /// both epilogues and accumulation, on one and two threads (split by columns and by rows).
     #[test]
     fn matches_a_plain_triple_loop() {
         for &(m, n, k) in &[
@@ -161,6 +228,7 @@ mod tests {
             (13, 33, 300),
             (120, 16, 256),
             (61, 70, 513),
+            (300, 40, 200),
             (6, 3100, 9),
             (0, 4, 4),
             (5, 5, 0),

@@ -7,6 +7,7 @@
 //! `Cargo.toml` says so): at opt-level 1 these loops would not vectorise.
 
 mod attention;
+pub mod conv;
 mod geglu;
 pub mod gemm;
 mod math;
@@ -25,4 +26,19 @@ fn has_avx2_fma() -> bool {
     *YES.get_or_init(|| {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     })
+}
+
+/// A pointer into an output that parallel work items write in disjoint parts.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: every user writes only its own elements through it.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }

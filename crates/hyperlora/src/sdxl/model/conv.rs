@@ -110,8 +110,9 @@ impl Conv2d {
         }
     }
 
-    /// The f32 CPU path: per image one [`sgemm`] `W[Cout, K] · cols[K, pixels]` written into the
-    /// NCHW output with the biases (and the residual) in its epilogue.
+    /// The f32 CPU path: the output starts as the biases (and the residual), and the product is
+    /// added in place — by `hyperlora_cpu::conv` where this CPU has its micro-kernel, else by
+    /// [`Self::add_product_by_patches`].
     fn forward_f32(
         &self,
         x: &Tensor,
@@ -119,40 +120,76 @@ impl Conv2d {
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let g = self.geometry(x)?;
-        let (b, cout, ho, wo, k) = (g.b, g.cout, g.ho, g.wo, g.k());
-        let pixels = ho * wo;
+        let (b, cout) = (g.b, g.cout);
         let mut out = match residual {
-            Some(r) if r.dims() == [b, cout, ho, wo] => r.flatten_all()?.to_vec1::<f32>()?,
+            Some(r) if r.dims() == [b, cout, g.ho, g.wo] => r.flatten_all()?.to_vec1::<f32>()?,
             Some(r) => {
                 candle_core::bail!("conv2d: residual {:?} does not match the output", r.shape())
             }
-            None => vec![0f32; b * cout * pixels],
+            None => vec![0f32; b * cout * g.ho * g.wo],
         };
-        let bias = match self.bias() {
-            Some(bias) => bias.to_vec1::<f32>()?,
-            None => vec![0.0; cout],
+        // [B, Cout]: the bias, plus the per-image one.
+        let mut biases = match self.bias() {
+            Some(bias) => bias.to_vec1::<f32>()?.repeat(b),
+            None => vec![0.0; b * cout],
         };
-        let extra = match per_image_bias {
-            Some(e) => Some(
-                e.to_dtype(DType::F32)?
-                    .reshape((b, cout))?
-                    .to_vec2::<f32>()?,
-            ),
-            None => None,
+        if let Some(e) = per_image_bias {
+            let e = e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if e.len() != biases.len() {
+                candle_core::bail!(
+                    "conv2d: per-image bias has {} values, not {b}x{cout}",
+                    e.len()
+                );
+            }
+            biases.iter_mut().zip(e).for_each(|(v, e)| *v += e);
+        }
+        let shape = hyperlora_cpu::conv::ConvShape {
+            cin: g.cin,
+            h: g.h,
+            w: g.w,
+            cout,
+            kh: g.kh,
+            kw: g.kw,
+            stride: g.stride,
+            padding: g.padding,
         };
+        let threads = crate::cpu::threads();
+        let accumulate = residual.is_some();
+        let done = crate::cpu::with_f32(self.weight(), |weight| {
+            crate::cpu::with_f32(x, |x| {
+                hyperlora_cpu::conv::conv2d(
+                    threads, shape, b, x, weight, &biases, accumulate, &mut out,
+                )
+            })
+        })??;
+        if !done {
+            self.add_product_by_patches(&g, x, &biases, accumulate, &mut out)?;
+        }
+        crate::cpu::tensor(out, (b, cout, g.ho, g.wo))
+    }
+
+    /// `out = biases + W·patches(x) (+ out when accumulate)` as one [`sgemm`] per image
+    /// `W[Cout, K] · cols[K, pixels]` written into the NCHW output, the patch matrix built in
+    /// bands of output rows: the path for CPUs without the micro-kernel of `hyperlora_cpu::conv`.
+    fn add_product_by_patches(
+        &self,
+        g: &Geometry,
+        x: &Tensor,
+        biases: &[f32],
+        accumulate: bool,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let (cout, wo, k) = (g.cout, g.wo, g.k());
+        let pixels = g.ho * wo;
         let threads = crate::cpu::threads();
         let image_len = g.cin * g.h * g.w;
         crate::cpu::with_f32(self.weight(), |weight| {
             crate::cpu::with_f32(x, |x| {
                 let weight = MatRef::rows(weight, cout, k);
                 for (i, out) in out.chunks_mut(cout * pixels).enumerate() {
-                    let row_bias: Vec<f32> = match &extra {
-                        Some(e) => bias.iter().zip(&e[i]).map(|(a, b)| a + b).collect(),
-                        None => bias.clone(),
-                    };
                     let epi = Epilogue {
-                        accumulate: residual.is_some(),
-                        row_bias: Some(&row_bias),
+                        accumulate,
+                        row_bias: Some(&biases[i * cout..(i + 1) * cout]),
                         col_bias: None,
                     };
                     let image = &x[i * image_len..(i + 1) * image_len];
@@ -176,8 +213,7 @@ impl Conv2d {
                     }
                 }
             })
-        })??;
-        crate::cpu::tensor(out, (b, cout, ho, wo))
+        })?
     }
 
     fn forward_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -475,6 +511,20 @@ mod tests {
                 + &residual)
                 .unwrap();
             assert_close(&format!("case {i} fused"), &fused, &want, 1e-5);
+            // The patch-matrix path of CPUs without the implicit convolution's micro-kernel.
+            let g = ours.geometry(&x).unwrap();
+            let mut by_patches = residual.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let biases = extra
+                .broadcast_add(&ours.bias().unwrap().reshape((1, cout)).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            ours.add_product_by_patches(&g, &x, &biases, true, &mut by_patches)
+                .unwrap();
+            let by_patches = Tensor::from_vec(by_patches, want.shape(), &dev).unwrap();
+            assert_close(&format!("case {i} by patches"), &by_patches, &want, 1e-5);
         }
     }
 }
