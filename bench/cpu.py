@@ -4,6 +4,7 @@
     npm run bench:cpu                       # = python3 bench/cpu.py: all three stages
     npm run bench:unet                      # = python3 bench/cpu.py --stage unet
     python3 bench/cpu.py --stage unet --threads 2 --latent 64 --iters 3 --json out.json
+    python3 bench/cpu.py --rounds 3 --iters 3  # PyTorch and ours alternate three times
 
 Stages (--stage, repeatable; default all three):
 - unet: a mid-size UNet2DConditionModel with SDXL's structure (DownBlock2D + CrossAttn blocks,
@@ -25,6 +26,10 @@ For each stage:
    with RAYON_NUM_THREADS=T, which times ours the same way and checks its output against
    PyTorch's.
 4. Prints both medians and the ratio.
+
+With --rounds R, steps 2 and 3 alternate R times and the medians are taken over every round:
+on a shared machine whose load drifts within minutes, this puts the drift on both sides of the
+ratio instead of on whichever side ran later.
 
 This is a benchmark, not a test: timings depend on the machine and its load.
 """
@@ -207,13 +212,27 @@ def expected_path(stage: str, inputs: Path, timestep: float) -> Path:
     return inputs.with_name(inputs.stem + suffix + ".safetensors")
 
 
-def time_reference(stage: str, model_dir: Path, inputs: Path, threads: int, warmup: int, iters: int, timestep: float):
+def load_reference(stage: str, model_dir: Path, inputs: Path, threads: int, timestep: float):
+    """PyTorch's models, their function of the inputs, the inputs, and version information."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     torch.set_num_threads(threads)
     models, run = reference(stage, model_dir, timestep)
-    x = load_file(str(inputs))
+    info = {
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "transformers": __import__("transformers").__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "params": sum(p.numel() for m in models for p in m.parameters()),
+    }
+    return run, load_file(str(inputs)), info
+
+
+def time_reference(run, x, warmup: int, iters: int):
+    """Times PyTorch's forward; returns the times and the last output."""
+    import torch
+
     times = []
     with torch.no_grad():
         for _ in range(warmup):
@@ -222,15 +241,7 @@ def time_reference(stage: str, model_dir: Path, inputs: Path, threads: int, warm
             t0 = time.perf_counter()
             out = run(x)
             times.append(time.perf_counter() - t0)
-    save_file({"out": out.contiguous()}, str(expected_path(stage, inputs, timestep)))
-    info = {
-        "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
-        "transformers": __import__("transformers").__version__,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "params": sum(p.numel() for m in models for p in m.parameters()),
-    }
-    return times, info
+    return times, out
 
 
 def build_ours() -> Path:
@@ -260,6 +271,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="UNet batch; 2 = one CFG step")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate PyTorch and ours this many times (iters each)")
     ap.add_argument("--timestep", type=float, default=421.0)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("HYPERLORA_BENCH_CACHE", Path.home() / ".cache/hyperlora/bench")))
     ap.add_argument("--skip-torch", action="store_true", help="time only ours, against the reference output a previous full run saved")
@@ -271,10 +283,23 @@ def main() -> None:
     results = []
     for stage in args.stage or list(STAGES):
         model_dir, inputs = prepare(stage, args.cache, args.latent, args.batch)
-        torch_times, info = ([], {}) if args.skip_torch else time_reference(
-            stage, model_dir, inputs, args.threads, args.warmup, args.iters, args.timestep)
         expected = expected_path(stage, inputs, args.timestep)
-        ours = time_ours(stage, exe, model_dir, inputs, expected, args.threads, args.warmup, args.iters, args.timestep)
+        run, x, info = (None, None, {}) if args.skip_torch else load_reference(
+            stage, model_dir, inputs, args.threads, args.timestep)
+        # Rounds alternate PyTorch and ours, so that a change in the host's load between them
+        # (common on shared machines) lands on both sides of the ratio.
+        torch_times, ours = [], {"times_s": []}
+        for r in range(args.rounds):
+            if run is not None:
+                times, out = time_reference(run, x, args.warmup, args.iters)
+                torch_times += times
+                if r == 0:
+                    from safetensors.torch import save_file
+
+                    save_file({"out": out.contiguous()}, str(expected))
+            this = time_ours(stage, exe, model_dir, inputs, expected, args.threads, args.warmup, args.iters, args.timestep)
+            ours = dict(this, times_s=ours["times_s"] + this["times_s"])
+        del run, x
 
         t_torch = statistics.median(torch_times) if torch_times else float("nan")
         t_ours = statistics.median(ours["times_s"])
@@ -309,6 +334,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
             "cpu": cpu_model(),
             "threads": args.threads,
+            "rounds": args.rounds,
             "profile": "cargo dev profile (hyperlora opt-level 1, dependencies opt-level 3)",
             "stages": results,
         }, indent=2) + "\n")

@@ -1,6 +1,7 @@
 //! CPU kernels of the hyperlora engine, on plain f32 slices: a strided matrix product with
-//! bias/residual epilogues ([`gemm`]), GroupNorm(+SiLU) ([`group_norm`]), GEGLU ([`geglu`])
-//! attention with the heads left interleaved ([`attention`]) and 2× nearest upsampling. The engine's `cpu` module
+//! bias/residual epilogues ([`gemm`]), NCHW convolution as an implicit matrix product ([`conv`]),
+//! GroupNorm(+SiLU) ([`group_norm`]), GEGLU ([`geglu`]), attention with the heads left
+//! interleaved ([`attention`]) and 2× nearest upsampling. The engine's `cpu` module
 //! applies them to candle tensors; see the repository's docs/cpu.md.
 //!
 //! A crate of its own so that it is compiled optimised in every profile (the workspace's

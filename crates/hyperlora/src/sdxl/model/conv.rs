@@ -2,12 +2,14 @@
 //! faster CPU path.
 //!
 //! candle 0.11's CPU convolution transposes the input to NHWC, gathers each tile's patches
-//! element by element and scatters the result back to NCHW, all of it around the GEMM. Here the
-//! patch matrix is laid out the way an NCHW weight `[Cout, Cin, kh, kw]` already is: row
-//! `(ci, i, j)` of image `b` is input plane `(b, ci)` shifted by `(i, j)`, so it is built from
-//! contiguous row copies, and one GEMM `W[Cout, Cin·kh·kw] · cols[Cin·kh·kw, Ho·Wo]` per image
-//! lands directly in NCHW. A 1x1 stride-1 convolution needs no patch matrix at all. Large inputs
-//! (the VAE at full resolution) go in bands of output rows to bound the patch matrix's memory.
+//! element by element and scatters the result back to NCHW, all of it around the GEMM. Here f32
+//! on the CPU starts the output as the biases (and a residual) and adds the product in place:
+//! `hyperlora_cpu::conv`'s implicit matrix product where the CPU has AVX2+FMA, else a patch
+//! matrix laid out the way an NCHW weight `[Cout, Cin, kh, kw]` already is — row `(ci, i, j)` of
+//! an image is input plane `ci` shifted by `(i, j)`, built from contiguous row copies — and one
+//! GEMM `W[Cout, Cin·kh·kw] · cols[Cin·kh·kw, Ho·Wo]` per image landing directly in NCHW (a 1x1
+//! stride-1 convolution needs no patch matrix; large inputs go in bands of output rows). Other
+//! dtypes on the CPU take the patch matrix through candle's matmul. See docs/cpu.md.
 //!
 //! Same arithmetic as candle's (each output is one dot product over `Cin·kh·kw` terms, bias added
 //! after), only summed in another order. GPUs and unusual configurations (groups, dilation, bf16
