@@ -246,15 +246,20 @@ fn pack_patches(
 ) {
     let (wo, taps) = (s.wo(), s.kh * s.kw);
     let plane = s.h * s.w;
+    // Each panel's first pixel (row, column) and its number of pixels, worked out once: the
+    // divisions cost more than the 16-value copies they would precede.
+    let mut geometry = [(0, 0, 0); MC / MR];
+    for (p, g) in geometry.iter_mut().enumerate().take(len.div_ceil(MR)) {
+        let first = start + p * MR;
+        *g = (first / wo, first % wo, MR.min(start + len - first));
+    }
     for r in 0..kb {
         let row = k0 + r;
         let (ci, ky, kx) = (row / taps, (row % taps) / s.kw, row % s.kw);
         let src = &x[ci * plane..(ci + 1) * plane];
-        for (p, panel) in panels.chunks_exact_mut(kb * MR).enumerate() {
+        for (panel, &(oy, ox, n)) in panels.chunks_exact_mut(kb * MR).zip(&geometry) {
             let dst = &mut panel[r * MR..(r + 1) * MR];
-            let first = start + p * MR;
-            let n = MR.min(start + len - first);
-            let (oy, ox) = (first / wo, first % wo);
+            let first = oy * wo + ox;
             let iy = oy * s.stride + ky;
             if s.stride == 1 && ox + n <= wo {
                 // The panel lies in one output row: inside the image it is one slice of the
