@@ -38,7 +38,7 @@ impl ConvShape {
     }
 
     /// Rows of the implicit patch matrix: `cin·kh·kw`.
-    fn k(&self) -> usize {
+    pub fn k(&self) -> usize {
         self.cin * self.kh * self.kw
     }
 }
@@ -311,18 +311,7 @@ fn pack_patches(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// The convolution by its definition, in f64, added to `out`.
     fn reference(s: ConvShape, images: usize, x: &[f32], w: &[f32], out: &mut [f64]) {

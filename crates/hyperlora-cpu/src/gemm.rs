@@ -191,6 +191,7 @@ unsafe fn product(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values as values;
 
     /// A·B by the definition, in f64.
     fn reference(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f64> {
@@ -204,18 +205,6 @@ mod tests {
             }
         }
         c
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     /// Edges in every dimension, K across several slices, transposed and strided operands,

@@ -43,3 +43,17 @@ impl SendPtr {
         self.0
     }
 }
+
+/// Deterministic test values in [-1, 1] (xorshift), the same on every machine.
+#[cfg(test)]
+fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}

@@ -20,6 +20,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use crate::Result;
+use hyperlora_cpu::conv::ConvShape;
 use hyperlora_cpu::gemm::{sgemm, Epilogue, MatRef};
 
 /// Patch matrices above this many elements are built and multiplied in bands of output rows
@@ -78,16 +79,16 @@ impl Conv2d {
         }
         Ok(Geometry {
             b,
-            cin,
-            h,
-            w,
-            cout,
-            kh,
-            kw,
-            stride,
-            padding,
-            ho: (h + 2 * padding - kh) / stride + 1,
-            wo: (w + 2 * padding - kw) / stride + 1,
+            shape: ConvShape {
+                cin,
+                h,
+                w,
+                cout,
+                kh,
+                kw,
+                stride,
+                padding,
+            },
         })
     }
 
@@ -122,13 +123,15 @@ impl Conv2d {
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let g = self.geometry(x)?;
-        let (b, cout) = (g.b, g.cout);
+        let (b, cout) = (g.b, g.shape.cout);
         let mut out = match residual {
-            Some(r) if r.dims() == [b, cout, g.ho, g.wo] => r.flatten_all()?.to_vec1::<f32>()?,
+            Some(r) if r.dims() == [b, cout, g.shape.ho(), g.shape.wo()] => {
+                r.flatten_all()?.to_vec1::<f32>()?
+            }
             Some(r) => {
                 candle_core::bail!("conv2d: residual {:?} does not match the output", r.shape())
             }
-            None => vec![0f32; b * cout * g.ho * g.wo],
+            None => vec![0f32; b * cout * g.shape.ho() * g.shape.wo()],
         };
         // [B, Cout]: the bias, plus the per-image one.
         let mut biases = match self.bias() {
@@ -145,29 +148,19 @@ impl Conv2d {
             }
             biases.iter_mut().zip(e).for_each(|(v, e)| *v += e);
         }
-        let shape = hyperlora_cpu::conv::ConvShape {
-            cin: g.cin,
-            h: g.h,
-            w: g.w,
-            cout,
-            kh: g.kh,
-            kw: g.kw,
-            stride: g.stride,
-            padding: g.padding,
-        };
         let threads = crate::cpu::threads();
         let accumulate = residual.is_some();
         let done = crate::cpu::with_f32(self.weight(), |weight| {
             crate::cpu::with_f32(x, |x| {
                 hyperlora_cpu::conv::conv2d(
-                    threads, shape, b, x, weight, &biases, accumulate, &mut out,
+                    threads, g.shape, b, x, weight, &biases, accumulate, &mut out,
                 )
             })
         })??;
         if !done {
             self.add_product_by_patches(&g, x, &biases, accumulate, &mut out)?;
         }
-        crate::cpu::tensor(out, (b, cout, g.ho, g.wo))
+        crate::cpu::tensor(out, (b, cout, g.shape.ho(), g.shape.wo()))
     }
 
     /// `out = biases + W·patches(x) (+ out when accumulate)` as one [`sgemm`] per image
@@ -181,10 +174,10 @@ impl Conv2d {
         accumulate: bool,
         out: &mut [f32],
     ) -> candle_core::Result<()> {
-        let (cout, wo, k) = (g.cout, g.wo, g.k());
-        let pixels = g.ho * wo;
+        let (cout, wo, k) = (g.shape.cout, g.shape.wo(), g.k());
+        let pixels = g.shape.ho() * wo;
         let threads = crate::cpu::threads();
-        let image_len = g.cin * g.h * g.w;
+        let image_len = g.shape.cin * g.shape.h * g.shape.w;
         crate::cpu::with_f32(self.weight(), |weight| {
             crate::cpu::with_f32(x, |x| {
                 let weight = MatRef::rows(weight, cout, k);
@@ -207,7 +200,7 @@ impl Conv2d {
                                 cols.resize(k * n, 0.0);
                             }
                             let cols = &mut cols[..k * n];
-                            op.fill_into(image, g.h, g.w, cols);
+                            op.fill_into(image, g.shape.h, g.shape.w, cols);
                             let cols = MatRef::rows(cols, k, n);
                             let band = &mut out[start * wo..];
                             sgemm(threads, cout, n, k, weight, cols, band, pixels, epi);
@@ -220,14 +213,14 @@ impl Conv2d {
 
     fn forward_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let g = self.geometry(x)?;
-        let (b, cout, k) = (g.b, g.cout, g.k());
+        let (b, cout, k) = (g.b, g.shape.cout, g.k());
         let weight = self
             .weight()
             .reshape((1, cout, k))?
             .broadcast_as((b, cout, k))?;
         let x = x.contiguous()?;
         let out = if g.pointwise() {
-            weight.matmul(&x.reshape((b, g.cin, g.h * g.w))?)?
+            weight.matmul(&x.reshape((b, g.shape.cin, g.shape.h * g.shape.w))?)?
         } else {
             let mut bands = Vec::new();
             for op in g.bands(b) {
@@ -240,7 +233,7 @@ impl Conv2d {
                 Tensor::cat(&bands, 2)?
             }
         };
-        let out = out.reshape((b, cout, g.ho, g.wo))?;
+        let out = out.reshape((b, cout, g.shape.ho(), g.shape.wo()))?;
         match self.bias() {
             Some(bias) => out.broadcast_add(&bias.reshape((1, cout, 1, 1))?),
             None => Ok(out),
@@ -262,43 +255,37 @@ impl Module for Conv2d {
     }
 }
 
-/// Input, kernel and output sizes of one convolution call.
+/// The images and sizes of one convolution call.
 struct Geometry {
+    /// Images in the batch.
     b: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-    ho: usize,
-    wo: usize,
+    shape: ConvShape,
 }
 
 impl Geometry {
     /// Rows of the patch matrix: `Cin·kh·kw`.
     fn k(&self) -> usize {
-        self.cin * self.kh * self.kw
+        self.shape.k()
     }
 
     /// A 1x1 stride-1 unpadded convolution: the input already is its patch matrix.
     fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+        let s = &self.shape;
+        s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0
     }
 
     /// The patch matrices of `images` images in bands of output rows, each at most
     /// `MAX_COLS_ELEMENTS` elements (at least one row).
     fn bands(&self, images: usize) -> impl Iterator<Item = Im2Col> + '_ {
-        let rows = (MAX_COLS_ELEMENTS / (images * self.k() * self.wo).max(1)).clamp(1, self.ho);
-        (0..self.ho).step_by(rows).map(move |start| Im2Col {
-            kh: self.kh,
-            kw: self.kw,
-            stride: self.stride,
-            padding: self.padding,
-            out_rows: start..(start + rows).min(self.ho),
-            wo: self.wo,
+        let (s, ho, wo) = (&self.shape, self.shape.ho(), self.shape.wo());
+        let rows = (MAX_COLS_ELEMENTS / (images * self.k() * wo).max(1)).clamp(1, ho);
+        (0..ho).step_by(rows).map(move |start| Im2Col {
+            kh: s.kh,
+            kw: s.kw,
+            stride: s.stride,
+            padding: s.padding,
+            out_rows: start..(start + rows).min(ho),
+            wo,
         })
     }
 }
