@@ -285,6 +285,25 @@ fn pack_patches(
                 }
                 continue;
             }
+            if ox + n <= wo {
+                // One output row at a larger stride (downsampling): every stride-th value of
+                // the input row.
+                if iy < s.padding || iy - s.padding >= s.h {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let input = &src[(iy - s.padding) * s.w..(iy - s.padding + 1) * s.w];
+                for (l, d) in dst.iter_mut().enumerate() {
+                    // Input column (+ padding) of output column ox + l.
+                    let ix = (ox + l) * s.stride + kx;
+                    *d = if l < n && ix >= s.padding && ix - s.padding < s.w {
+                        input[ix - s.padding]
+                    } else {
+                        0.0
+                    };
+                }
+                continue;
+            }
             for (l, d) in dst.iter_mut().enumerate() {
                 let pixel = first + l;
                 *d = if l >= n {
@@ -344,9 +363,9 @@ mod tests {
         }
     }
 
-    /// Odd sizes, padding, stride 2, 1x1, more patch rows than one packed block, partial
-    /// panels of pixels and channels, two images, biases per image, with and without accumulating,
-    /// one and two threads.
+    /// Odd sizes, padding, stride 2 (panels within and across output rows), 1x1, more patch
+    /// rows than one packed block, partial panels of pixels and channels, two images, biases per
+    /// image, with and without accumulating, one and two threads.
     #[test]
     fn matches_the_definition() {
         let cases = [
@@ -356,6 +375,8 @@ mod tests {
             (5, 11, 12, 7, 3, 3, 2, 1),
             (33, 8, 24, 17, 1, 1, 1, 0),
             (2, 4, 4, 3, 3, 3, 2, 0),
+            (3, 6, 40, 5, 3, 3, 2, 1),
+            (4, 8, 64, 6, 3, 3, 2, 1),
         ];
         for (cin, h, w, cout, kh, kw, stride, padding) in cases {
             let s = ConvShape {
