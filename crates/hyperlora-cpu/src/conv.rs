@@ -2,11 +2,10 @@
 //! micro-kernel.
 //!
 //! The patch-matrix route (im2col, then a matrix product) writes `Cin·kh·kw × pixels` elements to
-//! memory, and the product then packs them again, together with the weights, on every call: a
-//! tenth to a sixth of a VAE decode went to those copies (docs/cpu.md). Here the patches are
-//! gathered straight from the image into the micro-kernel's panel layout, a block of pixels at a
-//! time (the block stays in L2), and the weights are read in place: the micro-kernel broadcasts
-//! the operand it walks by columns, so `[Cout, Cin·kh·kw]` rows serve as they are.
+//! memory, and the product then packs them again, together with the weights, on every call:
+//! 14% of a VAE decode went to those copies (docs/cpu.md). Here the patches are gathered straight
+//! from the image into the micro-kernel's panel layout, a block of pixels at a time (the block
+//! stays in L2), and the weights are packed once per call.
 //!
 //! Work is split by blocks of output pixels, each one writing its own pixels of every output
 //! channel: no barrier between threads until the end, and rayon balances the blocks when the
@@ -29,10 +28,12 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
+    /// Output rows.
     pub fn ho(&self) -> usize {
         (self.h + 2 * self.padding - self.kh) / self.stride + 1
     }
 
+    /// Output columns.
     pub fn wo(&self) -> usize {
         (self.w + 2 * self.padding - self.kw) / self.stride + 1
     }
@@ -74,6 +75,12 @@ pub fn conv2d(
         if !crate::has_avx2_fma() {
             return false;
         }
+        assert!(
+            shape.stride > 0
+                && shape.h + 2 * shape.padding >= shape.kh
+                && shape.w + 2 * shape.padding >= shape.kw,
+            "conv2d: {shape:?} has no output"
+        );
         let (ho, wo, k) = (shape.ho(), shape.wo(), shape.k());
         let pixels = ho * wo;
         assert!(
