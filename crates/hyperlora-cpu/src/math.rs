@@ -11,8 +11,10 @@
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.7);
-    // n = round(x / ln 2) with the 1.5·2²³ trick (no rounding instruction needed).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // n = round(x / ln 2) with the 1.5·2²³ trick (no rounding instruction needed): `shifted`
+    // is 1.5·2²³ + n, whose bits are those of 1.5·2²³ plus n.
+    let shifted = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = shifted - 12_582_912.0;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -21,7 +23,9 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ from the bits: `n as i32` would not vectorise (Rust's saturating conversion).
+    let n = shifted.to_bits().wrapping_sub(12_582_912f32.to_bits());
+    p * f32::from_bits(n.wrapping_add(127) << 23)
 }
 
 /// `x · sigmoid(x)`.
