@@ -246,8 +246,11 @@ def time_reference(run, x, warmup: int, iters: int):
 
 def build_ours() -> Path:
     cmd = ["cargo", "build", "-p", "hyperlora", "--example", "bench_cpu", "--message-format=json-render-diagnostics"]
-    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
+    # .ci/run's target dir unless the caller chose one: after the gate, no second candle build.
+    env = dict(os.environ)
+    env.setdefault("CARGO_TARGET_DIR", str(Path.home() / ".cache" / "hyperlora" / "cargo-target"))
+    print(f"$ CARGO_TARGET_DIR={env['CARGO_TARGET_DIR']} " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True)
     for line in proc.stdout.splitlines():
         msg = json.loads(line)
         if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "bench_cpu" and msg.get("executable"):

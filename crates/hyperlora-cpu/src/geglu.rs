@@ -23,14 +23,14 @@ pub fn geglu(h: &[f32], bias: &[f32], out: &mut [f32]) {
 }
 
 for_cpu! {
-    fn geglu_row(h: &[f32], bias: &[f32], out: &mut [f32]) {
+    fn geglu_row<M>(h: &[f32], bias: &[f32], out: &mut [f32]) {
         let inner = out.len();
         let (value, gate) = h.split_at(inner);
         let (bv, bg) = bias.split_at(inner);
         let values = value.iter().zip(bv).map(|(v, b)| v + b);
         let gates = gate.iter().zip(bg).map(|(g, b)| g + b);
         for ((o, v), g) in out.iter_mut().zip(values).zip(gates) {
-            *o = v * gelu(g);
+            *o = v * gelu::<M>(g);
         }
     }
 }
@@ -50,17 +50,17 @@ pub fn quick_gelu_in_place(x: &mut [f32]) {
 const ACTIVATION_CHUNK: usize = 1 << 14;
 
 for_cpu! {
-    fn gelu_chunk(x: &mut [f32]) {
+    fn gelu_chunk<M>(x: &mut [f32]) {
         for v in x.iter_mut() {
-            *v = gelu(*v);
+            *v = gelu::<M>(*v);
         }
     }
 }
 
 for_cpu! {
-    fn quick_gelu_chunk(x: &mut [f32]) {
+    fn quick_gelu_chunk<M>(x: &mut [f32]) {
         for v in x.iter_mut() {
-            *v /= 1.0 + exp(-1.702 * *v);
+            *v /= 1.0 + exp::<M>(-1.702 * *v);
         }
     }
 }

@@ -57,7 +57,7 @@ const LANES: usize = 16;
 
 for_cpu! {
     /// One group: `src` holds `weight.len()` channels of `hw` values each.
-    fn normalize(src: &[f32], dst: &mut [f32], weight: &[f32], bias: &[f32], hw: usize, eps: f64, silu_after: bool) {
+    fn normalize<M>(src: &[f32], dst: &mut [f32], weight: &[f32], bias: &[f32], hw: usize, eps: f64, silu_after: bool) {
         let n = src.len() as f64;
         let chunks = src.chunks_exact(LANES);
         let tail = chunks.remainder();
@@ -83,7 +83,7 @@ for_cpu! {
             let shift = bias[ch] - mean * scale;
             if silu_after {
                 for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = silu(s * scale + shift);
+                    *d = silu::<M>(s * scale + shift);
                 }
             } else {
                 for (d, &s) in dst.iter_mut().zip(src) {
