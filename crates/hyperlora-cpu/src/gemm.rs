@@ -7,6 +7,8 @@
 //! transpose; and an epilogue — the bias per row (convolutions) or per column (Linears) and an
 //! accumulated `C` (residuals) — so no separate broadcast pass follows the product.
 
+use std::ops::Range;
+
 /// A read-only strided matrix: element `(i, j)` at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
@@ -42,10 +44,56 @@ pub struct Epilogue<'a> {
     pub col_bias: Option<&'a [f32]>,
 }
 
+impl Epilogue<'_> {
+    fn biased(&self) -> bool {
+        self.row_bias.is_some() || self.col_bias.is_some()
+    }
+
+    /// Starts the block `rows`×`cols` of C as the biases, added to what it holds when
+    /// accumulating (nothing to do without biases).
+    ///
+    /// # Safety
+    /// The block must lie inside C (row stride `c_rs`), which the caller alone touches.
+    unsafe fn start(&self, c: *mut f32, c_rs: usize, rows: Range<usize>, cols: Range<usize>) {
+        if !self.biased() {
+            return;
+        }
+        for i in rows {
+            // SAFETY: row i, columns `cols` lie inside C.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(c.add(i * c_rs + cols.start), cols.len()) };
+            let rb = self.row_bias.map_or(0.0, |b| b[i]);
+            match (self.col_bias.map(|b| &b[cols.clone()]), self.accumulate) {
+                (Some(cb), true) => row.iter_mut().zip(cb).for_each(|(c, b)| *c += b + rb),
+                (Some(cb), false) => row.iter_mut().zip(cb).for_each(|(c, b)| *c = b + rb),
+                (None, true) => row.iter_mut().for_each(|c| *c += rb),
+                (None, false) => row.fill(rb),
+            }
+        }
+    }
+}
+
 /// `C[m×n] = A[m×k]·B[k×n]` combined as `epi` says, `C` row-major with row stride `c_rs`, on up
 /// to `threads` threads of rayon's pool (1: on the calling thread).
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    c_rs: usize,
+    epi: Epilogue,
+) {
+    sgemm_routed(true, threads, m, n, k, a, b, c, c_rs, epi)
+}
+
+/// [`sgemm`], on the packed route where it applies when `packed_route` (the tests run both).
+#[allow(clippy::too_many_arguments)]
+fn sgemm_routed(
+    packed_route: bool,
     threads: usize,
     m: usize,
     n: usize,
@@ -76,20 +124,28 @@ pub fn sgemm(
         MatRef::new(b.data, k, n, b.rs, b.cs);
     }
     // The biases go in first; the product then adds itself to C.
-    let biased = epi.row_bias.is_some() || epi.col_bias.is_some();
-    if biased {
-        for (i, row) in c.chunks_mut(c_rs).take(m).enumerate() {
-            let row = &mut row[..n];
-            let rb = epi.row_bias.map_or(0.0, |b| b[i]);
-            match (epi.col_bias, epi.accumulate) {
-                (Some(cb), true) => row.iter_mut().zip(cb).for_each(|(c, b)| *c += b + rb),
-                (Some(cb), false) => row.iter_mut().zip(cb).for_each(|(c, b)| *c = b + rb),
-                (None, true) => row.iter_mut().for_each(|c| *c += rb),
-                (None, false) => row.fill(rb),
-            }
-        }
+    let read_c = epi.biased() || epi.accumulate;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = packed_route;
+    #[cfg(target_arch = "x86_64")]
+    if packed_route
+        && m >= packed::MIN_SIDE
+        && n >= packed::MIN_SIDE
+        && k > 0
+        && crate::has_avx2_fma()
+    {
+        let threads = if m * n * k >= SPLIT_MIN_WORK {
+            threads
+        } else {
+            1
+        };
+        // SAFETY: every element read or written lies inside `a`, `b` and `c` (checked above),
+        // `c` is borrowed exclusively, and the CPU has AVX2 and FMA.
+        unsafe { packed::product(threads, m, n, k, a, b, c.as_mut_ptr(), c_rs, epi) };
+        return;
     }
-    let read_c = biased || epi.accumulate;
+    // SAFETY: the m×n view lies inside `c` (checked above), borrowed exclusively.
+    unsafe { epi.start(c.as_mut_ptr(), c_rs, 0..m, 0..n) };
     if threads > 1 && m * n * k >= SPLIT_MIN_WORK {
         split(threads, m, n, k, a, b, c, c_rs, read_c);
     } else {
@@ -188,6 +244,254 @@ unsafe fn product(
     }
 }
 
+/// The product on the `gemm` crate's AVX2+FMA micro-kernel with both operands packed once per
+/// call into buffers every thread reads: the kernel's 16-lane rows run along C's columns (B's
+/// columns, contiguous in C), its 6 broadcast columns along C's rows (A's rows). Through the
+/// crate's own driver, split one piece per thread, each thread packed the whole of the operand
+/// it did not split, and two threads ran 1.3x one thread's speed on the UNet's Linears, against
+/// PyTorch's 1.65x (docs/cpu.md).
+#[cfg(target_arch = "x86_64")]
+mod packed {
+    use std::cell::RefCell;
+
+    use gemm_f32::microkernel::fma::f32::UKR;
+    use rayon::prelude::*;
+
+    use super::{Epilogue, MatRef};
+
+    /// Kernel rows (C's columns) and columns (C's rows).
+    const MR: usize = 16;
+    const NR: usize = 6;
+    /// K per slice, and C's columns per work item (at most): an item's slice of packed B
+    /// (256 KiB) stays in L2 while each 6-row slice of A (12 KiB, L1) passes over it; 512
+    /// measured a few percent faster than 256 on the UNet's Linears (fewer passes over C).
+    const KC: usize = 512;
+    const NC: usize = 128;
+    /// Rows of C per work item at most (its C block, up to 96 KiB, stays in L2 beside B's).
+    const MC_MAX: usize = 192;
+    /// Below this many rows or columns packing costs more than it saves (a row vector times a
+    /// matrix reads each element of B once): the `gemm` crate's driver takes those.
+    pub(super) const MIN_SIDE: usize = 16;
+
+    thread_local! {
+        /// Packed A and B, kept between calls: fresh buffers of tens of MiB cost more in
+        /// page faults than the packing itself.
+        static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// `C = A·B` combined as `epi` says, on up to `threads` threads.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every element read or written lies inside `a`, `b` and the
+    /// `m`×`n` view of `c` (row stride `c_rs`), which nothing else touches meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn product(
+        threads: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef,
+        b: MatRef,
+        c: *mut f32,
+        c_rs: usize,
+        epi: Epilogue,
+    ) {
+        // A with its rows contiguous is read in place: the kernel's broadcasts then come from
+        // 6 rows instead of one packed stream, and a 6-row slice stays in L1 either way.
+        let in_place = a.cs == 1;
+        let a_len = if in_place { 0 } else { m.div_ceil(NR) * NR * k };
+        let b_len = n.div_ceil(MR) * MR * k;
+        let run = |ap: &mut Vec<f32>, bp: &mut Vec<f32>| {
+            // Grown, never cleared: packing writes every element used, padding included.
+            if ap.len() < a_len {
+                ap.resize(a_len, 0.0);
+            }
+            if bp.len() < b_len {
+                bp.resize(b_len, 0.0);
+            }
+            let (ap, bp) = (&mut ap[..a_len], &mut bp[..b_len]);
+            if threads > 1 {
+                ap.par_chunks_mut(NR * k)
+                    .enumerate()
+                    .for_each(|(p, dst)| pack_a(a, m, p, dst));
+                bp.par_chunks_mut(MR * k)
+                    .enumerate()
+                    .for_each(|(p, dst)| pack_b(b, n, p, dst));
+            } else {
+                ap.chunks_mut(NR * k)
+                    .enumerate()
+                    .for_each(|(p, dst)| pack_a(a, m, p, dst));
+                bp.chunks_mut(MR * k)
+                    .enumerate()
+                    .for_each(|(p, dst)| pack_b(b, n, p, dst));
+            }
+            let a = if in_place {
+                Lhs::InPlace(a)
+            } else {
+                Lhs::Packed(ap)
+            };
+            // SAFETY: forwarded from the caller; the packed operands cover m×k and k×n.
+            unsafe { blocks(threads, m, n, k, a, bp, c, c_rs, epi) };
+        };
+        // A call from inside another one's parallel section (rayon lets a waiting thread run
+        // other tasks) finds the buffers borrowed and packs into its own.
+        BUFFERS.with(|buffers| match buffers.try_borrow_mut() {
+            Ok(mut buffers) => {
+                let (ap, bp) = &mut *buffers;
+                run(ap, bp)
+            }
+            Err(_) => run(&mut Vec::new(), &mut Vec::new()),
+        });
+    }
+
+    /// Rows `p·6..p·6+6` of A as `[k][6]` (zeros past m).
+    fn pack_a(a: MatRef, m: usize, p: usize, dst: &mut [f32]) {
+        let rows = NR.min(m - p * NR);
+        if rows < NR {
+            dst.fill(0.0);
+        }
+        let data = &a.data[p * NR * a.rs..];
+        if a.rs == 1 {
+            // Tokens read from a feature map: each step's rows are side by side.
+            for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
+                d[..rows].copy_from_slice(&data[q * a.cs..][..rows]);
+            }
+        } else {
+            for r in 0..rows {
+                for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
+                    d[r] = data[r * a.rs + q * a.cs];
+                }
+            }
+        }
+    }
+
+    /// Columns `p·16..p·16+16` of B as `[k][16]` (zeros past n).
+    fn pack_b(b: MatRef, n: usize, p: usize, dst: &mut [f32]) {
+        let cols = MR.min(n - p * MR);
+        if cols < MR {
+            dst.fill(0.0);
+        }
+        let data = &b.data[p * MR * b.cs..];
+        if b.cs == 1 {
+            for (q, d) in dst.chunks_exact_mut(MR).enumerate() {
+                d[..cols].copy_from_slice(&data[q * b.rs..][..cols]);
+            }
+        } else {
+            // A Linear's weight read as its transpose: each column of B is a row in memory.
+            for j in 0..cols {
+                for (q, d) in dst.chunks_exact_mut(MR).enumerate() {
+                    d[j] = data[j * b.cs + q * b.rs];
+                }
+            }
+        }
+    }
+
+    /// A as the kernel reads it.
+    #[derive(Clone, Copy)]
+    enum Lhs<'a> {
+        /// Rows contiguous (`cs` 1): read where it lies.
+        InPlace(MatRef<'a>),
+        /// Packed by [`pack_a`].
+        Packed(&'a [f32]),
+    }
+
+    impl Lhs<'_> {
+        /// The kernel's broadcast operand for rows `i..` (a multiple of 6) from step `p`:
+        /// pointer, stride between steps, stride between rows.
+        fn panel(self, i: usize, p: usize, k: usize) -> (*const f32, isize, isize) {
+            match self {
+                Lhs::InPlace(a) => (a.data[i * a.rs + p..].as_ptr(), 1, a.rs as isize),
+                Lhs::Packed(ap) => (ap[(i / NR * k + p) * NR..].as_ptr(), NR as isize, 1),
+            }
+        }
+    }
+
+    /// The products of the packed operands, one work item per block of C (up to `MC_MAX` rows
+    /// × `NC` columns) on rayon's pool, each K slice of it in turn.
+    ///
+    /// # Safety
+    /// As [`product`], with `bp` packed from B.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn blocks(
+        threads: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Lhs,
+        bp: &[f32],
+        c: *mut f32,
+        c_rs: usize,
+        epi: Epilogue,
+    ) {
+        // As few row blocks as fit MC_MAX (each one reads all of packed B), then narrower and
+        // more blocks until every thread has at least two items.
+        let (mut nc, mut row_blocks) = (NC, m.div_ceil(MC_MAX));
+        while row_blocks * n.div_ceil(nc) < 2 * threads && nc > 2 * MR {
+            nc /= 2;
+        }
+        while row_blocks * n.div_ceil(nc) < 2 * threads && m.div_ceil(row_blocks) > NR {
+            row_blocks += 1;
+        }
+        let mc = m.div_ceil(row_blocks).next_multiple_of(NR);
+        let col_blocks = n.div_ceil(nc);
+        let items = col_blocks * m.div_ceil(mc);
+        let c = crate::SendPtr(c);
+        let item = |item: usize| {
+            let (i0, j0) = (item / col_blocks * mc, item % col_blocks * nc);
+            let (rows, cols) = (mc.min(m - i0), nc.min(n - j0));
+            // The biases per block, just before the kernel reads it: a pass over all of C first
+            // would send it through memory once more.
+            // SAFETY: the block lies inside C and is this item's alone.
+            unsafe { epi.start(c.get(), c_rs, i0..i0 + rows, j0..j0 + cols) };
+            let read_c = epi.biased() || epi.accumulate;
+            let mut k0 = 0;
+            while k0 < k {
+                let kb = KC.min(k - k0);
+                // The first slice stores, unless C holds biases or a residual to add to.
+                let status = u8::from(read_c || k0 > 0);
+                for i in (0..rows).step_by(NR) {
+                    let nr = NR.min(rows - i);
+                    let (rhs, rhs_rs, rhs_cs) = a.panel(i0 + i, k0, k);
+                    for j in (0..cols).step_by(MR) {
+                        let mr = MR.min(cols - j);
+                        let lhs = bp[((j0 + j) / MR * k + k0) * MR..].as_ptr();
+                        // SAFETY: the packed panels hold kb steps from k0; the mr×nr tile of
+                        // C at (i0+i, j0+j) lies inside the view and is this item's alone.
+                        unsafe {
+                            UKR[mr.div_ceil(8) - 1][nr - 1](
+                                mr,
+                                nr,
+                                kb,
+                                c.get().add((i0 + i) * c_rs + j0 + j),
+                                lhs,
+                                rhs,
+                                c_rs as isize,
+                                1,
+                                MR as isize,
+                                rhs_rs,
+                                rhs_cs,
+                                1.0,
+                                1.0,
+                                status,
+                                false,
+                                false,
+                                false,
+                                std::ptr::null(),
+                            )
+                        };
+                    }
+                }
+                k0 += kb;
+            }
+        };
+        if threads > 1 && items > 1 {
+            (0..items).into_par_iter().for_each(item);
+        } else {
+            (0..items).for_each(item);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,8 +511,9 @@ mod tests {
         c
     }
 
-    /// Edges in every dimension, K across several slices, transposed and strided operands,
-    /// both epilogues and accumulation, on one and two threads (split by columns and by rows).
+    /// Edges in every dimension, K across several slices, C across several blocks, transposed
+    /// and strided operands, both epilogues and accumulation, on one and two threads (split by
+    /// columns and by rows), on the packed route and the `gemm` crate's.
     #[test]
     fn matches_a_plain_triple_loop() {
         for &(m, n, k) in &[
@@ -219,6 +524,8 @@ mod tests {
             (61, 70, 513),
             (300, 40, 200),
             (6, 3100, 9),
+            (200, 300, 70),
+            (37, 130, 600),
             (0, 4, 4),
             (5, 5, 0),
         ] {
@@ -238,11 +545,12 @@ mod tests {
                 );
                 let rb = values(m, 3);
                 let cb = values(n, 4);
-                for threads in [1, 2] {
+                for (threads, packed_route) in [(1, true), (2, true), (1, false), (2, false)] {
                     let c_rs = n + 2;
                     let old = values(m.max(1) * c_rs, 5);
                     let mut c = old.clone();
-                    sgemm(
+                    sgemm_routed(
+                        packed_route,
                         threads,
                         m,
                         n,
@@ -275,7 +583,8 @@ mod tests {
                         }
                     }
                     let mut c = vec![7.0; m.max(1) * n];
-                    sgemm(
+                    sgemm_routed(
+                        packed_route,
                         threads,
                         m,
                         n,
