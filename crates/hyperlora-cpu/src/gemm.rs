@@ -1,11 +1,11 @@
 //! Single-precision matrix product `C = A·B (+ C) (+ bias)` for the CPU fast paths.
 //!
-//! The product itself is the `gemm` crate's, candle's own CPU matrix product, which measured
-//! within a few percent of the machine's FMA peak on our shapes (docs/cpu.md). This wrapper adds
-//! what candle's `matmul` does not offer: operands with any strides, so attention multiplies
+//! What candle's `matmul` does not offer: operands with any strides, so attention multiplies
 //! heads in place inside `[B, S, H·D]` tensors and a Linear reads its `[out, in]` weight as its
 //! transpose; and an epilogue — the bias per row (convolutions) or per column (Linears) and an
-//! accumulated `C` (residuals) — so no separate broadcast pass follows the product.
+//! accumulated `C` (residuals) — so no separate broadcast pass follows the product. On x86-64
+//! with AVX2+FMA the blocking is this module's, on the `gemm` crate's micro-kernel; elsewhere
+//! the product is the crate's own (the one candle uses). See the repository's docs/cpu.md.
 
 use std::ops::Range;
 
@@ -296,20 +296,21 @@ mod packed {
         c_rs: usize,
         epi: Epilogue,
     ) {
+        if m <= MC_MAX && b.rs == 1 && b.cs != 1 {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                with_buffers(|ap, ct| few_rows(threads, m, n, k, a, b, c, c_rs, epi, ap, ct))
+            };
+            return;
+        }
         // A with its rows contiguous is read in place: the kernel's broadcasts then come from
         // 6 rows instead of one packed stream, and a 6-row slice stays in L1 either way.
         let in_place = a.cs == 1;
         let a_len = if in_place { 0 } else { m.div_ceil(NR) * NR * k };
         let b_len = n.div_ceil(MR) * MR * k;
         let run = |ap: &mut Vec<f32>, bp: &mut Vec<f32>| {
-            // Grown, never cleared: packing writes every element used, padding included.
-            if ap.len() < a_len {
-                ap.resize(a_len, 0.0);
-            }
-            if bp.len() < b_len {
-                bp.resize(b_len, 0.0);
-            }
-            let (ap, bp) = (&mut ap[..a_len], &mut bp[..b_len]);
+            // Packing writes every element used, padding included.
+            let (ap, bp) = (take(ap, a_len), take(bp, b_len));
             if threads > 1 {
                 ap.par_chunks_mut(NR * k)
                     .enumerate()
@@ -333,15 +334,155 @@ mod packed {
             // SAFETY: forwarded from the caller; the packed operands cover m×k and k×n.
             unsafe { blocks(threads, m, n, k, a, bp, c, c_rs, epi) };
         };
-        // A call from inside another one's parallel section (rayon lets a waiting thread run
-        // other tasks) finds the buffers borrowed and packs into its own.
+        with_buffers(run);
+    }
+
+    /// `f` with this thread's two packing buffers. A call from inside another one's parallel
+    /// section (rayon lets a waiting thread run other tasks) finds them borrowed and gets
+    /// fresh ones.
+    fn with_buffers(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>)) {
         BUFFERS.with(|buffers| match buffers.try_borrow_mut() {
             Ok(mut buffers) => {
-                let (ap, bp) = &mut *buffers;
-                run(ap, bp)
+                let (x, y) = &mut *buffers;
+                f(x, y)
             }
-            Err(_) => run(&mut Vec::new(), &mut Vec::new()),
+            Err(_) => f(&mut Vec::new(), &mut Vec::new()),
         });
+    }
+
+    /// Grows `buffer` to at least `len` (never shrinks or clears it) and returns its first
+    /// `len` elements.
+    fn take(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
+        }
+        &mut buffer[..len]
+    }
+
+    /// The product for few rows of A (tokens of a prompt) times a Linear's weight read as its
+    /// transpose (B's columns contiguous along K). Packing such a B is a transposition of the
+    /// whole weight on every call — each weight element then serves only `m` rows, and on the
+    /// text encoders the packing took 18% of the time. Here the kernel's roles swap: its 16
+    /// lanes run along A's rows (A packed, `m·k` values), its 6 broadcasts come straight from 6
+    /// columns of B, and the tiles land transposed in `ct` (`[n][m rounded up to 16]`), added
+    /// into C with the biases at the end of each work item. The next 6 columns' slice of B is
+    /// prefetched while the current one is multiplied by every panel of A.
+    ///
+    /// # Safety
+    /// As [`product`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn few_rows(
+        threads: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef,
+        b: MatRef,
+        c: *mut f32,
+        c_rs: usize,
+        epi: Epilogue,
+        ap: &mut Vec<f32>,
+        ct: &mut Vec<f32>,
+    ) {
+        let mp = m.div_ceil(MR) * MR;
+        let ap = take(ap, mp * k);
+        for (p, dst) in ap.chunks_mut(MR * k).enumerate() {
+            let rows = MR.min(m - p * MR);
+            if rows < MR {
+                dst.fill(0.0);
+            }
+            for r in 0..rows {
+                let row = &a.data[(p * MR + r) * a.rs..];
+                for (q, d) in dst.chunks_exact_mut(MR).enumerate() {
+                    d[r] = row[q * a.cs];
+                }
+            }
+        }
+        let ap = &*ap;
+        let ct = crate::SendPtr(take(ct, n * mp).as_mut_ptr());
+        let c = crate::SendPtr(c);
+        // Items of 16 column panels; enough of them for every thread to take several.
+        let nc = (16 * NR).min(n.div_ceil(4 * threads).next_multiple_of(NR));
+        let item = |item: usize| {
+            let j0 = item * nc;
+            let cols = nc.min(n - j0);
+            let mut k0 = 0;
+            while k0 < k {
+                let kb = FEW_KC.min(k - k0);
+                let status = u8::from(k0 > 0);
+                for j in (j0..j0 + cols).step_by(NR) {
+                    let nr = NR.min(j0 + cols - j);
+                    let rhs = b.data[k0 + j * b.cs..].as_ptr();
+                    if j + NR < j0 + cols {
+                        prefetch(
+                            &b.data[k0 + (j + NR) * b.cs..],
+                            NR.min(j0 + cols - j - NR),
+                            b.cs,
+                            kb,
+                        );
+                    }
+                    for p in 0..mp / MR {
+                        // SAFETY: the packed panel holds kb steps from k0; columns j..j+nr of B
+                        // hold kb values from k0; the 16×nr tile of `ct` is this item's alone.
+                        unsafe {
+                            UKR[MR / 8 - 1][nr - 1](
+                                MR,
+                                nr,
+                                kb,
+                                ct.get().add(j * mp + p * MR),
+                                ap[(p * k + k0) * MR..].as_ptr(),
+                                rhs,
+                                mp as isize,
+                                1,
+                                MR as isize,
+                                1,
+                                b.cs as isize,
+                                1.0,
+                                1.0,
+                                status,
+                                false,
+                                false,
+                                false,
+                                std::ptr::null(),
+                            )
+                        };
+                    }
+                }
+                k0 += kb;
+            }
+            // SAFETY: columns j0..j0+cols of C and of `ct`'s rows are this item's alone.
+            unsafe {
+                epi.start(c.get(), c_rs, 0..m, j0..j0 + cols);
+                for i in 0..m {
+                    let row = std::slice::from_raw_parts_mut(c.get().add(i * c_rs + j0), cols);
+                    let read_c = epi.biased() || epi.accumulate;
+                    for (jj, v) in row.iter_mut().enumerate() {
+                        let t = *ct.get().add((j0 + jj) * mp + i);
+                        *v = if read_c { *v + t } else { t };
+                    }
+                }
+            }
+        };
+        let items = n.div_ceil(nc);
+        if threads > 1 && items > 1 {
+            (0..items).into_par_iter().for_each(item);
+        } else {
+            (0..items).for_each(item);
+        }
+    }
+
+    /// K per slice on the few-rows route: A's slice (up to 12 panels × 16 KiB) stays in L2.
+    const FEW_KC: usize = 256;
+
+    /// Asks for `cols` columns of `len` values (`stride` apart, from `b`'s start) to be cached.
+    fn prefetch(b: &[f32], cols: usize, stride: usize, len: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for col in 0..cols {
+            for line in (0..len).step_by(16) {
+                // SAFETY: a prefetch is a hint; the address lies inside `b`.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(b[col * stride + line..].as_ptr().cast()) };
+            }
+        }
     }
 
     /// Rows `p·6..p·6+6` of A as `[k][6]` (zeros past m).
@@ -513,7 +654,8 @@ mod tests {
 
     /// Edges in every dimension, K across several slices, C across several blocks, transposed
     /// and strided operands, both epilogues and accumulation, on one and two threads (split by
-    /// columns and by rows), on the packed route and the `gemm` crate's.
+    /// columns and by rows), on the packed routes (transposed B with up to 192 rows of A takes
+    /// the few-rows one) and the `gemm` crate's.
     #[test]
     fn matches_a_plain_triple_loop() {
         for &(m, n, k) in &[
