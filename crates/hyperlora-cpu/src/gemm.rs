@@ -386,7 +386,8 @@ mod packed {
     ) {
         let mp = m.div_ceil(MR) * MR;
         let ap = take(ap, mp * k);
-        for (p, dst) in ap.chunks_mut(MR * k).enumerate() {
+        // A as [panel of 16 rows][k][16], zeros past m.
+        let pack = |(p, dst): (usize, &mut [f32])| {
             let rows = MR.min(m - p * MR);
             if rows < MR {
                 dst.fill(0.0);
@@ -397,6 +398,11 @@ mod packed {
                     d[r] = row[q * a.cs];
                 }
             }
+        };
+        if threads > 1 {
+            ap.par_chunks_mut(MR * k).enumerate().for_each(pack);
+        } else {
+            ap.chunks_mut(MR * k).enumerate().for_each(pack);
         }
         let ap = &*ap;
         let ct = crate::SendPtr(take(ct, n * mp).as_mut_ptr());
