@@ -158,11 +158,8 @@ for_cpu! {
 #[cfg(target_arch = "x86_64")]
 mod packed {
     use super::*;
-    use gemm_f32::microkernel::fma::f32::UKR;
-
-    /// Vector rows (queries) and broadcast columns (keys, then head dimensions) of a tile.
-    const MR: usize = 16;
-    const NR: usize = 6;
+    // The micro-kernel tile: rows are queries, columns keys (then head dimensions).
+    use crate::{TILE_COLS as NR, TILE_ROWS as MR};
     /// Keys per slice of the output product: one slice of a query panel's probabilities
     /// (16 KiB) stays in L1 while every value panel is multiplied by it.
     const KC: usize = 256;
@@ -276,31 +273,22 @@ mod packed {
         // Scores as [panel of 16 queries][key][16], whole 16×6 tiles (keys padded to 6).
         let ld = sk.div_ceil(NR) * NR;
         s.probs.resize(panels * ld * MR, 0.0);
-        let full = UKR[MR / 8 - 1][NR - 1];
         for kp in 0..ld / NR {
             for qp in 0..panels {
                 // SAFETY: the query panel holds d·16 values, the key panel d·6; the tile is
                 // keys kp·6.. of query panel qp, inside the scores.
                 unsafe {
-                    full(
+                    crate::micro_kernel(
                         MR,
                         NR,
                         d,
                         s.probs.as_mut_ptr().add((qp * ld + kp * NR) * MR),
+                        MR,
                         s.queries.as_ptr().add(qp * d * MR),
                         keys.as_ptr().add(kp * d * NR),
-                        MR as isize,
+                        NR,
                         1,
-                        MR as isize,
-                        NR as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        0,
                         false,
-                        false,
-                        false,
-                        std::ptr::null(),
                     )
                 };
             }
@@ -320,7 +308,6 @@ mod packed {
         let mut k0 = 0;
         while k0 < sk {
             let kb = KC.min(sk - k0);
-            let status = u8::from(k0 > 0);
             for qp in 0..panels {
                 let lhs = s.probs[(qp * ld + k0) * MR..].as_ptr();
                 for dp in 0..dims {
@@ -328,25 +315,17 @@ mod packed {
                     // SAFETY: the probabilities hold kb·16 values from key k0, the value panel
                     // kb·6; the 16×n tile is dimensions dp·6.. of query panel qp in `s.out`.
                     unsafe {
-                        UKR[MR / 8 - 1][n - 1](
+                        crate::micro_kernel(
                             MR,
                             n,
                             kb,
                             s.out.as_mut_ptr().add(dp * NR * panels * MR + qp * MR),
+                            panels * MR,
                             lhs,
                             values.as_ptr().add((dp * sk + k0) * NR),
-                            (panels * MR) as isize,
+                            NR,
                             1,
-                            MR as isize,
-                            NR as isize,
-                            1,
-                            1.0,
-                            1.0,
-                            status,
-                            false,
-                            false,
-                            false,
-                            std::ptr::null(),
+                            k0 > 0,
                         )
                     };
                 }

@@ -44,9 +44,9 @@ impl ConvShape {
     }
 }
 
-/// Rows of a micro-kernel panel (output pixels) and columns (output channels).
-const MR: usize = 16;
-const NR: usize = 6;
+// The micro-kernel tile: rows are output pixels, columns output channels.
+#[cfg(target_arch = "x86_64")]
+use crate::{TILE_COLS as NR, TILE_ROWS as MR};
 /// Output pixels per work item (a multiple of `MR`) and patch rows per packed block: the packed
 /// block (`MC·KC` floats, 128 KiB) stays in L2 while every output channel is computed from it.
 const MC: usize = 128;
@@ -157,7 +157,6 @@ unsafe fn block_product(
     len: usize,
     panels: &mut Vec<f32>,
 ) {
-    use gemm_f32::microkernel::fma::f32::UKR;
     let k = shape.k();
     let pixels = shape.ho() * shape.wo();
     let count = len.div_ceil(MR);
@@ -181,31 +180,20 @@ unsafe fn block_product(
             let rhs = weight[co * k + k0 * NR..].as_ptr();
             for p in 0..count {
                 let mr = MR.min(len - p * MR);
-                // The kernel for mr rows reads whole 8-lane halves of the panel; the panel is
-                // padded with zeros to MR.
-                let kernel = UKR[mr.div_ceil(8) - 1][nr - 1];
-                // SAFETY: the panel holds kb·MR packed values, the weight panel of channels
-                // co..co+nr kb·NR from k0; the destination tile lies inside the image's output.
+                // SAFETY: the panel holds kb·MR packed values (zeros past mr), the weight panel
+                // of channels co..co+nr kb·NR from k0; the tile lies inside the image's output.
                 unsafe {
-                    kernel(
+                    crate::micro_kernel(
                         mr,
                         nr,
                         kb,
                         out.add(co * pixels + start + p * MR),
+                        pixels,
                         panels.as_ptr().add(p * kb * MR),
                         rhs,
-                        pixels as isize,
+                        NR,
                         1,
-                        MR as isize,
-                        NR as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        1,
-                        false,
-                        false,
-                        false,
-                        std::ptr::null(),
+                        true,
                     )
                 };
             }

@@ -254,14 +254,11 @@ unsafe fn product(
 mod packed {
     use std::cell::RefCell;
 
-    use gemm_f32::microkernel::fma::f32::UKR;
     use rayon::prelude::*;
 
     use super::{Epilogue, MatRef};
-
-    /// Kernel rows (C's columns) and columns (C's rows).
-    const MR: usize = 16;
-    const NR: usize = 6;
+    // The micro-kernel tile: rows run along C's columns, columns along C's rows.
+    use crate::{TILE_COLS as NR, TILE_ROWS as MR};
     /// K per slice, and C's columns per work item (at most): an item's slice of packed B
     /// (256 KiB) stays in L2 while each 6-row slice of A (12 KiB, L1) passes over it; 512
     /// measured a few percent faster than 256 on the UNet's Linears (fewer passes over C).
@@ -314,17 +311,17 @@ mod packed {
             if threads > 1 {
                 ap.par_chunks_mut(NR * k)
                     .enumerate()
-                    .for_each(|(p, dst)| pack_a(a, m, p, dst));
+                    .for_each(|(p, dst)| pack_panel(a.data, m, a.rs, a.cs, NR, p, dst));
                 bp.par_chunks_mut(MR * k)
                     .enumerate()
-                    .for_each(|(p, dst)| pack_b(b, n, p, dst));
+                    .for_each(|(p, dst)| pack_panel(b.data, n, b.cs, b.rs, MR, p, dst));
             } else {
                 ap.chunks_mut(NR * k)
                     .enumerate()
-                    .for_each(|(p, dst)| pack_a(a, m, p, dst));
+                    .for_each(|(p, dst)| pack_panel(a.data, m, a.rs, a.cs, NR, p, dst));
                 bp.chunks_mut(MR * k)
                     .enumerate()
-                    .for_each(|(p, dst)| pack_b(b, n, p, dst));
+                    .for_each(|(p, dst)| pack_panel(b.data, n, b.cs, b.rs, MR, p, dst));
             }
             let a = if in_place {
                 Lhs::InPlace(a)
@@ -387,18 +384,7 @@ mod packed {
         let mp = m.div_ceil(MR) * MR;
         let ap = take(ap, mp * k);
         // A as [panel of 16 rows][k][16], zeros past m.
-        let pack = |(p, dst): (usize, &mut [f32])| {
-            let rows = MR.min(m - p * MR);
-            if rows < MR {
-                dst.fill(0.0);
-            }
-            for r in 0..rows {
-                let row = &a.data[(p * MR + r) * a.rs..];
-                for (q, d) in dst.chunks_exact_mut(MR).enumerate() {
-                    d[r] = row[q * a.cs];
-                }
-            }
-        };
+        let pack = |(p, dst): (usize, &mut [f32])| pack_panel(a.data, m, a.rs, a.cs, MR, p, dst);
         if threads > 1 {
             ap.par_chunks_mut(MR * k).enumerate().for_each(pack);
         } else {
@@ -415,7 +401,6 @@ mod packed {
             let mut k0 = 0;
             while k0 < k {
                 let kb = FEW_KC.min(k - k0);
-                let status = u8::from(k0 > 0);
                 for j in (j0..j0 + cols).step_by(NR) {
                     let nr = NR.min(j0 + cols - j);
                     let rhs = b.data[k0 + j * b.cs..].as_ptr();
@@ -431,25 +416,17 @@ mod packed {
                         // SAFETY: the packed panel holds kb steps from k0; columns j..j+nr of B
                         // hold kb values from k0; the 16×nr tile of `ct` is this item's alone.
                         unsafe {
-                            UKR[MR / 8 - 1][nr - 1](
+                            crate::micro_kernel(
                                 MR,
                                 nr,
                                 kb,
                                 ct.get().add(j * mp + p * MR),
+                                mp,
                                 ap[(p * k + k0) * MR..].as_ptr(),
                                 rhs,
-                                mp as isize,
                                 1,
-                                MR as isize,
-                                1,
-                                b.cs as isize,
-                                1.0,
-                                1.0,
-                                status,
-                                false,
-                                false,
-                                false,
-                                std::ptr::null(),
+                                b.cs,
+                                k0 > 0,
                             )
                         };
                     }
@@ -491,43 +468,33 @@ mod packed {
         }
     }
 
-    /// Rows `p·6..p·6+6` of A as `[k][6]` (zeros past m).
-    fn pack_a(a: MatRef, m: usize, p: usize, dst: &mut [f32]) {
-        let rows = NR.min(m - p * NR);
-        if rows < NR {
+    /// Panel `p` of a strided operand as `[step][width]`: lane `l` of step `q` is element
+    /// `(p·width + l)·lane_stride + q·step_stride` of `data`, zeros past `lanes` lanes. Rows of
+    /// A (`width` 6) and columns of B (16) are packed this way.
+    fn pack_panel(
+        data: &[f32],
+        lanes: usize,
+        lane_stride: usize,
+        step_stride: usize,
+        width: usize,
+        p: usize,
+        dst: &mut [f32],
+    ) {
+        let used = width.min(lanes - p * width);
+        if used < width {
             dst.fill(0.0);
         }
-        let data = &a.data[p * NR * a.rs..];
-        if a.rs == 1 {
-            // Tokens read from a feature map: each step's rows are side by side.
-            for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
-                d[..rows].copy_from_slice(&data[q * a.cs..][..rows]);
+        let data = &data[p * width * lane_stride..];
+        if lane_stride == 1 {
+            // Each step's lanes side by side (rows of B, tokens read from a feature map).
+            for (q, d) in dst.chunks_exact_mut(width).enumerate() {
+                d[..used].copy_from_slice(&data[q * step_stride..][..used]);
             }
         } else {
-            for r in 0..rows {
-                for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
-                    d[r] = data[r * a.rs + q * a.cs];
-                }
-            }
-        }
-    }
-
-    /// Columns `p·16..p·16+16` of B as `[k][16]` (zeros past n).
-    fn pack_b(b: MatRef, n: usize, p: usize, dst: &mut [f32]) {
-        let cols = MR.min(n - p * MR);
-        if cols < MR {
-            dst.fill(0.0);
-        }
-        let data = &b.data[p * MR * b.cs..];
-        if b.cs == 1 {
-            for (q, d) in dst.chunks_exact_mut(MR).enumerate() {
-                d[..cols].copy_from_slice(&data[q * b.rs..][..cols]);
-            }
-        } else {
-            // A Linear's weight read as its transpose: each column of B is a row in memory.
-            for j in 0..cols {
-                for (q, d) in dst.chunks_exact_mut(MR).enumerate() {
-                    d[j] = data[j * b.cs + q * b.rs];
+            // Each lane contiguous along the steps (rows of A, a Linear's weight transposed).
+            for l in 0..used {
+                for (q, d) in dst.chunks_exact_mut(width).enumerate() {
+                    d[l] = data[l * lane_stride + q * step_stride];
                 }
             }
         }
@@ -538,17 +505,17 @@ mod packed {
     enum Lhs<'a> {
         /// Rows contiguous (`cs` 1): read where it lies.
         InPlace(MatRef<'a>),
-        /// Packed by [`pack_a`].
+        /// Packed by [`pack_panel`].
         Packed(&'a [f32]),
     }
 
     impl Lhs<'_> {
         /// The kernel's broadcast operand for rows `i..` (a multiple of 6) from step `p`:
         /// pointer, stride between steps, stride between rows.
-        fn panel(self, i: usize, p: usize, k: usize) -> (*const f32, isize, isize) {
+        fn panel(self, i: usize, p: usize, k: usize) -> (*const f32, usize, usize) {
             match self {
-                Lhs::InPlace(a) => (a.data[i * a.rs + p..].as_ptr(), 1, a.rs as isize),
-                Lhs::Packed(ap) => (ap[(i / NR * k + p) * NR..].as_ptr(), NR as isize, 1),
+                Lhs::InPlace(a) => (a.data[i * a.rs + p..].as_ptr(), 1, a.rs),
+                Lhs::Packed(ap) => (ap[(i / NR * k + p) * NR..].as_ptr(), NR, 1),
             }
         }
     }
@@ -595,7 +562,6 @@ mod packed {
             while k0 < k {
                 let kb = KC.min(k - k0);
                 // The first slice stores, unless C holds biases or a residual to add to.
-                let status = u8::from(read_c || k0 > 0);
                 for i in (0..rows).step_by(NR) {
                     let nr = NR.min(rows - i);
                     let (rhs, rhs_rs, rhs_cs) = a.panel(i0 + i, k0, k);
@@ -605,25 +571,17 @@ mod packed {
                         // SAFETY: the packed panels hold kb steps from k0; the mr×nr tile of
                         // C at (i0+i, j0+j) lies inside the view and is this item's alone.
                         unsafe {
-                            UKR[mr.div_ceil(8) - 1][nr - 1](
+                            crate::micro_kernel(
                                 mr,
                                 nr,
                                 kb,
                                 c.get().add((i0 + i) * c_rs + j0 + j),
+                                c_rs,
                                 lhs,
                                 rhs,
-                                c_rs as isize,
-                                1,
-                                MR as isize,
                                 rhs_rs,
                                 rhs_cs,
-                                1.0,
-                                1.0,
-                                status,
-                                false,
-                                false,
-                                false,
-                                std::ptr::null(),
+                                read_c || k0 > 0,
                             )
                         };
                     }

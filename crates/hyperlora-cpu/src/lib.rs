@@ -29,6 +29,67 @@ fn has_avx2_fma() -> bool {
     })
 }
 
+/// Rows (vector lanes) and columns (broadcasts) of the micro-kernel's largest tile.
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 16;
+#[cfg(target_arch = "x86_64")]
+const TILE_COLS: usize = 6;
+
+/// The `gemm` crate's AVX2+FMA micro-kernel on an `rows`×`cols` tile (at most 16×6) of `dst`,
+/// whose rows are contiguous and columns `dst_cs` apart: `dst = Σ_p lhs[p]·rhs[p]ᵀ`, plus what
+/// `dst` held when `accumulate`. `lhs` holds 16 values per step `p` (a packed panel, zero past
+/// `rows`), `rhs` the `cols` broadcast values of step `p` at `p·rhs_rs + j·rhs_cs`. The
+/// convolution, attention and matrix product lay their operands out for it.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `lhs` holds `16·k` values, `rhs` every value named above, and the
+/// tile lies inside `dst`, which nothing else touches meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_kernel(
+    rows: usize,
+    cols: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_cs: usize,
+    lhs: *const f32,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    accumulate: bool,
+) {
+    use gemm_f32::microkernel::fma::f32::UKR;
+    debug_assert!(rows > 0 && rows <= TILE_ROWS && cols > 0 && cols <= TILE_COLS);
+    // The kernel for `rows` reads whole 8-lane halves of the panel and stores only `rows`.
+    let kernel = UKR[rows.div_ceil(8) - 1][cols - 1];
+    // SAFETY: forwarded from the caller. Arguments: the tile, its strides (columns, rows), the
+    // operands' strides (lhs per step; rhs per step and per column), alpha and beta, then
+    // alpha's status (0: dst = beta·product, 1: dst += beta·product), no conjugation, and no
+    // next panel to prefetch.
+    unsafe {
+        kernel(
+            rows,
+            cols,
+            k,
+            dst,
+            lhs,
+            rhs,
+            dst_cs as isize,
+            1,
+            TILE_ROWS as isize,
+            rhs_rs as isize,
+            rhs_cs as isize,
+            1.0,
+            1.0,
+            u8::from(accumulate),
+            false,
+            false,
+            false,
+            std::ptr::null(),
+        )
+    }
+}
+
 /// A pointer into an output that parallel work items write in disjoint parts.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
