@@ -23,8 +23,8 @@ const CONVS: [(usize, usize, usize); 6] = [
 ];
 
 /// (rows, in, out): the UNet's projections and feed-forwards at 64×64 (2048 and 512 tokens),
-/// and a prompt's 154 tokens through a Linear.
-const LINEARS: [(usize, usize, usize); 7] = [
+/// a prompt's 154 tokens through a cross-attention projection and OpenCLIP bigG's MLP.
+const LINEARS: [(usize, usize, usize); 9] = [
     (2048, 256, 2048),
     (2048, 1024, 256),
     (2048, 256, 256),
@@ -32,6 +32,8 @@ const LINEARS: [(usize, usize, usize); 7] = [
     (512, 2048, 512),
     (512, 512, 512),
     (154, 2048, 256),
+    (154, 1280, 5120),
+    (154, 5120, 1280),
 ];
 
 /// (queries, keys, heads) of 64 dimensions, batch 2: self-attention at the UNet's two
