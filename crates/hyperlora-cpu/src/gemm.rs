@@ -259,6 +259,7 @@ mod packed {
     use super::{Epilogue, MatRef};
     // The micro-kernel tile: rows run along C's columns, columns along C's rows.
     use crate::{TILE_COLS as NR, TILE_ROWS as MR};
+
     /// K per slice, and C's columns per work item (at most): an item's slice of packed B
     /// (256 KiB) stays in L2 while each 6-row slice of A (12 KiB, L1) passes over it; 512
     /// measured a few percent faster than 256 on the UNet's Linears (fewer passes over C).
@@ -436,9 +437,9 @@ mod packed {
             // SAFETY: columns j0..j0+cols of C and of `ct`'s rows are this item's alone.
             unsafe {
                 epi.start(c.get(), c_rs, 0..m, j0..j0 + cols);
+                let read_c = epi.biased() || epi.accumulate;
                 for i in 0..m {
                     let row = std::slice::from_raw_parts_mut(c.get().add(i * c_rs + j0), cols);
-                    let read_c = epi.biased() || epi.accumulate;
                     for (jj, v) in row.iter_mut().enumerate() {
                         let t = *ct.get().add((j0 + jj) * mp + i);
                         *v = if read_c { *v + t } else { t };
