@@ -309,21 +309,8 @@ mod packed {
         let run = |ap: &mut Vec<f32>, bp: &mut Vec<f32>| {
             // Packing writes every element used, padding included.
             let (ap, bp) = (take(ap, a_len), take(bp, b_len));
-            if threads > 1 {
-                ap.par_chunks_mut(NR * k)
-                    .enumerate()
-                    .for_each(|(p, dst)| pack_panel(a.data, m, a.rs, a.cs, NR, p, dst));
-                bp.par_chunks_mut(MR * k)
-                    .enumerate()
-                    .for_each(|(p, dst)| pack_panel(b.data, n, b.cs, b.rs, MR, p, dst));
-            } else {
-                ap.chunks_mut(NR * k)
-                    .enumerate()
-                    .for_each(|(p, dst)| pack_panel(a.data, m, a.rs, a.cs, NR, p, dst));
-                bp.chunks_mut(MR * k)
-                    .enumerate()
-                    .for_each(|(p, dst)| pack_panel(b.data, n, b.cs, b.rs, MR, p, dst));
-            }
+            pack(threads, a.data, m, a.rs, a.cs, NR, k, ap);
+            pack(threads, b.data, n, b.cs, b.rs, MR, k, bp);
             let a = if in_place {
                 Lhs::InPlace(a)
             } else {
@@ -385,12 +372,7 @@ mod packed {
         let mp = m.div_ceil(MR) * MR;
         let ap = take(ap, mp * k);
         // A as [panel of 16 rows][k][16], zeros past m.
-        let pack = |(p, dst): (usize, &mut [f32])| pack_panel(a.data, m, a.rs, a.cs, MR, p, dst);
-        if threads > 1 {
-            ap.par_chunks_mut(MR * k).enumerate().for_each(pack);
-        } else {
-            ap.chunks_mut(MR * k).enumerate().for_each(pack);
-        }
+        pack(threads, a.data, m, a.rs, a.cs, MR, k, ap);
         let ap = &*ap;
         let ct = crate::SendPtr(take(ct, n * mp).as_mut_ptr());
         let c = crate::SendPtr(c);
@@ -466,6 +448,29 @@ mod packed {
                 // SAFETY: a prefetch is a hint; the address lies inside `b`.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(b[col * stride + line..].as_ptr().cast()) };
             }
+        }
+    }
+
+    /// Every panel of a strided operand into `dst` (see [`pack_panel`]), on up to `threads`
+    /// threads.
+    #[allow(clippy::too_many_arguments)]
+    fn pack(
+        threads: usize,
+        data: &[f32],
+        lanes: usize,
+        lane_stride: usize,
+        step_stride: usize,
+        width: usize,
+        k: usize,
+        dst: &mut [f32],
+    ) {
+        let panel = |(p, dst): (usize, &mut [f32])| {
+            pack_panel(data, lanes, lane_stride, step_stride, width, p, dst)
+        };
+        if threads > 1 {
+            dst.par_chunks_mut(width * k).enumerate().for_each(panel);
+        } else {
+            dst.chunks_mut(width * k).enumerate().for_each(panel);
         }
     }
 
