@@ -415,6 +415,7 @@ impl crate::lora::MergeTarget for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sdxl::sampling::noise::TorchGenerator;
     use crate::testing::assert_close;
     use candle_core::Device;
 
@@ -432,9 +433,13 @@ mod tests {
             (2, 3, 3, 5, 4, 3, 1, 0),
             (1, 2, 3, 6, 6, 5, 1, 2),
         ];
+        // Seeded: with fresh random values a rare output near ±20 put f32 rounding (a few ulps)
+        // past the 1e-5 tolerance.
+        let mut g = TorchGenerator::new(0);
+        let mut randn = |shape: &[usize]| g.randn(shape).unwrap();
         for (i, &(b, cin, cout, h, w, k, stride, padding)) in cases.iter().enumerate() {
-            let weight = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();
-            let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let weight = randn(&[cout, cin, k, k]);
+            let bias = randn(&[cout]);
             let cfg = Conv2dConfig {
                 padding,
                 stride,
@@ -442,7 +447,7 @@ mod tests {
             };
             let theirs = candle_nn::Conv2d::new(weight, Some(bias), cfg);
             let ours = Conv2d::new(theirs.clone());
-            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+            let x = randn(&[b, cin, h, w]);
             let expected = theirs.forward(&x).unwrap();
             assert_close(
                 &format!("case {i}"),
@@ -489,8 +494,8 @@ mod tests {
                 .unwrap();
             assert_close(&format!("case {i} banded"), &banded, &expected, 1e-5);
             // The fused epilogue: a bias per image and a residual.
-            let extra = Tensor::randn(0f32, 1.0, (b, cout), &dev).unwrap();
-            let residual = Tensor::randn(0f32, 1.0, expected.shape(), &dev).unwrap();
+            let extra = randn(&[b, cout]);
+            let residual = randn(expected.dims());
             let fused = ours
                 .forward_fused(&x, Some(&extra), Some(&residual))
                 .unwrap();
