@@ -7,6 +7,9 @@
 //! from the image into the micro-kernel's panel layout, a block of pixels at a time (the block
 //! stays in L2), and the weights are packed once per call.
 //!
+//! 3×3 stride-1 convolutions with enough channels go to [`crate::winograd`] instead (2.25× fewer
+//! multiply-adds).
+//!
 //! Work is split by blocks of output pixels, each one writing its own pixels of every output
 //! channel: no barrier between threads until the end, and rayon balances the blocks when the
 //! host takes a core away.
@@ -94,6 +97,13 @@ pub fn conv2d(
         );
         assert!(bias.len() >= images * shape.cout, "conv2d: bias too short");
         if images == 0 || pixels == 0 || shape.cout == 0 || k == 0 {
+            return true;
+        }
+        if crate::winograd::applies(&shape) {
+            // SAFETY: AVX2+FMA checked above, the slices' lengths too.
+            unsafe {
+                crate::winograd::conv3x3(threads, shape, images, x, weight, bias, accumulate, out)
+            };
             return true;
         }
         let weight = pack_weights(threads, weight, shape.cout, k);
@@ -323,12 +333,12 @@ fn pack_patches(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::test_values as values;
 
     /// The convolution by its definition, in f64, added to `out`.
-    fn reference(s: ConvShape, images: usize, x: &[f32], w: &[f32], out: &mut [f64]) {
+    pub(crate) fn reference(s: ConvShape, images: usize, x: &[f32], w: &[f32], out: &mut [f64]) {
         let (ho, wo) = (s.ho(), s.wo());
         for i in 0..images {
             for co in 0..s.cout {

@@ -1,8 +1,9 @@
 //! CPU kernels of the hyperlora engine, on plain f32 slices: a strided matrix product with
-//! bias/residual epilogues ([`gemm`]), NCHW convolution as an implicit matrix product ([`conv`]),
-//! GroupNorm(+SiLU) ([`group_norm`]), GEGLU ([`geglu`]), attention with the heads left
-//! interleaved ([`attention`]) and 2× nearest upsampling. The engine's `cpu` module
-//! applies them to candle tensors; see the repository's docs/cpu.md.
+//! bias/residual epilogues ([`gemm`]), NCHW convolution as an implicit matrix product or, 3×3
+//! ones, by Winograd's F(2×2, 3×3) ([`conv`]), GroupNorm(+SiLU) ([`group_norm`]), GEGLU
+//! ([`geglu`]), attention with the heads left interleaved ([`attention`]) and 2× nearest
+//! upsampling. The engine's `cpu` module applies them to candle tensors; see the repository's
+//! docs/cpu.md.
 //!
 //! A crate of its own so that it is compiled optimised in every profile (the workspace's
 //! `Cargo.toml` says so): at opt-level 1 these loops would not vectorise.
@@ -14,6 +15,8 @@ pub mod gemm;
 mod math;
 mod norm;
 mod upsample;
+#[cfg(target_arch = "x86_64")]
+mod winograd;
 
 pub use attention::attention;
 pub use geglu::{geglu, gelu_in_place, quick_gelu_in_place};

@@ -4,15 +4,17 @@
 //! candle 0.11's CPU convolution transposes the input to NHWC, gathers each tile's patches
 //! element by element and scatters the result back to NCHW, all of it around the GEMM. Here f32
 //! on the CPU starts the output as the biases (and a residual) and adds the product in place:
-//! `hyperlora_cpu::conv`'s implicit matrix product where the CPU has AVX2+FMA, else a patch
-//! matrix laid out the way an NCHW weight `[Cout, Cin, kh, kw]` already is — row `(ci, i, j)` of
-//! an image is input plane `ci` shifted by `(i, j)`, built from contiguous row copies — and one
-//! GEMM `W[Cout, Cin·kh·kw] · cols[Cin·kh·kw, Ho·Wo]` per image landing directly in NCHW (a 1x1
-//! stride-1 convolution needs no patch matrix; large inputs go in bands of output rows). Other
-//! dtypes on the CPU take the patch matrix through candle's matmul. See docs/cpu.md.
+//! `hyperlora_cpu::conv` where the CPU has AVX2+FMA (an implicit matrix product, or Winograd's
+//! F(2×2, 3×3) for 3×3 stride-1 layers), else a patch matrix laid out the way an NCHW weight
+//! `[Cout, Cin, kh, kw]` already is — row `(ci, i, j)` of an image is input plane `ci` shifted by
+//! `(i, j)`, built from contiguous row copies — and one GEMM `W[Cout, Cin·kh·kw] ·
+//! cols[Cin·kh·kw, Ho·Wo]` per image landing directly in NCHW (a 1x1 stride-1 convolution needs
+//! no patch matrix; large inputs go in bands of output rows). Other dtypes on the CPU take the
+//! patch matrix through candle's matmul. See docs/cpu.md.
 //!
-//! Same arithmetic as candle's (each output is one dot product over `Cin·kh·kw` terms, bias added
-//! after), only summed in another order. GPUs and unusual configurations (groups, dilation, bf16
+//! The same function as candle's, rounded differently: the direct routes sum each output's
+//! `Cin·kh·kw` products in another order; Winograd's rounds its transforms too (docs/cpu.md,
+//! accuracy). GPUs and unusual configurations (groups, dilation, bf16
 //! on the CPU) use candle's own convolution; CUDA uses [`crate::cuda::conv2d`].
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, WithDType};
