@@ -99,7 +99,7 @@ pub fn conv2d(
         if images == 0 || pixels == 0 || shape.cout == 0 || k == 0 {
             return true;
         }
-        if crate::winograd::applies(&shape) {
+        if crate::winograd::applies(&shape, images) {
             // SAFETY: AVX2+FMA checked above, the slices' lengths too.
             unsafe {
                 crate::winograd::conv3x3(threads, shape, images, x, weight, bias, accumulate, out)
