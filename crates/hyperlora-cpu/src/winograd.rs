@@ -17,6 +17,8 @@
 //! direct convolution does 36 (4 outputs × 9 taps). The transforms only add, subtract and halve.
 //! See docs/cpu.md for where this route is taken and its accuracy.
 
+use std::arch::x86_64::*;
+
 use rayon::prelude::*;
 
 use crate::conv::ConvShape;
@@ -205,6 +207,7 @@ unsafe fn block_conv(
     let tb = panels * MR;
     let cpanels = s.cout.div_ceil(NR);
     let stride = channel_stride(s.cin);
+    let tiles_wide = s.w.div_ceil(2);
     // V: [ξ][panel][KC][MR] for one slice of input channels; M: [cout / NR][ξ][NR][tb].
     let v_len = XI * panels * KC * MR;
     let m_len = cpanels * XI * NR * tb;
@@ -219,10 +222,16 @@ unsafe fn block_conv(
             let lanes = MR.min(count - p * MR);
             for ci in 0..kb {
                 let plane = &x[(c0 + ci) * s.h * s.w..(c0 + ci + 1) * s.h * s.w];
+                let at = (p * kb + ci) * MR;
+                let (ty, tx) = ((first + p * MR) / tiles_wide, (first + p * MR) % tiles_wide);
+                if lanes == MR && tx + MR <= tiles_wide {
+                    // SAFETY: position ξ's 16 values go to v[at + ξ·panels·kb·MR..][..MR].
+                    transform_row(s, plane, ty, tx, v[at..].as_mut_ptr(), panels * kb * MR);
+                    continue;
+                }
                 let d = gather(s, plane, first + p * MR, lanes);
-                let t = input_transform(&d);
-                for (xi, t) in t.iter().enumerate() {
-                    let at = ((xi * panels + p) * kb + ci) * MR;
+                for (xi, t) in input_transform(&d).iter().enumerate() {
+                    let at = at + xi * panels * kb * MR;
                     v[at..at + MR].copy_from_slice(t);
                 }
             }
@@ -266,43 +275,14 @@ unsafe fn block_conv(
     }
 }
 
-/// The 4×4 input blocks of tiles `first..first+lanes` of one input plane, lane by lane:
+/// The 4×4 input blocks of tiles `first..first+lanes` of one input plane, lane by lane (tiles
+/// that straddle rows of tiles, or fewer than `MR`; [`transform_row`] takes the others):
 /// `d[r][c][l]` = input row `2·ty - 1 + r`, column `2·tx - 1 + c` of tile `first + l` (zeros
 /// outside the plane and past `lanes`).
 #[target_feature(enable = "avx2,fma")]
 fn gather(s: ConvShape, plane: &[f32], first: usize, lanes: usize) -> [[[f32; MR]; 4]; 4] {
     let tiles_wide = s.w.div_ceil(2);
-    let (ty, tx) = (first / tiles_wide, first % tiles_wide);
     let mut d = [[[0f32; MR]; 4]; 4];
-    if lanes == MR && tx + MR <= tiles_wide {
-        // One row of tiles: each input row is one run of 2·MR + 2 values.
-        let x0 = 2 * tx as isize - 1;
-        for (r, d) in d.iter_mut().enumerate() {
-            let iy = 2 * ty as isize - 1 + r as isize;
-            if iy < 0 || iy >= s.h as isize {
-                continue;
-            }
-            let row = &plane[iy as usize * s.w..(iy as usize + 1) * s.w];
-            const RUN: usize = 2 * MR + 2;
-            let mut run = [0f32; RUN];
-            if x0 >= 0 && x0 as usize + RUN <= s.w {
-                run.copy_from_slice(&row[x0 as usize..x0 as usize + RUN]);
-            } else {
-                for (i, v) in run.iter_mut().enumerate() {
-                    let ix = x0 + i as isize;
-                    if ix >= 0 && (ix as usize) < s.w {
-                        *v = row[ix as usize];
-                    }
-                }
-            }
-            for (c, d) in d.iter_mut().enumerate() {
-                for (l, d) in d.iter_mut().enumerate() {
-                    *d = run[2 * l + c];
-                }
-            }
-        }
-        return d;
-    }
     for l in 0..lanes {
         let t = first + l;
         let (ty, tx) = ((t / tiles_wide) as isize, (t % tiles_wide) as isize);
@@ -320,6 +300,99 @@ fn gather(s: ConvShape, plane: &[f32], first: usize, lanes: usize) -> [[[f32; MR
         }
     }
     d
+}
+
+/// `Bᵀ d B` of the 16 tiles `tx..tx+16` of row of tiles `ty` of one input plane, position ξ
+/// stored at `dst + ξ·stride` (16 values): each input row's run of 34 values is loaded as
+/// vectors (masked at the plane's border) and split into even and odd columns in registers.
+///
+/// # Safety
+/// AVX2+FMA; `dst` is valid for `15·stride + 16` values; the tiles exist.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // the indices are positions in the 4×4 block
+unsafe fn transform_row(
+    s: ConvShape,
+    plane: &[f32],
+    ty: usize,
+    tx: usize,
+    dst: *mut f32,
+    stride: usize,
+) {
+    let zero = _mm256_setzero_ps();
+    // t[r][j][half]: input row 2·ty - 1 + r transformed along its columns (`Bᵀ` on each row).
+    let mut t = [[[zero; 2]; 4]; 4];
+    let x0 = 2 * tx as isize - 1;
+    for (r, t) in t.iter_mut().enumerate() {
+        let iy = 2 * ty as isize - 1 + r as isize;
+        if iy < 0 || iy >= s.h as isize {
+            continue;
+        }
+        let row = &plane[iy as usize * s.w..(iy as usize + 1) * s.w];
+        for half in 0..2 {
+            let at = x0 + 16 * half as isize;
+            // Columns at + 2l, at + 2l + 1, at + 2l + 2 and at + 2l + 3 of the 8 tiles.
+            let (e0, o0) = deinterleave(load8(row, at), load8(row, at + 8));
+            let (e2, o2) = deinterleave(load8(row, at + 2), load8(row, at + 10));
+            t[0][half] = _mm256_sub_ps(e0, e2);
+            t[1][half] = _mm256_add_ps(o0, e2);
+            t[2][half] = _mm256_sub_ps(e2, o0);
+            t[3][half] = _mm256_sub_ps(o0, o2);
+        }
+    }
+    for j in 0..4 {
+        for half in 0..2 {
+            let [a, b, c, d] = [t[0][j][half], t[1][j][half], t[2][j][half], t[3][j][half]];
+            let v = [
+                _mm256_sub_ps(a, c),
+                _mm256_add_ps(b, c),
+                _mm256_sub_ps(c, b),
+                _mm256_sub_ps(b, d),
+            ];
+            for (i, v) in v.into_iter().enumerate() {
+                // SAFETY: inside dst (the caller's promise).
+                unsafe { _mm256_storeu_ps(dst.add((4 * i + j) * stride + 8 * half), v) };
+            }
+        }
+    }
+}
+
+/// Columns `at..at+8` of `row`, zeros outside it.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn load8(row: &[f32], at: isize) -> __m256 {
+    let w = row.len() as isize;
+    if at >= 0 && at + 8 <= w {
+        // SAFETY: inside the row.
+        return unsafe { _mm256_loadu_ps(row.as_ptr().add(at as usize)) };
+    }
+    let lane = _mm256_add_epi32(
+        _mm256_set1_epi32(at as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let inside = _mm256_andnot_si256(
+        _mm256_cmpgt_epi32(_mm256_setzero_si256(), lane),
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), lane),
+    );
+    // SAFETY: the masked load reads only the lanes inside the row (the others are not accessed
+    // and come back as zeros).
+    unsafe { _mm256_maskload_ps(row.as_ptr().wrapping_offset(at), inside) }
+}
+
+/// The even and odd lanes of the 16 values `a` then `b`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn deinterleave(a: __m256, b: __m256) -> (__m256, __m256) {
+    // Per 128-bit half: [a0 a2 b0 b2] then the 64-bit pairs reordered to a0 a2 a4 a6 b0 b2 b4 b6.
+    let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+    let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+    (pairs_in_order(even), pairs_in_order(odd))
+}
+
+/// The 64-bit pairs (0, 2, 1, 3) of `v` in the order (0, 1, 2, 3).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn pairs_in_order(v: __m256) -> __m256 {
+    _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
 }
 
 /// `Bᵀ d B` lane by lane, position ξ = 4·row + column.
@@ -433,8 +506,8 @@ mod tests {
     use crate::conv::tests::reference;
     use crate::test_values as values;
 
-    /// Odd sizes (tiles past the last row and column), panels of tiles within one row and across
-    /// rows, partial panels and blocks, more input channels than one slice, partial panels of
+    /// Odd sizes (tiles past the last row and column), panels of tiles within one row (at either
+    /// border and inside) and across rows, partial panels and blocks, more input channels than one slice, partial panels of
     /// output channels, few channels (which `conv2d` leaves to the direct route), two images,
     /// biases per image, with and without accumulating, one and two threads.
     #[test]
@@ -448,6 +521,8 @@ mod tests {
             (40, 9, 13, 13),
             (130, 6, 70, 7),
             (33, 34, 33, 17),
+            (32, 5, 32, 33),
+            (40, 4, 64, 34),
         ];
         for (cin, h, w, cout) in cases {
             let s = ConvShape {
