@@ -23,8 +23,9 @@ const CONVS: [(usize, usize, usize); 6] = [
 ];
 
 /// (rows, in, out): the UNet's projections and feed-forwards at 64×64 (2048 and 512 tokens),
-/// a prompt's 154 tokens through a cross-attention projection and OpenCLIP bigG's MLP.
-const LINEARS: [(usize, usize, usize); 9] = [
+/// a prompt's 154 tokens through a cross-attention projection, OpenCLIP bigG's MLP and
+/// projections, and CLIP ViT-L's.
+const LINEARS: [(usize, usize, usize); 13] = [
     (2048, 256, 2048),
     (2048, 1024, 256),
     (2048, 256, 256),
@@ -34,6 +35,10 @@ const LINEARS: [(usize, usize, usize); 9] = [
     (154, 2048, 256),
     (154, 1280, 5120),
     (154, 5120, 1280),
+    (154, 1280, 1280),
+    (154, 768, 768),
+    (154, 768, 3072),
+    (154, 3072, 768),
 ];
 
 /// (queries, keys, heads) of 64 dimensions, batch 2: self-attention at the UNet's two
