@@ -5,7 +5,9 @@
 //! memory, and the product then packs them again, together with the weights, on every call:
 //! 14% of a VAE decode went to those copies (docs/cpu.md). Here the patches are gathered straight
 //! from the image into the micro-kernel's panel layout, a block of pixels at a time (the block
-//! stays in L2), and the weights are packed once per call.
+//! stays in L2), and the kernel reads the weights where they lie: its six broadcasts come from
+//! six rows of `[Cout, Cin·kh·kw]`, each contiguous along the patch rows (packing them into one
+//! stream on every call cost a pass over the weights and was up to 15% slower at 512 channels).
 //!
 //! 3×3 stride-1 convolutions with enough channels go to [`crate::winograd`] instead (2.25× fewer
 //! multiply-adds).
@@ -106,8 +108,6 @@ pub fn conv2d(
             };
             return true;
         }
-        let weight = pack_weights(threads, weight, shape.cout, k);
-        let weight = weight.as_slice();
         let blocks = pixels.div_ceil(MC);
         let out = crate::SendPtr(out.as_mut_ptr());
         let run = |(item, panels): (usize, &mut Vec<f32>)| {
@@ -187,11 +187,12 @@ unsafe fn block_product(
         let mut co = 0;
         while co < shape.cout {
             let nr = NR.min(shape.cout - co);
-            let rhs = weight[co * k + k0 * NR..].as_ptr();
+            let rhs = weight[co * k + k0..].as_ptr();
             for p in 0..count {
                 let mr = MR.min(len - p * MR);
-                // SAFETY: the panel holds kb·MR packed values (zeros past mr), the weight panel
-                // of channels co..co+nr kb·NR from k0; the tile lies inside the image's output.
+                // SAFETY: the panel holds kb·MR packed values (zeros past mr), the weights of
+                // channels co..co+nr hold kb values from k0 each; the tile lies inside the
+                // image's output.
                 unsafe {
                     crate::micro_kernel(
                         mr,
@@ -201,8 +202,8 @@ unsafe fn block_product(
                         pixels,
                         panels.as_ptr().add(p * kb * MR),
                         rhs,
-                        NR,
                         1,
+                        k,
                         true,
                     )
                 };
@@ -211,29 +212,6 @@ unsafe fn block_product(
         }
         k0 += kb;
     }
-}
-
-/// `weight` `[cout, k]` as the micro-kernel's right operand: panels of `NR` channels, each
-/// holding for every patch row the channels' `NR` weights side by side (zeros past `cout`).
-/// Packed once per call (a pass over the weights, negligible beside the product), so the kernel
-/// reads one contiguous stream instead of `NR` rows `k` apart.
-#[cfg(target_arch = "x86_64")]
-fn pack_weights(threads: usize, weight: &[f32], cout: usize, k: usize) -> Vec<f32> {
-    let mut packed = vec![0f32; cout.div_ceil(NR) * NR * k];
-    let pack = |(panel, dst): (usize, &mut [f32])| {
-        for j in 0..NR.min(cout - panel * NR) {
-            let row = &weight[(panel * NR + j) * k..(panel * NR + j + 1) * k];
-            for (r, &v) in row.iter().enumerate() {
-                dst[r * NR + j] = v;
-            }
-        }
-    };
-    if threads > 1 {
-        packed.par_chunks_mut(NR * k).enumerate().for_each(pack);
-    } else {
-        packed.chunks_mut(NR * k).enumerate().for_each(pack);
-    }
-    packed
 }
 
 /// Packs patch rows `k0..k0+kb` of output pixels `start..start+len` as the micro-kernel's left
