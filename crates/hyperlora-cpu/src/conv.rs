@@ -214,6 +214,28 @@ unsafe fn block_product(
     }
 }
 
+/// `dst.len()` consecutive values of padded input row `iy` of one plane from padded column `ix`
+/// (zeros in the padding): at stride 1, one output row's part of a panel for one patch row.
+fn row_part(s: ConvShape, plane: &[f32], iy: usize, ix: usize, dst: &mut [f32]) {
+    let n = dst.len();
+    if iy < s.padding || iy - s.padding >= s.h {
+        dst.fill(0.0);
+        return;
+    }
+    let input = &plane[(iy - s.padding) * s.w..(iy - s.padding + 1) * s.w];
+    // Value l reads input column ix + l - padding.
+    let lo = s.padding.saturating_sub(ix).min(n);
+    let hi = (s.w + s.padding).saturating_sub(ix).min(n);
+    if lo >= hi {
+        dst.fill(0.0);
+        return;
+    }
+    dst[..lo].fill(0.0);
+    let first = ix + lo - s.padding;
+    dst[lo..hi].copy_from_slice(&input[first..first + (hi - lo)]);
+    dst[hi..].fill(0.0);
+}
+
 /// Packs patch rows `k0..k0+kb` of output pixels `start..start+len` as the micro-kernel's left
 /// operand: panel `p` holds, for each patch row, the values of its `MR` pixels side by side
 /// (zeros past `len` and outside the image).
@@ -244,28 +266,29 @@ fn pack_patches(
             let dst = &mut panel[r * MR..(r + 1) * MR];
             let first = oy * wo + ox;
             let iy = oy * s.stride + ky;
-            if s.stride == 1 && ox + n <= wo {
-                // The panel lies in one output row: inside the image it is one slice of the
-                // input row, zeros to either side (padding) and past n.
-                if iy < s.padding || iy - s.padding >= s.h {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let input = &src[(iy - s.padding) * s.w..(iy - s.padding + 1) * s.w];
-                // Output column ox + l reads input column ox + l + kx - padding.
-                let lo = (s.padding.saturating_sub(ox + kx)).min(n);
-                let hi = (s.w + s.padding).saturating_sub(ox + kx).min(n);
-                if lo == 0 && hi == MR {
-                    let first = ox + kx - s.padding;
-                    let whole: &[f32; MR] = input[first..first + MR].try_into().expect("MR");
+            if s.stride == 1 {
+                // Inside the image, each output row's part of the panel is one slice of an input
+                // row, zeros to either side (padding) and past n.
+                if n == MR
+                    && ox + MR <= wo
+                    && ox + kx >= s.padding
+                    && ox + MR + kx <= s.w + s.padding
+                    && iy >= s.padding
+                    && iy - s.padding < s.h
+                {
+                    // The whole panel in one row, inside the image: one 16-value copy.
+                    let first = (iy - s.padding) * s.w + ox + kx - s.padding;
+                    let whole: &[f32; MR] = src[first..first + MR].try_into().expect("MR");
                     dst.copy_from_slice(whole);
                     continue;
                 }
-                dst.fill(0.0);
-                if lo < hi {
-                    let first = ox + lo + kx - s.padding;
-                    dst[lo..hi].copy_from_slice(&input[first..first + (hi - lo)]);
+                let (mut oy, mut ox, mut l) = (oy, ox, 0);
+                while l < n {
+                    let part = (wo - ox).min(n - l);
+                    row_part(s, src, oy + ky, ox + kx, &mut dst[l..l + part]);
+                    (oy, ox, l) = (oy + 1, 0, l + part);
                 }
+                dst[n..].fill(0.0);
                 continue;
             }
             if ox + n <= wo {
@@ -360,6 +383,7 @@ pub(crate) mod tests {
             (2, 4, 4, 3, 3, 3, 2, 0),
             (3, 6, 40, 5, 3, 3, 2, 1),
             (4, 8, 64, 6, 3, 3, 2, 1),
+            (5, 4, 31, 7, 3, 3, 1, 1),
         ];
         for (cin, h, w, cout, kh, kw, stride, padding) in cases {
             let s = ConvShape {
