@@ -523,4 +523,41 @@ mod tests {
             assert_close(&format!("case {i} by patches"), &by_patches, &want, 1e-5);
         }
     }
+
+    /// A UNet-like layer that `hyperlora_cpu` computes by Winograd's F(2×2, 3×3) where the CPU
+    /// has AVX2+FMA (≥ 32 channels, ≥ 64 output tiles per call): the same outputs as candle's
+    /// convolution, plain and with the fused bias per image and residual. Weights are scaled
+    /// like a trained layer's (outputs of order 1), so that 1e-5 is a few roundings.
+    #[test]
+    fn winograd_route_matches_candles_convolution() {
+        let mut g = TorchGenerator::new(1);
+        let mut randn = |shape: &[usize]| g.randn(shape).unwrap();
+        // (b, cin, cout, h, w): odd sizes and rows of tiles that straddle, then 64 tiles in rows
+        // of 16 (the vector path).
+        for (b, cin, cout, h, w) in [(2, 32, 33, 15, 17), (1, 40, 32, 8, 32)] {
+            let weight = (randn(&[cout, cin, 3, 3]) * (1.0 / (9.0 * cin as f64).sqrt())).unwrap();
+            let bias = randn(&[cout]);
+            let cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let theirs = candle_nn::Conv2d::new(weight, Some(bias), cfg);
+            let ours = Conv2d::new(theirs.clone());
+            let x = randn(&[b, cin, h, w]);
+            let expected = theirs.forward(&x).unwrap();
+            let what = format!("{b}x{cin}->{cout} at {h}x{w}");
+            assert_close(&what, &ours.forward(&x).unwrap(), &expected, 1e-5);
+            let extra = randn(&[b, cout]);
+            let residual = randn(expected.dims());
+            let fused = ours
+                .forward_fused(&x, Some(&extra), Some(&residual))
+                .unwrap();
+            let want = (expected
+                .broadcast_add(&extra.reshape((b, cout, 1, 1)).unwrap())
+                .unwrap()
+                + &residual)
+                .unwrap();
+            assert_close(&format!("{what} fused"), &fused, &want, 1e-5);
+        }
+    }
 }
