@@ -498,15 +498,14 @@ mod tests {
             // The fused epilogue: a bias per image and a residual.
             let extra = randn(&[b, cout]);
             let residual = randn(expected.dims());
-            let fused = ours
-                .forward_fused(&x, Some(&extra), Some(&residual))
-                .unwrap();
-            let want = (expected
-                .broadcast_add(&extra.reshape((b, cout, 1, 1)).unwrap())
-                .unwrap()
-                + &residual)
-                .unwrap();
-            assert_close(&format!("case {i} fused"), &fused, &want, 1e-5);
+            let want = check_fused(
+                &format!("case {i}"),
+                &ours,
+                &x,
+                &expected,
+                &extra,
+                &residual,
+            );
             // The patch-matrix path of CPUs without the implicit convolution's micro-kernel.
             let g = ours.geometry(&x).unwrap();
             let mut by_patches = residual.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -547,17 +546,30 @@ mod tests {
             let expected = theirs.forward(&x).unwrap();
             let what = format!("{b}x{cin}->{cout} at {h}x{w}");
             assert_close(&what, &ours.forward(&x).unwrap(), &expected, 1e-5);
-            let extra = randn(&[b, cout]);
-            let residual = randn(expected.dims());
-            let fused = ours
-                .forward_fused(&x, Some(&extra), Some(&residual))
-                .unwrap();
-            let want = (expected
-                .broadcast_add(&extra.reshape((b, cout, 1, 1)).unwrap())
-                .unwrap()
-                + &residual)
-                .unwrap();
-            assert_close(&format!("{what} fused"), &fused, &want, 1e-5);
+            let (extra, residual) = (randn(&[b, cout]), randn(expected.dims()));
+            check_fused(&what, &ours, &x, &expected, &extra, &residual);
         }
+    }
+
+    /// `forward_fused(x, extra, residual)` against `expected` (the plain output) plus `extra`
+    /// [B, Cout] per image plus `residual`; returns that sum.
+    #[track_caller]
+    fn check_fused(
+        what: &str,
+        ours: &Conv2d,
+        x: &Tensor,
+        expected: &Tensor,
+        extra: &Tensor,
+        residual: &Tensor,
+    ) -> Tensor {
+        let fused = ours.forward_fused(x, Some(extra), Some(residual)).unwrap();
+        let (b, cout) = extra.dims2().unwrap();
+        let want = (expected
+            .broadcast_add(&extra.reshape((b, cout, 1, 1)).unwrap())
+            .unwrap()
+            + residual)
+            .unwrap();
+        assert_close(&format!("{what} fused"), &fused, &want, 1e-5);
+        want
     }
 }
